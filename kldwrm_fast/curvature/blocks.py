@@ -1,0 +1,183 @@
+"""Curvature blocks: the unit on which the optimizers precondition (SPEC §1–§2).
+
+A block owns some parameters, maps their gradients to a block-form matrix ``V`` (n_out × n_in) and holds
+Kronecker factors ``X`` (input side, n_in × n_in) and ``Y`` (output side, n_out × n_out) in the
+optimizer's per-block state. State keys written here:
+
+* ``"A"``, ``"G"``: the most recent local factors ``A_k``, ``Γ_k``.
+* ``"A_ea"``, ``"G_ea"``: the exponential averages ``Ā_k``, ``Γ̄_k`` (always current).
+* ``"QA"``, ``"dA"``, ``"QG"``, ``"dG"``: eigendecompositions from the most recent inverse step; stale
+  between inverse steps by design (``inv_freq``), of ``Ā, Γ̄`` for KFAC/SO and of ``Â, Γ̂`` for Q.
+
+:class:`KroneckerBlock` is one Linear/Conv2d layer. :class:`DenseBlock` is the exact oracle: any set of
+parameters with an explicit curvature matrix as ``X`` and a constant ``Y = [[1]]``, so that the same
+optimizer code computes exact (non-Kronecker) natural-gradient steps.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from kldwrm_fast.curvature import layers
+from kldwrm_fast.curvature.eigen import symmetric_eig
+
+State = dict
+
+
+class FactoredBlock:
+    """Shared machinery of a block whose curvature is ``Y ⊗ X`` in the row-major block form."""
+
+    name: str
+    params: list[Tensor]
+
+    @property
+    def key(self) -> Tensor:
+        """The parameter under which the optimizer keeps this block's state."""
+        return self.params[0]
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        """Block-form matrix (n_out, n_in) of parameter-shaped ``tensors`` (aligned with ``params``)."""
+        raise NotImplementedError
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        """Parameter-shaped views of a block-form matrix (inverse of :meth:`matrix`)."""
+        raise NotImplementedError
+
+    def update_statistics(
+        self, state: State, ops: ModuleType, rho: float, reweight: Optional[float]
+    ) -> Optional[tuple[Tensor, Tensor]]:
+        """Fold the new local statistics into the averages; return ``(Â, Γ̂)`` when ``reweight`` is given."""
+        raise NotImplementedError
+
+    def gradient(self, weight_decay: float) -> Tensor:
+        """``V = ∇W̄ loss + wd · W̄`` (n_out, n_in), in the parameter dtype; a missing grad counts as zero."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        v = self.matrix(grads).clone()
+        if weight_decay:
+            v.add_(self.matrix([p.detach() for p in self.params]), alpha=weight_decay)
+        return v
+
+    def add_(self, delta: Tensor) -> None:
+        """Add a block-form ``delta`` to the parameters."""
+        for param, part in zip(self.params, self.unflatten(delta), strict=True):
+            param.add_(part)
+
+    def decompose(self, state: State, input_factor: Tensor, output_factor: Tensor) -> None:
+        """Eigendecompose the factors that preconditioning will use until the next inverse step."""
+        previous_a = (state["QA"], state["dA"]) if "QA" in state else None
+        previous_g = (state["QG"], state["dG"]) if "QG" in state else None
+        state["QA"], state["dA"] = symmetric_eig(input_factor, previous_a, f"input factor of {self.name}")
+        state["QG"], state["dG"] = symmetric_eig(output_factor, previous_g, f"output factor of {self.name}")
+
+    def precondition(self, state: State, ops: ModuleType, v: Tensor, damping: float) -> Tensor:
+        """``P(V)`` with the cached eigendecomposition (SPEC §1)."""
+        return ops.precondition(state["QG"], state["dG"], state["QA"], state["dA"], v, damping)
+
+    def q_step(self, state: State, ops: ModuleType, g_hat: Tensor, damping: float, lr: float) -> tuple[Tensor, Tensor]:
+        """``(S, M)`` of Q-KLD-WRM: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā`` with the current averages."""
+        return ops.q_precondition(
+            state["QG"], state["dG"], state["QA"], state["dA"], g_hat, damping, lr, state["G_ea"], state["A_ea"]
+        )
+
+    def local_product(self, state: State, s: Tensor) -> Tensor:
+        """``Γ_k S A_k`` with the most recent local factors (the Kronecker matvec ``B_k s``)."""
+        return state["G"] @ s @ state["A"]
+
+    @staticmethod
+    def _fold(state: State, ops: ModuleType, side: str, x: Tensor, scale: float, rho: float, reweight):
+        ea_key = f"{side}_ea"
+        first = ea_key not in state
+        if first:
+            state[ea_key] = x.new_zeros(x.shape[1], x.shape[1])
+        state[side], reweighted = ops.factor_update(x, scale, state[ea_key], rho, first, reweight)
+        return reweighted
+
+
+class KroneckerBlock(FactoredBlock):
+    """One ``nn.Linear`` or ``nn.Conv2d`` (groups=1) layer with its bias folded in (SPEC §1).
+
+    The capture hooks append to :attr:`inputs` (layer inputs) and :attr:`output_grads` (gradients of the
+    mean loss with respect to the layer output); both are cleared after every optimizer step.
+    """
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.has_bias = module.bias is not None and module.bias.requires_grad
+        self.params = [module.weight] + ([module.bias] if self.has_bias else [])
+        self.inputs: list[Tensor] = []
+        self.output_grads: list[Tensor] = []
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        weight = layers.weight_matrix(self.module, tensors[0])
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, tensors[1].unsqueeze(1)], dim=1)
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        n_weight = matrix.shape[1] - int(self.has_bias)
+        parts = [matrix[:, :n_weight].reshape(self.params[0].shape)]
+        if self.has_bias:
+            parts.append(matrix[:, n_weight])
+        return parts
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.output_grads.clear()
+
+    def update_statistics(self, state, ops, rho, reweight):
+        if not self.inputs or not self.output_grads:
+            missing = "inputs" if not self.inputs else "output gradients"
+            raise RuntimeError(
+                f"statistics were due but layer {self.name!r} ({type(self.module).__name__}) recorded no "
+                f"{missing}: call the model in train mode with gradients enabled before step(), and do not "
+                "use the layer's weights outside its forward"
+            )
+        dtype = self.params[0].dtype
+        a = torch.cat([layers.input_rows(self.module, x, self.has_bias).to(dtype) for x in self.inputs])
+        e = torch.cat([layers.output_rows(self.module, g).to(dtype) for g in self.output_grads])
+        m = sum(layers.sample_count(self.module, g) for g in self.output_grads)
+        a_hat = self._fold(state, ops, "A", a, 1.0 / a.shape[0], rho, reweight)
+        g_hat = self._fold(state, ops, "G", e, float(m), rho, reweight)
+        return None if reweight is None else (a_hat, g_hat)
+
+
+class DenseBlock(FactoredBlock):
+    """Exact curvature over arbitrary parameters, for oracle tests (SPEC §1, "dense curvature block").
+
+    ``curvature_rows()`` returns ``(R, scale)`` with ``R`` (rows, n) such that the block's curvature is
+    ``F = scale · RᵀR`` (e.g. stacked per-sample Jacobians of the network output and ``scale = 1/N`` for the
+    Fisher of a unit-variance Gaussian model). The block form is the (1, n) row of all parameters
+    flattened in order, and the output factor is the constant ``[[1]]``, so ``Y ⊗ X = F`` exactly and
+    the reweighted factor ``ρF̄_{k−1} + c F_k`` is exactly ``F̄_k + F_k/λ_k``.
+    """
+
+    def __init__(self, params: list[Tensor], curvature_rows: Callable[[], tuple[Tensor, float]], name: str = "dense"):
+        self.name = name
+        self.params = list(params)
+        self.curvature_rows = curvature_rows
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        parts, offset = [], 0
+        for p in self.params:
+            parts.append(matrix[0, offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return parts
+
+    def clear(self) -> None:
+        """Nothing is captured: the curvature is computed on demand."""
+
+    def update_statistics(self, state, ops, rho, reweight):
+        rows, scale = self.curvature_rows()
+        one = torch.ones(1, 1, dtype=self.params[0].dtype, device=self.params[0].device)
+        for key in ("G", "G_ea"):
+            state[key] = one.clone()
+        a_hat = self._fold(state, ops, "A", rows.detach(), scale, rho, reweight)
+        return None if reweight is None else (a_hat, one.clone())

@@ -1,0 +1,131 @@
+"""Capture of layer inputs and output gradients from an ``nn.Module`` with hooks (SPEC §1, §4).
+
+Every supported layer gets a forward hook that, on statistics steps only (``capture_due()``), in train
+mode and with gradients enabled, keeps the layer input. Output gradients come either from the training
+loss's own backward (``fisher="empirical"``: a tensor hook on the layer output) or from one extra
+``torch.autograd.grad`` of a sampled loss taken in a forward hook on the root module
+(``fisher="sampled"``), which leaves ``.grad`` untouched and retains the graph for the user's backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from kldwrm_fast.curvature.base import Curvature
+from kldwrm_fast.curvature.blocks import KroneckerBlock
+from kldwrm_fast.curvature.fisher import sampled_loss
+from kldwrm_fast.curvature.layers import is_supported
+
+
+def _discover(model: nn.Module) -> tuple[list[KroneckerBlock], list[tuple[str, Tensor]]]:
+    blocks = [
+        KroneckerBlock(name, module)
+        for name, module in model.named_modules()
+        if is_supported(module) and module.weight.requires_grad
+    ]
+    covered = {id(p) for block in blocks for p in block.params}
+    others = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    return blocks, others
+
+
+class KroneckerCurvature(Curvature):
+    """Kronecker blocks for every ``nn.Linear`` / ``nn.Conv2d`` (groups=1) of ``model``, with capture hooks.
+
+    Statistics from several forward passes between two steps are pooled (rows concatenated).
+    """
+
+    def __init__(self, model: nn.Module, fisher: str, predictive: str, seed: int) -> None:
+        super().__init__()
+        self.model = model
+        self.fisher = fisher
+        self.predictive = predictive
+        self.blocks, self.other_params = _discover(model)
+        if not self.blocks:
+            raise ValueError(
+                f"Invalid model: {type(model).__name__} has no trainable nn.Linear or nn.Conv2d (groups=1) layer"
+            )
+        self._seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending: list[tuple[KroneckerBlock, Tensor]] = []
+        self._paused = False
+        self._handles = [block.module.register_forward_hook(self._layer_hook(block)) for block in self.blocks]
+        if fisher == "sampled":
+            self._handles.append(model.register_forward_hook(self._sample_hook))
+
+    def _capturing(self, module: nn.Module, output) -> bool:
+        return (
+            not self._paused
+            and module.training
+            and torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and self.capture_due()
+        )
+
+    def _layer_hook(self, block: KroneckerBlock):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if not self._capturing(module, output):
+                return
+            block.inputs.append(inputs[0].detach())
+            if self.fisher == "empirical":
+                output.register_hook(lambda grad: block.output_grads.append(grad.detach()))
+            else:
+                self._pending.append((block, output))
+
+        return hook
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generator
+
+    def _sample_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"fisher='sampled' needs the model to return one tensor of {self.predictive} outputs, got "
+                f"{type(output).__name__}; return a tensor or use fisher='empirical'"
+            )
+        loss = sampled_loss(output, self.predictive, self._generator_for(output.device))
+        grads = torch.autograd.grad(loss, [z for _, z in pending], retain_graph=True, allow_unused=True)
+        for (block, _), grad in zip(pending, grads):
+            if grad is not None:
+                block.output_grads.append(grad.detach())
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forward passes inside this context collect no statistics (e.g. the optimizer's own passes)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def clear(self) -> None:
+        super().clear()
+        self._pending = []
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    def state_dict(self) -> dict:
+        state = {"seed": self._seed}
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+            state["generator_device"] = str(self._generator.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seed = state["seed"]
+        self._generator = None
+        if "generator" in state:
+            self._generator = torch.Generator(device=state["generator_device"])
+            self._generator.set_state(state["generator"])

@@ -1,0 +1,40 @@
+"""Losses whose output-gradients give the sampled Fisher statistics (SPEC §4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FISHER_TYPES = ("sampled", "empirical")
+PREDICTIVES = ("categorical", "gaussian")
+
+
+def sampled_loss(output: Tensor, predictive: str, generator: torch.Generator) -> Tensor:
+    """Mean negative log-likelihood of targets drawn from the model's own predictive distribution.
+
+    Args:
+        output: model output, (..., classes) logits for ``"categorical"`` or (..., d) means for
+            ``"gaussian"`` (unit variance); leading dimensions are flattened into samples.
+        predictive: ``"categorical"`` or ``"gaussian"``.
+        generator: source of the sampled targets, on ``output``'s device.
+
+    Returns:
+        Scalar loss averaged over samples, differentiable with respect to ``output``.
+    """
+    if output.dim() < 2:
+        raise ValueError(
+            f"fisher='sampled' needs a model output of shape (batch, {'classes' if predictive == 'categorical' else 'd'}),"
+            f" got shape {tuple(output.shape)}"
+        )
+    rows = output.reshape(-1, output.shape[-1])
+    with torch.no_grad():
+        if predictive == "categorical":
+            probs = torch.softmax(rows.detach().float(), dim=-1)
+            targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            noise = torch.randn(rows.shape, generator=generator, device=rows.device, dtype=rows.dtype)
+            targets = rows.detach() + noise
+    if predictive == "categorical":
+        return F.cross_entropy(rows, targets)
+    return 0.5 * (rows - targets).pow(2).sum(dim=-1).mean()

@@ -1,0 +1,69 @@
+"""Rows of the Kronecker factors for the supported layers (SPEC §1).
+
+Conventions (see Note [Conv2d normalisation]):
+
+* ``nn.Linear``: inputs with extra leading dimensions are flattened into rows and every row counts as one
+  sample, so ``A = āᵀā/rows`` and ``Γ = rows · eᵀe``.
+* ``nn.Conv2d`` (groups=1): rows of ``ā`` are the im2col patches of every sample and location, with the
+  layer's own padding mode, stride and dilation; rows of ``e`` are the per-location output gradients.
+
+Note [Conv2d normalisation]
+    With T locations and batch m we use ``A = āᵀā/(m·T)`` (the mean over all patches) and
+    ``Γ = m · Σ_{i,t} e_{i,t} e_{i,t}ᵀ`` (per-sample gradients summed over locations, averaged over the
+    batch). The product ``A ⊗ Γ`` equals KFC's ``Ω ⊗ Γ`` (Grosse & Martens, 2016) and for T = 1 both
+    reduce exactly to the Linear convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether ``module`` becomes a Kronecker block: ``nn.Linear`` or ``nn.Conv2d`` with ``groups=1``."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def _batched_image(module: nn.Module, x: Tensor) -> Tensor:
+    return x.unsqueeze(0) if x.dim() == 3 else x
+
+
+def input_rows(module: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
+    """Augmented input rows ``ā`` (rows, n_in[+1]) of a layer input ``x``, in ``x``'s dtype."""
+    if isinstance(module, nn.Conv2d):
+        x = _batched_image(module, x)
+        pad = module._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    if with_bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
+def output_rows(module: nn.Module, e: Tensor) -> Tensor:
+    """Output-gradient rows (rows, n_out) of a gradient ``e`` with the layer output's shape."""
+    if isinstance(module, nn.Conv2d):
+        e = _batched_image(module, e)
+        return e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
+    return e.reshape(-1, e.shape[-1])
+
+
+def sample_count(module: nn.Module, e: Tensor) -> int:
+    """The number of samples ``m`` the loss averages over for one captured output gradient."""
+    if isinstance(module, nn.Conv2d):
+        return e.shape[0] if e.dim() == 4 else 1
+    return e.numel() // e.shape[-1]
+
+
+def weight_matrix(module: nn.Module, tensor: Tensor) -> Tensor:
+    """A weight-shaped tensor as the (n_out, n_in) matrix of the block form (a view)."""
+    return tensor.reshape(tensor.shape[0], -1)

@@ -1,0 +1,69 @@
+"""The one place where a backend for the fused operations is chosen (SPEC §5).
+
+``backend="auto"`` takes the environment override ``KLDWRM_BACKEND`` when set, else the fastest backend
+that can run on the parameters' device (CUDA extension, then Triton, then PyTorch) and never fails where
+``"torch"`` works. An explicit backend that cannot run raises ``RuntimeError`` saying why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from kldwrm_fast.ops import reference
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ENV_OVERRIDE = "KLDWRM_BACKEND"
+
+
+def validate_backend(backend: str) -> str:
+    """Return ``backend`` if it is one of :data:`BACKENDS`, else raise ``ValueError`` naming the choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device``, or None when it can."""
+    if backend == "torch":
+        return None
+    if device.type != "cuda":
+        return f"the {backend!r} backend runs on CUDA tensors only, and the parameters are on {device}"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        return "this build of kldwrm_fast has no Triton kernels yet"
+    if importlib.util.find_spec("kldwrm_fast._C") is None:
+        return "the CUDA extension kldwrm_fast._C was not built (see README, 'CUDA extension')"
+    return "this build of kldwrm_fast registers no CUDA kernels yet"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``) that will run on ``device``."""
+    validate_backend(backend)
+    if backend == "auto":
+        override = os.environ.get(ENV_OVERRIDE, "").strip()
+        if override and override != "auto":
+            if override not in BACKENDS:
+                raise ValueError(
+                    f"Invalid {ENV_OVERRIDE}={override!r}; expected one of {', '.join(map(repr, BACKENDS))}"
+                )
+            return resolve_backend(override, device)
+        for candidate in ("cuda", "triton"):
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "torch"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} cannot run: {reason}; use backend='auto' or 'torch'")
+    return backend
+
+
+def operations(backend: str) -> ModuleType:
+    """The module implementing the fused operations for a resolved backend."""
+    if backend == "torch":
+        return reference
+    raise RuntimeError(f"no operations are registered for backend {backend!r}")

@@ -1,0 +1,105 @@
+"""PyTorch reference implementations of the fused operations of SPEC §6.
+
+These functions are the executable specification: the CPU path, the fallback on CUDA tensors, and the
+oracle that every Triton or CUDA kernel is tested against. Each works on a single block (2-D tensors) or
+on a batch of blocks of equal shape (a leading batch dimension), and computes in the dtype of its inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def factor_update(
+    x: Tensor,
+    scale: float,
+    ea: Tensor,
+    rho: float,
+    first: bool,
+    reweight: Optional[float] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Local Kronecker factor and its exponential averages from captured rows (SPEC §2).
+
+    Args:
+        x: (rows, n) captured rows (``ā`` or output gradients ``e``), any float dtype; they are cast to
+            ``ea.dtype`` first.
+        scale: the factor is ``S = scale · xᵀx`` (``1/rows`` for ``A``, the batch size ``m`` for ``Γ``
+            built from gradients of the mean loss, since ``Γ = (m e)ᵀ(m e)/m``).
+        ea: (n, n) exponential average ``X̄``, updated in place to ``ρ X̄ + (1−ρ) S``.
+        rho: decay ρ in [0, 1).
+        first: this is the first statistic, so the average starts from it (``X̄_{−1} := S``).
+        reweight: ``c`` of (S82)–(S83); when given, also return ``X̂ = ρ X̄_old + c S``.
+
+    Returns:
+        ``(S, X̂)``: the symmetric local factor (n, n) and the reweighted factor or None.
+    """
+    x = x.to(ea.dtype)
+    local = torch.matmul(x.transpose(-1, -2), x).mul_(scale)
+    local = 0.5 * (local + local.transpose(-1, -2))
+    if first:
+        ea.copy_(local)
+    reweighted = None if reweight is None else torch.add(rho * ea, local, alpha=reweight)
+    ea.mul_(rho).add_(local, alpha=1.0 - rho)
+    return local, reweighted
+
+
+def precondition(q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, v: Tensor, damping: float) -> Tensor:
+    """Eigen-preconditioning ``P_{X,Y}(V) = Q_Y [(Q_Yᵀ V Q_X) ⊘ (d_Y d_Xᵀ + δ)] Q_Xᵀ`` (SPEC §1).
+
+    Args:
+        q_out, d_out: eigenvectors (..., n_out, n_out) and clamped eigenvalues (..., n_out) of the output
+            factor ``Y``.
+        q_in, d_in: the same for the input factor ``X`` (..., n_in, n_in), (..., n_in).
+        v: (..., n_out, n_in) block-form gradient.
+        damping: δ ≥ 0, added to every eigenvalue product.
+
+    Returns:
+        (..., n_out, n_in) tensor ``≈ (Y ⊗ X + δ I)⁻¹ vec(V)`` in matrix form, dtype of ``v``.
+    """
+    projected = torch.matmul(torch.matmul(q_out.transpose(-1, -2), v), q_in)
+    projected = projected / (d_out.unsqueeze(-1) * d_in.unsqueeze(-2) + damping)
+    return torch.matmul(torch.matmul(q_out, projected), q_in.transpose(-1, -2))
+
+
+def q_precondition(
+    q_out: Tensor,
+    d_out: Tensor,
+    q_in: Tensor,
+    d_in: Tensor,
+    g_hat: Tensor,
+    damping: float,
+    lr: float,
+    ea_out: Tensor,
+    ea_in: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Q-KLD-WRM step and its curvature product (SPEC §3, (S87)/(S89)).
+
+    Args:
+        q_out, d_out, q_in, d_in: eigendecompositions of the reweighted factors ``Γ̂``, ``Â``.
+        g_hat: (..., n_out, n_in) the recursion gradient ``Ĝ_k``.
+        damping: δ ≥ 0.
+        lr: ``1/λ_k`` > 0.
+        ea_out, ea_in: the current averages ``Γ̄_k`` (..., n_out, n_out) and ``Ā_k`` (..., n_in, n_in).
+
+    Returns:
+        ``(S, M)`` with ``S = −lr · P_{Â,Γ̂}(Ĝ)`` (unclipped step) and ``M = −λ Γ̄ S Ā``.
+    """
+    step = precondition(q_out, d_out, q_in, d_in, g_hat, damping).mul_(-lr)
+    product = torch.matmul(torch.matmul(ea_out, step), ea_in).mul_(-1.0 / lr)
+    return step, product
+
+
+def ghat_recursion(
+    v_new: Sequence[Tensor], g_hat: Sequence[Tensor], v_prev: Sequence[Tensor], m: Sequence[Tensor], coef: float
+) -> None:
+    """The Ĝ recursion (S103) over many tensors: ``Ĝ ← V_new + coef·(Ĝ − V_prev − M)``, ``V_prev ← V_new``.
+
+    ``coef = (λ_{k+1}/λ_k) ρ``. ``g_hat`` and ``v_prev`` are written in place; all lists are aligned and each
+    quadruple shares one shape and dtype.
+    """
+    for new, gh, prev, mk in zip(v_new, g_hat, v_prev, m, strict=True):
+        gh.sub_(prev).sub_(mk).mul_(coef).add_(new)
+        prev.copy_(new)

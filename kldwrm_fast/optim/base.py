@@ -1,0 +1,183 @@
+"""Shared machinery of the four optimizers: construction, cadence, λ bookkeeping, plain-GD fallback.
+
+Subclasses implement :meth:`CurvatureOptimizer._update`, the step rule of SPEC §3, and read like it.
+
+Note [step cadence]
+    Step k (counted from 0) collects statistics iff ``k % stat_freq == 0`` and eigendecomposes iff
+    ``k % inv_freq == 0``; since ``inv_freq`` is a multiple of ``stat_freq``, every inverse step is also a
+    statistics step. Between statistics steps the averages are unchanged (eq. (20)); preconditioning uses
+    the most recent eigendecomposition, while products with the averages (``M``) use the current ones.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import ModuleType
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from kldwrm_fast.curvature import Curvature, KroneckerCurvature
+from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
+from kldwrm_fast.ops import operations, resolve_backend, validate_backend
+
+GLOBAL = "global"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_common(lr, rho, damping, weight_decay, stat_freq, inv_freq, fisher, predictive, backend) -> None:
+    """Raise ``ValueError`` naming the first argument outside its accepted range."""
+    _check(isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr), f"Invalid lr: {lr!r}; expected lr > 0")
+    _check(isinstance(rho, (int, float)) and 0 <= rho < 1, f"Invalid rho: {rho!r}; expected 0 <= rho < 1")
+    _check(isinstance(damping, (int, float)) and damping >= 0, f"Invalid damping: {damping!r}; expected damping >= 0")
+    _check(
+        isinstance(weight_decay, (int, float)) and weight_decay >= 0,
+        f"Invalid weight_decay: {weight_decay!r}; expected weight_decay >= 0",
+    )
+    _check(_is_int(stat_freq) and stat_freq >= 1, f"Invalid stat_freq: {stat_freq!r}; expected an integer >= 1")
+    _check(
+        _is_int(inv_freq) and inv_freq >= 1 and inv_freq % stat_freq == 0,
+        f"Invalid inv_freq: {inv_freq!r}; expected a positive multiple of stat_freq={stat_freq}",
+    )
+    _check(fisher in FISHER_TYPES, f"Invalid fisher: {fisher!r}; expected one of {FISHER_TYPES}")
+    _check(predictive in PREDICTIVES, f"Invalid predictive: {predictive!r}; expected one of {PREDICTIVES}")
+    validate_backend(backend)
+
+
+def validate_positive_or_none(name: str, value) -> None:
+    """A clip threshold: a positive finite number, or None to disable clipping."""
+    _check(
+        value is None or (isinstance(value, (int, float)) and 0 < value < math.inf),
+        f"Invalid {name}: {value!r}; expected {name} > 0 or None",
+    )
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """Base class: builds the curvature from a model, runs the cadence, and applies a subclass's rule.
+
+    ``model`` is an ``nn.Module`` (Kronecker blocks with capture hooks for its Linear/Conv2d layers) or a
+    prebuilt :class:`~kldwrm_fast.curvature.Curvature` such as the exact
+    :class:`~kldwrm_fast.curvature.DenseCurvature` used as a test oracle.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Curvature],
+        defaults: dict,
+        fisher: str,
+        predictive: str,
+        backend: str,
+    ) -> None:
+        validate_common(
+            defaults["lr"], defaults["rho"], defaults["damping"], defaults["weight_decay"],
+            defaults["stat_freq"], defaults["inv_freq"], fisher, predictive, backend,
+        )  # fmt: skip
+        if isinstance(model, Curvature):
+            curvature = model
+        elif isinstance(model, nn.Module):
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            curvature = KroneckerCurvature(model, fisher, predictive, seed)
+        else:
+            raise TypeError(f"model must be an nn.Module or a Curvature, got {type(model).__name__}")
+        super().__init__(curvature.parameters(), defaults)
+        self.curvature = curvature
+        self.fisher = fisher
+        self.predictive = predictive
+        self.backend = resolve_backend(backend, self.curvature.blocks[0].key.device)
+        self._ops: ModuleType = operations(self.backend)
+        self.state[GLOBAL] = {"step": 0, "lr_prev": None}
+        curvature.capture_due = self._statistics_due
+        if curvature.other_params:
+            names = ", ".join(name for name, _ in curvature.other_params)
+            warnings.warn(
+                f"{type(self).__name__}: parameters outside nn.Linear/nn.Conv2d(groups=1) layers get plain "
+                f"gradient descent with the same lr and weight decay: {names}",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def global_state(self) -> dict:
+        """``{"step": k, "lr_prev": lr_{k−1} or None}``: steps taken and the previous step's lr."""
+        return self.state[GLOBAL]
+
+    def _statistics_due(self) -> bool:
+        return self.global_state["step"] % self.defaults["stat_freq"] == 0
+
+    def block_state(self, block: FactoredBlock) -> dict:
+        """The per-block state (factors, eigendecomposition, recursion buffers)."""
+        return self.state[block.key]
+
+    def remove_hooks(self) -> None:
+        """Remove every hook the optimizer registered on the model."""
+        self.curvature.remove_hooks()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr = group["lr"]
+        _check(isinstance(lr, (int, float)) and lr > 0, f"Invalid lr: {lr!r}; expected lr > 0 (set by a scheduler?)")
+        k = self.global_state["step"]
+        stats_due = k % group["stat_freq"] == 0
+        inverse_due = k % group["inv_freq"] == 0
+        blocks = self.curvature.blocks
+        grads = [block.gradient(group["weight_decay"]) for block in blocks]
+        self._update(group, blocks, grads, lr, stats_due, inverse_due)
+        for _, param in self.curvature.other_params:
+            if param.grad is not None:
+                param.add_(torch.add(param.grad, param, alpha=group["weight_decay"]), alpha=-lr)
+        self.curvature.clear()
+        self.global_state["step"] = k + 1
+        self.global_state["lr_prev"] = lr
+        return loss
+
+    def _refresh_curvature(self, group: dict, blocks, stats_due: bool, inverse_due: bool, reweight: Optional[float]):
+        """Statistics and eigendecompositions due at this step.
+
+        With ``reweight = c_k`` the decomposed factors are ``Â, Γ̂`` (Q, QE); without, ``Ā, Γ̄`` (KFAC, SO).
+        """
+        if not stats_due:
+            return
+        for block in blocks:
+            state = self.block_state(block)
+            hats = block.update_statistics(state, self._ops, group["rho"], reweight if inverse_due else None)
+            if inverse_due:
+                block.decompose(state, *(hats if hats is not None else (state["A_ea"], state["G_ea"])))
+
+    def _update(self, group: dict, blocks, grads: list[Tensor], lr: float, stats_due: bool, inverse_due: bool):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["curvature"] = self.curvature.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        curvature_state = state_dict.pop("curvature", {})
+        super().load_state_dict(state_dict)
+        self.curvature.load_state_dict(curvature_state)
+
+
+def kl_clip_factor(products: list[Tensor], lr: float, kl_clip: Optional[float]) -> Optional[Tensor]:
+    """``ν = min(1, sqrt(kl_clip / (lr² Σ ⟨d, v⟩)))`` as a device tensor (no host sync), or None."""
+    if kl_clip is None:
+        return None
+    total = torch.stack(products).sum().clamp_min(0.0)
+    return torch.sqrt(kl_clip / (total * lr * lr)).clamp(max=1.0)

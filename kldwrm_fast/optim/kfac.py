@@ -1,0 +1,76 @@
+"""EA-KFAC, the paper's baseline, with the semantics of its reference code (SPEC §3 "KFAC")."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from kldwrm_fast.curvature import Curvature
+from kldwrm_fast.optim.base import CurvatureOptimizer, _check, kl_clip_factor, validate_positive_or_none
+
+
+class KFAC(CurvatureOptimizer):
+    """K-FAC with exponentially averaged Kronecker factors, KL clipping and heavy-ball momentum.
+
+    Per block: ``d = P_{Ā,Γ̄}(V)``; ``ν = min(1, sqrt(kl_clip / (lr² Σ ⟨d, V⟩)))``; ``d ← ν d``;
+    ``buf ← μ buf + d``; ``W̄ ← W̄ − lr (1−μ) buf``.
+
+    Args:
+        model: the network (hooks are registered on its Linear/Conv2d layers) or a prebuilt ``Curvature``.
+        lr: learning rate ``1/λ``, read from the param group at every step (schedulers work).
+        rho: decay ρ ∈ [0, 1) of the factor averages.
+        damping: δ ≥ 0 added to the eigenvalue products.
+        momentum: μ ∈ [0, 1).
+        kl_clip: KL clipping threshold > 0, or None.
+        weight_decay: added to the gradient, bias included.
+        stat_freq, inv_freq: statistics / eigendecomposition cadence (see Note [step cadence]).
+        fisher: ``"sampled"`` (labels from the model) or ``"empirical"`` (the training loss's backward).
+        predictive: ``"categorical"`` (logits) or ``"gaussian"`` (unit-variance regression).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Curvature],
+        lr: float = 0.01,
+        rho: float = 0.95,
+        damping: float = 0.01,
+        momentum: float = 0.9,
+        kl_clip: Optional[float] = 0.1,
+        weight_decay: float = 0.0,
+        stat_freq: int = 30,
+        inv_freq: int = 30,
+        fisher: str = "sampled",
+        predictive: str = "categorical",
+        backend: str = "auto",
+    ) -> None:
+        _check(
+            isinstance(momentum, (int, float)) and 0 <= momentum < 1,
+            f"Invalid momentum: {momentum!r}; expected 0 <= momentum < 1",
+        )
+        validate_positive_or_none("kl_clip", kl_clip)
+        defaults = dict(
+            lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip,
+            weight_decay=weight_decay, stat_freq=stat_freq, inv_freq=inv_freq,
+        )  # fmt: skip
+        super().__init__(model, defaults, fisher, predictive, backend)
+
+    def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
+        self._refresh_curvature(group, blocks, stats_due, inverse_due, reweight=None)
+        directions = [
+            block.precondition(self.block_state(block), self._ops, v, group["damping"])
+            for block, v in zip(blocks, grads)
+        ]
+        nu = kl_clip_factor([torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, grads)], lr, group["kl_clip"])
+        momentum = group["momentum"]
+        for block, d in zip(blocks, directions):
+            if nu is not None:
+                d.mul_(nu)
+            if momentum:
+                state = self.block_state(block)
+                buf = state.setdefault("momentum_buffer", torch.zeros_like(d))
+                buf.mul_(momentum).add_(d)
+                d = buf
+            block.add_(d * (-lr * (1.0 - momentum)))

@@ -1,0 +1,82 @@
+"""Q-KLD-WRM, Proposition 4.2 / A.1 with the reweighted-factor approximation (S82)–(S89) — SPEC §3."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from kldwrm_fast.curvature import Curvature
+from kldwrm_fast.optim.base import CurvatureOptimizer, validate_positive_or_none
+
+
+class QKLDWRM(CurvatureOptimizer):
+    """Quadratic KLD-WRM.
+
+    Per block, with ``λ_k = 1/lr_k`` and ``c_k = (1−ρ) + lr_k``::
+
+        Â_k = ρ Ā_{k−1} + c_k A_k,   Γ̂_k = ρ Γ̄_{k−1} + c_k Γ_k          (decomposed on inverse steps)
+        Ĝ_0 = V_0,   Ĝ_k = V_k + (λ_k/λ_{k−1}) ρ (Ĝ_{k−1} − V_{k−1} − M_{k−1})
+        S_k = −lr_k P_{Â,Γ̂}(Ĝ_k),   M_k = −λ_k Γ̄_k S_k Ā_k
+        W̄ ← W̄ + clip(S_k),  clip: scale by τ/r when r = ‖S_k‖/(lr_k √numel) > τ
+
+    The recursion always uses the unclipped ``S_k``. State per block adds ``"g_hat"``, ``"v_prev"``, ``"m"``.
+
+    Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``
+    and ``kl_clip``; paper default ``rho=0.5``.
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Curvature],
+        lr: float = 0.01,
+        rho: float = 0.5,
+        damping: float = 0.01,
+        clip: Optional[float] = 2.0,
+        weight_decay: float = 0.0,
+        stat_freq: int = 30,
+        inv_freq: int = 30,
+        fisher: str = "sampled",
+        predictive: str = "categorical",
+        backend: str = "auto",
+    ) -> None:
+        validate_positive_or_none("clip", clip)
+        defaults = dict(
+            lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay,
+            stat_freq=stat_freq, inv_freq=inv_freq,
+        )  # fmt: skip
+        super().__init__(model, defaults, fisher, predictive, backend)
+
+    def _q_steps(self, group, blocks, grads, lr, stats_due, inverse_due):
+        """Advance the recursion to ``Ĝ_k`` and return the unclipped steps ``S_k`` (stores ``M_k``)."""
+        rho = group["rho"]
+        self._refresh_curvature(group, blocks, stats_due, inverse_due, reweight=(1.0 - rho) + lr)
+        states = [self.block_state(block) for block in blocks]
+        lr_prev = self.global_state["lr_prev"]
+        if lr_prev is None:
+            for state, v in zip(states, grads):
+                state["g_hat"], state["v_prev"] = v.clone(), v.clone()
+        else:
+            self._ops.ghat_recursion(
+                grads, [s["g_hat"] for s in states], [s["v_prev"] for s in states], [s["m"] for s in states],
+                rho * lr_prev / lr,
+            )  # fmt: skip
+        steps = []
+        for block, state in zip(blocks, states):
+            step, state["m"] = block.q_step(state, self._ops, state["g_hat"], group["damping"], lr)
+            steps.append(step)
+        return steps
+
+    def _apply_clipped(self, group, blocks, steps, lr) -> None:
+        tau = group["clip"]
+        for block, step in zip(blocks, steps):
+            if tau is not None:
+                rms = torch.linalg.vector_norm(step) / (lr * math.sqrt(step.numel()))
+                step = step * (tau / rms).clamp(max=1.0)
+            block.add_(step)
+
+    def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
+        steps = self._q_steps(group, blocks, grads, lr, stats_due, inverse_due)
+        self._apply_clipped(group, blocks, steps, lr)

@@ -1,0 +1,67 @@
+"""Build script: the pure-Python package always; the CUDA extension ``kldwrm_fast._C`` when it can be built.
+
+Environment variables: ``KLDWRM_SKIP_CUDA_BUILD=1`` skips the extension; ``CUDA_HOME`` names the toolkit;
+``TORCH_CUDA_ARCH_LIST`` (default ``9.0+PTX``) and ``MAX_JOBS`` are honoured by torch's build helpers.
+The extension needs torch at build time, so build it with ``pip install --no-build-isolation -e .``;
+under pip's default isolated build torch is absent and the extension is skipped with a printed reason.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def toolkit_root():
+    """The real CUDA toolkit root: ``CUDA_HOME``, else the ``TOP=`` line of ``nvcc --dryrun`` (nvcc may be a wrapper)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if "TOP=" in line:
+            return line.split("TOP=", 1)[1].strip().strip('"')
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def cuda_extension_or_reason():
+    """``(extensions, cmdclass)`` to build, or a reason string why the CUDA extension is skipped."""
+    if os.environ.get("KLDWRM_SKIP_CUDA_BUILD") == "1":
+        return "KLDWRM_SKIP_CUDA_BUILD=1 is set"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    if not sources:
+        return "csrc/ holds no CUDA sources in this version"
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return "torch is not importable in the build environment (use pip install --no-build-isolation)"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    root = toolkit_root()
+    if root is None or not os.path.exists(os.path.join(root, "bin", "nvcc")):
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    os.environ["CUDA_HOME"] = root
+    cpp_extension.CUDA_HOME = root
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
+    extension = cpp_extension.CUDAExtension(
+        "kldwrm_fast._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}
+    )
+    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+result = cuda_extension_or_reason()
+if isinstance(result, str):
+    print(f"kldwrm_fast: skipping the CUDA extension: {result}")
+    setup()
+else:
+    setup(ext_modules=result[0], cmdclass=result[1])
