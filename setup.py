@@ -59,9 +59,10 @@ def cuda_extension_or_reason():
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
-result = cuda_extension_or_reason()
-if isinstance(result, str):
-    print(f"kldwrm_fast: skipping the CUDA extension: {result}")
-    setup()
-else:
-    setup(ext_modules=result[0], cmdclass=result[1])
+if __name__ == "__main__":
+    result = cuda_extension_or_reason()
+    if isinstance(result, str):
+        print(f"kldwrm_fast: skipping the CUDA extension: {result}")
+        setup()
+    else:
+        setup(ext_modules=result[0], cmdclass=result[1])

@@ -53,6 +53,10 @@ class FactoredBlock:
         """Fold the new local statistics into the averages; return ``(Â, Γ̂)`` when ``reweight`` is given."""
         raise NotImplementedError
 
+    def has_statistics(self) -> bool:
+        """Whether new statistics are available for :meth:`update_statistics`."""
+        raise NotImplementedError
+
     def gradient(self, weight_decay: float) -> Tensor:
         """``V = ∇W̄ loss + wd · W̄`` (n_out, n_in), in the parameter dtype; a missing grad counts as zero."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -129,6 +133,9 @@ class KroneckerBlock(FactoredBlock):
         self.inputs.clear()
         self.output_grads.clear()
 
+    def has_statistics(self) -> bool:
+        return bool(self.inputs or self.output_grads)
+
     def update_statistics(self, state, ops, rho, reweight):
         if not self.inputs or not self.output_grads:
             missing = "inputs" if not self.inputs else "output gradients"
@@ -173,6 +180,9 @@ class DenseBlock(FactoredBlock):
 
     def clear(self) -> None:
         """Nothing is captured: the curvature is computed on demand."""
+
+    def has_statistics(self) -> bool:
+        return True
 
     def update_statistics(self, state, ops, rho, reweight):
         rows, scale = self.curvature_rows()

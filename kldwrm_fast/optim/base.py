@@ -7,6 +7,9 @@ Note [step cadence]
     ``k % inv_freq == 0``; since ``inv_freq`` is a multiple of ``stat_freq``, every inverse step is also a
     statistics step. Between statistics steps the averages are unchanged (eq. (20)); preconditioning uses
     the most recent eigendecomposition, while products with the averages (``M``) use the current ones.
+    A due step (after the first) on which no layer captured anything — the model ran in eval mode or
+    without gradients — is treated as a step without statistics. A layer that captured nothing while
+    others did raises an error naming it.
 """
 
 from __future__ import annotations
@@ -134,9 +137,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         lr = group["lr"]
         _check(isinstance(lr, (int, float)) and lr > 0, f"Invalid lr: {lr!r}; expected lr > 0 (set by a scheduler?)")
         k = self.global_state["step"]
+        blocks = self.curvature.blocks
         stats_due = k % group["stat_freq"] == 0
         inverse_due = k % group["inv_freq"] == 0
-        blocks = self.curvature.blocks
+        if stats_due and k > 0 and not any(block.has_statistics() for block in blocks):
+            # Nothing was captured (eval mode, no_grad forward): keep the averages and decompositions.
+            stats_due = inverse_due = False
         grads = [block.gradient(group["weight_decay"]) for block in blocks]
         self._update(group, blocks, grads, lr, stats_due, inverse_due)
         for _, param in self.curvature.other_params:

@@ -1,0 +1,75 @@
+"""The eigendecomposition fallback ladder (SPEC §6), each rung reached by an injected failure."""
+
+import pytest
+import torch
+
+from kldwrm_fast.curvature import eigen
+
+
+def spd(n=4, dtype=torch.float32):
+    root = torch.randn(n, n + 1, dtype=torch.float64)
+    return (root @ root.T).to(dtype)
+
+
+def test_clean_decomposition_reconstructs_and_clamps():
+    matrix = spd(dtype=torch.float64)
+    matrix -= (torch.linalg.eigvalsh(matrix)[0] + 1e-3) * torch.eye(4, dtype=torch.float64)  # λ_min = −1e-3
+    q, d = eigen.symmetric_eig(matrix)
+    assert d.min() == 0.0
+    true = torch.linalg.eigvalsh(matrix)
+    torch.testing.assert_close(d, true.clamp_min(0.0))
+    torch.testing.assert_close(q @ torch.diag(true) @ q.T, matrix)
+
+
+def test_float64_retry(monkeypatch):
+    real = eigen._eigh
+    seen = []
+
+    def failing_in_float32(matrix):
+        seen.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("injected")
+        return real(matrix)
+
+    monkeypatch.setattr(eigen, "_eigh", failing_in_float32)
+    matrix = spd()
+    q, d = eigen.symmetric_eig(matrix)
+    assert seen == [torch.float32, torch.float64]
+    assert q.dtype == d.dtype == torch.float32
+    torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)
+
+
+def test_jitter_rung(monkeypatch):
+    real = eigen._eigh
+    matrix = spd(dtype=torch.float64)
+
+    def failing_without_jitter(candidate):
+        if torch.equal(candidate, matrix):
+            raise torch.linalg.LinAlgError("injected")
+        return real(candidate)
+
+    monkeypatch.setattr(eigen, "_eigh", failing_without_jitter)
+    _, d = eigen.symmetric_eig(matrix)
+    shift = eigen.JITTER * max(1.0, matrix.diagonal().abs().mean().item())
+    torch.testing.assert_close(d, torch.linalg.eigvalsh(matrix) + shift)
+
+
+def test_previous_decomposition_is_kept_with_a_warning(monkeypatch):
+    def always_failing(candidate):
+        raise torch.linalg.LinAlgError("injected")
+
+    monkeypatch.setattr(eigen, "_eigh", always_failing)
+    previous = (torch.eye(3), torch.ones(3))
+    with pytest.warns(RuntimeWarning, match="keeping the previous one"):
+        result = eigen.symmetric_eig(spd(3), previous, "input factor of fc")
+    assert result is previous
+    with pytest.raises(torch.linalg.LinAlgError, match="no earlier one"):
+        eigen.symmetric_eig(spd(3))
+
+
+def test_non_finite_factor_keeps_the_previous_decomposition():
+    bad = spd(3)
+    bad[0, 1] = float("nan")
+    previous = (torch.eye(3), torch.ones(3))
+    with pytest.warns(RuntimeWarning):
+        assert eigen.symmetric_eig(bad, previous) is previous

@@ -1,0 +1,41 @@
+"""Patch extraction for Conv2d: the captured rows must reproduce the layer's own weight gradient."""
+
+import pytest
+import torch
+from torch import nn
+
+from kldwrm_fast.curvature import layers
+
+CONV_CASES = [
+    dict(kernel_size=3),
+    dict(kernel_size=(3, 2), stride=2, padding=1),
+    dict(kernel_size=3, dilation=2, padding=(2, 1)),
+    dict(kernel_size=3, padding="same", padding_mode="reflect"),
+    dict(kernel_size=2, stride=(1, 2), padding=1, padding_mode="circular", bias=False),
+    dict(kernel_size=3, padding=1, padding_mode="replicate"),
+]
+
+
+@pytest.mark.parametrize("options", CONV_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("batched", [True, False])
+def test_conv_rows_reproduce_the_weight_gradient(options, batched):
+    conv = nn.Conv2d(2, 3, **options).double()
+    x = torch.randn(*((4,) if batched else ()), 2, 7, 6, dtype=torch.float64)
+    out = conv(x)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    with_bias = conv.bias is not None
+    a = layers.input_rows(conv, x, with_bias)
+    e = layers.output_rows(conv, weights)  # d(sum(out * weights))/d(out) = weights
+    grad = e.T @ a
+    torch.testing.assert_close(grad[:, : a.shape[1] - with_bias], conv.weight.grad.reshape(3, -1))
+    if with_bias:
+        torch.testing.assert_close(grad[:, -1], conv.bias.grad)
+    assert layers.sample_count(conv, weights) == (4 if batched else 1)
+
+
+def test_groups_other_than_one_are_not_kronecker_blocks():
+    assert layers.is_supported(nn.Conv2d(4, 4, 3))
+    assert not layers.is_supported(nn.Conv2d(4, 4, 3, groups=2))
+    assert layers.is_supported(nn.Linear(2, 2))
+    assert not layers.is_supported(nn.Conv1d(2, 2, 3))

@@ -1,0 +1,62 @@
+"""Each optimizer learns a small real dataset (scikit-learn's 8×8 handwritten digits)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kldwrm_fast import KFAC, QKLDWRM, SOKLDWRM
+
+datasets = pytest.importorskip("sklearn.datasets")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = datasets.load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return (x[:1297], y[:1297]), (x[1297:], y[1297:])
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "cls,hyper",
+    [
+        (KFAC, dict(rho=0.95)),
+        (SOKLDWRM, dict(rho=0.33)),
+        (QKLDWRM, dict(rho=0.5)),
+    ],
+    ids=["kfac", "so", "q"],
+)
+def test_held_out_loss_falls_well_below_its_start(digits, cls, hyper):
+    (x_train, y_train), (x_test, y_test) = digits
+    torch.manual_seed(0)
+    model = cnn()
+    opt = cls(model, lr=0.03, damping=0.01, weight_decay=1e-4, stat_freq=10, inv_freq=10, **hyper)
+    gen = torch.Generator().manual_seed(1)
+
+    def held_out():
+        model.eval()
+        with torch.no_grad():
+            loss = F.cross_entropy(model(x_test), y_test).item()
+            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+        model.train()
+        return loss, accuracy
+
+    start, _ = held_out()
+    for _ in range(300):
+        idx = torch.randint(0, len(y_train), (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+        opt.step()
+    end, accuracy = held_out()
+    assert end < 0.2 * start, (start, end)
+    assert accuracy > 0.85
