@@ -1,7 +1,7 @@
-"""kldwrm_fast: KLD-WRM natural-gradient optimizers (SO, Q) and their K-FAC baseline for PyTorch."""
+"""kldwrm_fast: KLD-WRM natural-gradient optimizers (SO, Q, QE) and their K-FAC baseline for PyTorch."""
 
-from kldwrm_fast.optim import KFAC, QKLDWRM, SOKLDWRM
+from kldwrm_fast.optim import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "QKLDWRM", "SOKLDWRM", "__version__"]
+__all__ = ["KFAC", "QEKLDWRM", "QKLDWRM", "SOKLDWRM", "__version__"]

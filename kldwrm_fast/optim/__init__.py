@@ -2,6 +2,7 @@
 
 from kldwrm_fast.optim.kfac import KFAC
 from kldwrm_fast.optim.q import QKLDWRM
+from kldwrm_fast.optim.qe import QEKLDWRM
 from kldwrm_fast.optim.so import SOKLDWRM
 
-__all__ = ["KFAC", "QKLDWRM", "SOKLDWRM"]
+__all__ = ["KFAC", "QEKLDWRM", "QKLDWRM", "SOKLDWRM"]

@@ -1,0 +1,161 @@
+"""QE-KLD-WRM: the Q step refined on the exact symmetric-KL wake (SPEC §3 "QEKLDWRM")."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
+
+from kldwrm_fast.optim.base import CurvatureOptimizer, _check, _is_int, validate_positive_or_none
+from kldwrm_fast.optim.q import QKLDWRM
+from kldwrm_fast.optim.wake import WakeObjective, stored_outputs
+
+SNAPSHOTS = "snapshots"
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module):
+    """Put every submodule in eval mode and restore each one's own mode afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+class QEKLDWRM(QKLDWRM):
+    """QE-KLD-WRM: start from the Q-KLD-WRM step ``S_k``, then ``n_inner`` steps of plain SGD with learning
+    rate ``inner_lr_ratio · lr`` on
+
+        Φ(s) = ⟨V_k, s⟩ + ½ ⟨s, Γ_k s A_k⟩ + λ_k Σ_i ζ(i) ρ^{k−i} D(θ_i, θ_k + s),   ζ(i) = κ(i) · kl_scale,
+
+    over the last ``n_cap`` iterates θ_i (θ_k included), with D the exact symmetric KL averaged over the
+    current mini-batch (categorical from logits, or unit-variance Gaussian). Then clip as in Q and update;
+    the Q recursion (Ĝ, M) continues from the unclipped Q step.
+
+    The mini-batch is the positional and keyword arguments of the last train-mode forward call of
+    ``model`` before :meth:`step` (a forward pre-hook records them). The KL forwards run ``model`` with
+    ``torch.func.functional_call`` in eval mode (no dropout noise, BatchNorm running statistics, no buffer
+    updates) and collect no statistics; the stored networks' outputs are computed once per step without
+    autograd.
+
+    Memory: ``n_cap`` copies of the trainable parameters, kept in one ``(n_cap, numel)`` buffer in the
+    parameter dtype (``state["snapshots"]``, saved by ``state_dict``), on top of :class:`QKLDWRM`'s state.
+
+    Args: as :class:`QKLDWRM`, plus ``n_inner`` (≥ 0; 0 gives exactly Q-KLD-WRM), ``inner_lr_ratio`` (ω > 0),
+    ``n_cap`` (≥ 1) and ``kl_scale`` (≥ 0). Paper defaults: ρ = 0.5, n_inner = 10, ω = 0.07, n_cap = 4,
+    kl_scale = 1/330.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        rho: float = 0.5,
+        damping: float = 0.01,
+        clip: Optional[float] = 2.0,
+        weight_decay: float = 0.0,
+        stat_freq: int = 30,
+        inv_freq: int = 30,
+        n_inner: int = 10,
+        inner_lr_ratio: float = 0.07,
+        n_cap: int = 4,
+        kl_scale: float = 1 / 330,
+        fisher: str = "sampled",
+        predictive: str = "categorical",
+        backend: str = "auto",
+    ) -> None:
+        _check(_is_int(n_inner) and n_inner >= 0, f"Invalid n_inner: {n_inner!r}; expected an integer >= 0")
+        _check(
+            isinstance(inner_lr_ratio, (int, float)) and inner_lr_ratio > 0,
+            f"Invalid inner_lr_ratio: {inner_lr_ratio!r}; expected inner_lr_ratio > 0",
+        )
+        _check(_is_int(n_cap) and n_cap >= 1, f"Invalid n_cap: {n_cap!r}; expected an integer >= 1")
+        _check(isinstance(kl_scale, (int, float)) and kl_scale >= 0, f"Invalid kl_scale: {kl_scale!r}; expected kl_scale >= 0")
+        validate_positive_or_none("clip", clip)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}")
+        defaults = dict(
+            lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
+            inv_freq=inv_freq, n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale,
+        )  # fmt: skip
+        CurvatureOptimizer.__init__(self, model, defaults, fisher, predictive, backend)
+        self.model = model
+        self._snapshot_params = self.curvature.parameters()
+        names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        self._names_by_id = names
+        self._snapshot_names = [names[id(p)] for p in self._snapshot_params]
+        self._inputs = None
+        self._input_hook = model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
+
+    def _remember_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._inputs = tree_map_only(Tensor, lambda t: t.detach(), (args, kwargs))
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        self._input_hook.remove()
+
+    def _push_snapshot(self, k: int) -> None:
+        """Store θ_k in slot ``k mod n_cap`` of the snapshot buffer."""
+        flat = torch.cat([p.detach().reshape(-1) for p in self._snapshot_params])
+        n_cap = self.defaults["n_cap"]
+        ring = self.state[SNAPSHOTS]
+        if "buffer" not in ring:
+            ring["buffer"] = flat.new_zeros(n_cap, flat.numel())
+            ring["steps"] = [-1] * n_cap
+        ring["buffer"][k % n_cap].copy_(flat)
+        ring["steps"][k % n_cap] = k
+
+    def snapshots(self) -> list[tuple[int, list[Tensor]]]:
+        """``(i, [parameter-shaped views of θ_i])`` for every stored iterate, oldest first."""
+        ring = self.state[SNAPSHOTS]
+        entries = []
+        for slot in sorted(range(len(ring.get("steps", []))), key=lambda j: ring["steps"][j]):
+            if ring["steps"][slot] < 0:
+                continue
+            row, views, offset = ring["buffer"][slot], [], 0
+            for p in self._snapshot_params:
+                views.append(row[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            entries.append((ring["steps"][slot], views))
+        return entries
+
+    def wake_objective(self, grads: list[Tensor], lr: float) -> WakeObjective:
+        """Φ of the current step (requires the stored snapshot of θ_k and the recorded mini-batch)."""
+        group, k = self.param_groups[0], self.global_state["step"]
+        rho = group["rho"]
+        entries = self.snapshots()
+        weights = [
+            (1.0 / lr) * group["kl_scale"] * (1.0 if i == 0 else 1.0 - rho) * rho ** (k - i) for i, _ in entries
+        ]
+        targets = stored_outputs(self.model, self._snapshot_names, [values for _, values in entries], self._inputs)
+        factors = [(self.block_state(b)["A"], self.block_state(b)["G"]) for b in self.curvature.blocks]
+        return WakeObjective(
+            self.model, self.curvature.blocks, self._names_by_id, grads, factors, targets, weights, self._inputs,
+            self.predictive,
+        )  # fmt: skip
+
+    def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
+        if group["n_inner"] > 0 and self._inputs is None:
+            raise RuntimeError("QEKLDWRM.step() needs a train-mode forward call of the model with gradients enabled first")
+        steps = self._q_steps(group, blocks, grads, lr, stats_due, inverse_due)
+        self._push_snapshot(self.global_state["step"])
+        if group["n_inner"] > 0:
+            with evaluation_mode(self.model), self.curvature.paused():
+                objective = self.wake_objective(grads, lr)
+                steps = objective.minimise(steps, group["n_inner"], group["inner_lr_ratio"] * lr)
+        self._inputs = None
+        self._apply_clipped(group, blocks, steps, lr)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        ring = self.state[SNAPSHOTS]
+        if "buffer" in ring:
+            reference = self._snapshot_params[0]
+            ring["buffer"] = ring["buffer"].to(device=reference.device, dtype=reference.dtype)

@@ -1,0 +1,99 @@
+"""The exact symmetric-KL wake objective Φ of QE-KLD-WRM (SPEC §3 "QEKLDWRM", eqs. (31)/(35)).
+
+    Φ(s) = Σ_blocks [⟨V_k, s⟩ + ½ ⟨s, Γ_k s A_k⟩] + λ_k Σ_i ζ(i) ρ^{k−i} D(θ_i, θ_k + s)
+
+``D`` is the symmetric KL divergence between the predictive distributions of two parameter vectors,
+averaged over the current mini-batch: categorical from logits (S99) or unit-variance Gaussian (33).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+def symmetric_kl_categorical(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """Per-sample ``½ KL(p_a‖p_b) + ½ KL(p_b‖p_a)`` of softmax distributions, (batch, classes) → (batch,)."""
+    log_a = torch.log_softmax(logits_a, dim=-1)
+    log_b = torch.log_softmax(logits_b, dim=-1)
+    return 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(dim=-1)
+
+
+def symmetric_kl_gaussian(mean_a: Tensor, mean_b: Tensor) -> Tensor:
+    """Per-sample ``½ ‖h_a − h_b‖²`` (both KLs of unit-variance Gaussians agree), (batch, ...) → (batch,)."""
+    return 0.5 * (mean_a - mean_b).pow(2).reshape(mean_a.shape[0], -1).sum(dim=-1)
+
+
+def symmetric_kl(output_a: Tensor, output_b: Tensor, predictive: str) -> Tensor:
+    """Mean over the batch of the per-sample symmetric KL for ``predictive``."""
+    if predictive == "categorical":
+        if output_a.dim() != 2:
+            raise ValueError(
+                "QEKLDWRM with predictive='categorical' needs model outputs of shape (batch, classes) "
+                f"(logits); got shape {tuple(output_a.shape)}"
+            )
+        return symmetric_kl_categorical(output_a, output_b).mean()
+    return symmetric_kl_gaussian(output_a, output_b).mean()
+
+
+class WakeObjective:
+    """Φ for one step, with the stored networks' outputs computed once.
+
+    Args:
+        model: the network; evaluated functionally at ``θ_k + s`` (nothing is copied).
+        blocks: the curvature blocks whose parameters ``s`` moves (block form, one matrix per block).
+        names: parameter name of every tensor in ``blocks[*].params`` (by identity).
+        gradients: ``V_k`` per block, (n_out, n_in).
+        local_factors: ``(A_k, Γ_k)`` per block, the most recent local factors.
+        targets: outputs of the stored networks ``h(θ_i)`` on the batch, detached.
+        weights: ``λ_k ζ(i) ρ^{k−i}`` per stored network.
+        inputs: ``(args, kwargs)`` of the model call that produced the current mini-batch.
+        predictive: ``"categorical"`` or ``"gaussian"``.
+    """
+
+    def __init__(self, model, blocks, names, gradients, local_factors, targets, weights, inputs, predictive):
+        self.model, self.blocks, self.names = model, blocks, names
+        self.gradients, self.local_factors = gradients, local_factors
+        self.targets, self.weights = targets, weights
+        self.args, self.kwargs = inputs
+        self.predictive = predictive
+
+    def output_at(self, steps: list[Tensor]) -> Tensor:
+        """Model output at ``θ_k + s``, differentiable in ``steps``."""
+        params = {}
+        for block, step in zip(self.blocks, steps):
+            for param, part in zip(block.params, block.unflatten(step)):
+                params[self.names[id(param)]] = param.detach() + part
+        return functional_call(self.model, params, self.args, self.kwargs)
+
+    def value(self, steps: list[Tensor]) -> Tensor:
+        """Φ(s) as a scalar tensor (differentiable in ``steps``)."""
+        total = 0.0
+        for v, s, (a, g) in zip(self.gradients, steps, self.local_factors):
+            total = total + (v * s).sum() + 0.5 * (s * (g @ s @ a)).sum()
+        output = self.output_at(steps)
+        for target, weight in zip(self.targets, self.weights):
+            total = total + weight * symmetric_kl(target, output, self.predictive)
+        return total
+
+    def gradient(self, steps: list[Tensor]) -> list[Tensor]:
+        """∇Φ(s) by autograd through the functional forward pass."""
+        with torch.enable_grad():
+            leaves = [s.detach().requires_grad_() for s in steps]
+            return list(torch.autograd.grad(self.value(leaves), leaves))
+
+    def minimise(self, steps: list[Tensor], n_steps: int, lr: float) -> list[Tensor]:
+        """``n_steps`` of plain gradient descent with learning rate ``lr`` from ``steps``."""
+        current = [s.detach().clone() for s in steps]
+        for _ in range(n_steps):
+            for s, g in zip(current, self.gradient(current)):
+                s.sub_(g, alpha=lr)
+        return current
+
+
+def stored_outputs(model: nn.Module, names: list[str], snapshots: list[list[Tensor]], inputs) -> list[Tensor]:
+    """Outputs of the model at each snapshot (a list of parameter tensors aligned with ``names``)."""
+    args, kwargs = inputs
+    with torch.no_grad():
+        return [functional_call(model, dict(zip(names, values)), args, kwargs) for values in snapshots]
