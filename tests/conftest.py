@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels run on CPU tensors through the interpreter, which must be chosen before they are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

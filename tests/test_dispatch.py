@@ -4,20 +4,29 @@ import pytest
 import torch
 
 from kldwrm_fast import QKLDWRM
-from kldwrm_fast.ops import resolve_backend
+from kldwrm_fast.ops import operations, resolve_backend
 
 CPU = torch.device("cpu")
 
 
-def test_auto_is_torch_on_cpu():
+def test_auto_is_torch_on_cpu_even_when_the_triton_interpreter_is_on(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("auto", CPU) == "torch"
     assert QKLDWRM(torch.nn.Linear(2, 2)).backend == "torch"
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_an_explicit_backend_that_cannot_run_raises_saying_why(backend):
-    with pytest.raises(RuntimeError, match=rf"backend='{backend}' cannot run: .*CUDA tensors only"):
-        QKLDWRM(torch.nn.Linear(2, 2), backend=backend)
+def test_explicit_cuda_backend_on_cpu_raises_saying_why():
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run: .*CUDA tensors only"):
+        QKLDWRM(torch.nn.Linear(2, 2), backend="cuda")
+
+
+def test_explicit_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run: .*TRITON_INTERPRET=1"):
+        QKLDWRM(torch.nn.Linear(2, 2), backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert QKLDWRM(torch.nn.Linear(2, 2), backend="triton").backend == "triton"
 
 
 def test_environment_override_applies_to_auto(monkeypatch):
@@ -33,3 +42,9 @@ def test_invalid_environment_override_is_named(monkeypatch):
     monkeypatch.setenv("KLDWRM_BACKEND", "fast")
     with pytest.raises(ValueError, match="KLDWRM_BACKEND='fast'"):
         resolve_backend("auto", CPU)
+
+
+def test_torch_operations_are_the_registered_reference_ops():
+    ops = operations("torch")
+    assert ops.precondition._opoverload is torch.ops.kldwrm_fast.precondition.default
+    assert ops.ghat_recursion._opoverload is torch.ops.kldwrm_fast.ghat_recursion.default

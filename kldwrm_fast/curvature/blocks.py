@@ -16,7 +16,6 @@ optimizer code computes exact (non-Kronecker) natural-gradient steps.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from kldwrm_fast.curvature import layers
 from kldwrm_fast.curvature.eigen import symmetric_eig
+from kldwrm_fast.ops import Operations
 
 State = dict
 
@@ -39,6 +39,11 @@ class FactoredBlock:
         """The parameter under which the optimizer keeps this block's state."""
         return self.params[0]
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Block-form shape (n_out, n_in): ``V``, ``Ĝ`` and steps have it; factors are n_in² and n_out²."""
+        raise NotImplementedError
+
     def matrix(self, tensors: list[Tensor]) -> Tensor:
         """Block-form matrix (n_out, n_in) of parameter-shaped ``tensors`` (aligned with ``params``)."""
         raise NotImplementedError
@@ -48,7 +53,7 @@ class FactoredBlock:
         raise NotImplementedError
 
     def update_statistics(
-        self, state: State, ops: ModuleType, rho: float, reweight: Optional[float]
+        self, state: State, ops: Operations, rho: float, reweight: Optional[float]
     ) -> Optional[tuple[Tensor, Tensor]]:
         """Fold the new local statistics into the averages; return ``(Â, Γ̂)`` when ``reweight`` is given."""
         raise NotImplementedError
@@ -77,28 +82,23 @@ class FactoredBlock:
         state["QA"], state["dA"] = symmetric_eig(input_factor, previous_a, f"input factor of {self.name}")
         state["QG"], state["dG"] = symmetric_eig(output_factor, previous_g, f"output factor of {self.name}")
 
-    def precondition(self, state: State, ops: ModuleType, v: Tensor, damping: float) -> Tensor:
-        """``P(V)`` with the cached eigendecomposition (SPEC §1)."""
-        return ops.precondition(state["QG"], state["dG"], state["QA"], state["dA"], v, damping)
-
-    def q_step(self, state: State, ops: ModuleType, g_hat: Tensor, damping: float, lr: float) -> tuple[Tensor, Tensor]:
-        """``(S, M)`` of Q-KLD-WRM: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā`` with the current averages."""
-        return ops.q_precondition(
-            state["QG"], state["dG"], state["QA"], state["dA"], g_hat, damping, lr, state["G_ea"], state["A_ea"]
-        )
-
     def local_product(self, state: State, s: Tensor) -> Tensor:
         """``Γ_k S A_k`` with the most recent local factors (the Kronecker matvec ``B_k s``)."""
         return state["G"] @ s @ state["A"]
 
     @staticmethod
-    def _fold(state: State, ops: ModuleType, side: str, x: Tensor, scale: float, rho: float, reweight):
+    def _fold(state: State, ops, side: str, x: Tensor, scale: float, rho: float, reweight):
+        """Update ``side`` ("A" or "G"): local factor, average, and the reweighted factor when asked."""
         ea_key = f"{side}_ea"
         first = ea_key not in state
         if first:
             state[ea_key] = x.new_zeros(x.shape[1], x.shape[1])
-        state[side], reweighted = ops.factor_update(x, scale, state[ea_key], rho, first, reweight)
-        return reweighted
+        with_reweighted = reweight is not None
+        reweighted = torch.empty_like(state[ea_key]) if with_reweighted else x.new_empty(0)
+        state[side] = ops.factor_update(
+            x, state[ea_key], reweighted, scale, rho, reweight or 0.0, first, with_reweighted
+        )
+        return reweighted if with_reweighted else None
 
 
 class KroneckerBlock(FactoredBlock):
@@ -115,6 +115,11 @@ class KroneckerBlock(FactoredBlock):
         self.params = [module.weight] + ([module.bias] if self.has_bias else [])
         self.inputs: list[Tensor] = []
         self.output_grads: list[Tensor] = []
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        weight = self.params[0]
+        return weight.shape[0], weight[0].numel() + int(self.has_bias)
 
     def matrix(self, tensors: list[Tensor]) -> Tensor:
         weight = layers.weight_matrix(self.module, tensors[0])
@@ -167,6 +172,10 @@ class DenseBlock(FactoredBlock):
         self.name = name
         self.params = list(params)
         self.curvature_rows = curvature_rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return 1, sum(p.numel() for p in self.params)
 
     def matrix(self, tensors: list[Tensor]) -> Tensor:
         return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)

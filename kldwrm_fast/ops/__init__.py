@@ -1,5 +1,5 @@
 """Fused operations of SPEC §6 and the dispatch point that picks their implementation."""
 
-from kldwrm_fast.ops.dispatch import BACKENDS, operations, resolve_backend, validate_backend
+from kldwrm_fast.ops.dispatch import BACKENDS, Operations, operations, resolve_backend, validate_backend
 
-__all__ = ["BACKENDS", "operations", "resolve_backend", "validate_backend"]
+__all__ = ["BACKENDS", "Operations", "operations", "resolve_backend", "validate_backend"]

@@ -1,22 +1,35 @@
 """The one place where a backend for the fused operations is chosen (SPEC §5).
 
-``backend="auto"`` takes the environment override ``KLDWRM_BACKEND`` when set, else the fastest backend
-that can run on the parameters' device (CUDA extension, then Triton, then PyTorch) and never fails where
-``"torch"`` works. An explicit backend that cannot run raises ``RuntimeError`` saying why.
+``backend="auto"`` takes the environment override ``KLDWRM_BACKEND`` when set; otherwise, on CUDA tensors,
+the fastest backend that can run (CUDA extension, then Triton, then PyTorch), and PyTorch on CPU tensors.
+It never fails where ``"torch"`` works. An explicit backend that cannot run raises ``RuntimeError`` saying
+why.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from types import ModuleType
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from kldwrm_fast.ops import reference
+from kldwrm_fast.ops.library import REFERENCE_OPS
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_OVERRIDE = "KLDWRM_BACKEND"
+
+
+@dataclass(frozen=True)
+class Operations:
+    """The four fused operations of one backend (signatures of :mod:`kldwrm_fast.ops.reference`)."""
+
+    backend: str
+    factor_update: Callable
+    precondition: Callable
+    q_precondition: Callable
+    ghat_recursion: Callable
 
 
 def validate_backend(backend: str) -> str:
@@ -30,12 +43,14 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device``, or None when it can."""
     if backend == "torch":
         return None
-    if device.type != "cuda":
-        return f"the {backend!r} backend runs on CUDA tensors only, and the parameters are on {device}"
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "Triton is not installed"
-        return "this build of kldwrm_fast has no Triton kernels yet"
+        if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+            return None
+        return f"the 'triton' backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device}"
+    if device.type != "cuda":
+        return f"the 'cuda' backend runs on CUDA tensors only, and the parameters are on {device}"
     if importlib.util.find_spec("kldwrm_fast._C") is None:
         return "the CUDA extension kldwrm_fast._C was not built (see README, 'CUDA extension')"
     return "this build of kldwrm_fast registers no CUDA kernels yet"
@@ -52,9 +67,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                     f"Invalid {ENV_OVERRIDE}={override!r}; expected one of {', '.join(map(repr, BACKENDS))}"
                 )
             return resolve_backend(override, device)
-        for candidate in ("cuda", "triton"):
-            if unavailable_reason(candidate, device) is None:
-                return candidate
+        if device.type == "cuda":
+            for candidate in ("cuda", "triton"):
+                if unavailable_reason(candidate, device) is None:
+                    return candidate
         return "torch"
     reason = unavailable_reason(backend, device)
     if reason is not None:
@@ -62,8 +78,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def operations(backend: str) -> ModuleType:
-    """The module implementing the fused operations for a resolved backend."""
+def operations(backend: str) -> Operations:
+    """The registered operations of a resolved backend."""
     if backend == "torch":
-        return reference
+        return Operations(backend, **REFERENCE_OPS)
+    if backend == "triton":
+        from kldwrm_fast.ops.triton_kernels import TRITON_OPS
+
+        return Operations(backend, **TRITON_OPS)
     raise RuntimeError(f"no operations are registered for backend {backend!r}")

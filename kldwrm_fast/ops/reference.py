@@ -15,35 +15,40 @@ from torch import Tensor
 
 def factor_update(
     x: Tensor,
-    scale: float,
     ea: Tensor,
+    reweighted: Tensor,
+    scale: float,
     rho: float,
+    reweight: float,
     first: bool,
-    reweight: Optional[float] = None,
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Local Kronecker factor and its exponential averages from captured rows (SPEC §2).
+    with_reweighted: bool,
+) -> Tensor:
+    """Local Kronecker factor and its exponential averages from captured rows, in one pass (SPEC §2).
 
     Args:
-        x: (rows, n) captured rows (``ā`` or output gradients ``e``), any float dtype; they are cast to
-            ``ea.dtype`` first.
-        scale: the factor is ``S = scale · xᵀx`` (``1/rows`` for ``A``, the batch size ``m`` for ``Γ``
-            built from gradients of the mean loss, since ``Γ = (m e)ᵀ(m e)/m``).
-        ea: (n, n) exponential average ``X̄``, updated in place to ``ρ X̄ + (1−ρ) S``.
+        x: (rows, n) captured rows (``ā`` or output gradients ``e``), any float dtype; cast to ``ea.dtype``.
+        ea: (n, n) symmetric average ``X̄``, overwritten with ``ρ X̄ + (1−ρ) S``.
+        reweighted: (n, n) output buffer, overwritten with ``X̂ = ρ X̄_old + c S`` when ``with_reweighted``
+            (untouched otherwise; any tensor, e.g. empty, may be passed then).
+        scale: ``S = scale · xᵀx`` (``1/rows`` for ``A``; the batch size ``m`` for ``Γ`` built from gradients
+            of the mean loss, since ``Γ = (m e)ᵀ(m e)/m``).
         rho: decay ρ in [0, 1).
+        reweight: ``c`` of (S82)–(S83).
         first: this is the first statistic, so the average starts from it (``X̄_{−1} := S``).
-        reweight: ``c`` of (S82)–(S83); when given, also return ``X̂ = ρ X̄_old + c S``.
+        with_reweighted: whether to write ``reweighted``.
 
     Returns:
-        ``(S, X̂)``: the symmetric local factor (n, n) and the reweighted factor or None.
+        The local factor ``S`` (n, n), exactly symmetric, dtype of ``ea``.
     """
     x = x.to(ea.dtype)
     local = torch.matmul(x.transpose(-1, -2), x).mul_(scale)
     local = 0.5 * (local + local.transpose(-1, -2))
     if first:
         ea.copy_(local)
-    reweighted = None if reweight is None else torch.add(rho * ea, local, alpha=reweight)
+    if with_reweighted:
+        torch.add(rho * ea, local, alpha=reweight, out=reweighted)
     ea.mul_(rho).add_(local, alpha=1.0 - rho)
-    return local, reweighted
+    return local
 
 
 def precondition(q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, v: Tensor, damping: float) -> Tensor:

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from types import ModuleType
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
+from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
-from kldwrm_fast.ops import operations, resolve_backend, validate_backend
+from kldwrm_fast.ops import Operations, operations, resolve_backend, validate_backend
 
 GLOBAL = "global"
 
@@ -98,7 +98,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.fisher = fisher
         self.predictive = predictive
         self.backend = resolve_backend(backend, self.curvature.blocks[0].key.device)
-        self._ops: ModuleType = operations(self.backend)
+        self._ops: Operations = operations(self.backend)
+        self._batches = BlockBatches(curvature.blocks)
         self.state[GLOBAL] = {"step": 0, "lr_prev": None}
         curvature.capture_due = self._statistics_due
         if curvature.other_params:
@@ -121,6 +122,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def block_state(self, block: FactoredBlock) -> dict:
         """The per-block state (factors, eigendecomposition, recursion buffers)."""
         return self.state[block.key]
+
+    def block_states(self) -> list[dict]:
+        """The per-block states, aligned with ``self.curvature.blocks``."""
+        return [self.state[block.key] for block in self.curvature.blocks]
 
     def remove_hooks(self) -> None:
         """Remove every hook the optimizer registered on the model."""

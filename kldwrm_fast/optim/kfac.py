@@ -59,10 +59,7 @@ class KFAC(CurvatureOptimizer):
 
     def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
         self._refresh_curvature(group, blocks, stats_due, inverse_due, reweight=None)
-        directions = [
-            block.precondition(self.block_state(block), self._ops, v, group["damping"])
-            for block, v in zip(blocks, grads)
-        ]
+        directions = self._batches.precondition(self._ops, self.block_states(), grads, group["damping"])
         nu = kl_clip_factor([torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, grads)], lr, group["kl_clip"])
         momentum = group["momentum"]
         for block, d in zip(blocks, directions):

@@ -63,10 +63,9 @@ class QKLDWRM(CurvatureOptimizer):
                 grads, [s["g_hat"] for s in states], [s["v_prev"] for s in states], [s["m"] for s in states],
                 rho * lr_prev / lr,
             )  # fmt: skip
-        steps = []
-        for block, state in zip(blocks, states):
-            step, state["m"] = block.q_step(state, self._ops, state["g_hat"], group["damping"], lr)
-            steps.append(step)
+        steps, products = self._batches.q_steps(self._ops, states, [s["g_hat"] for s in states], group["damping"], lr)
+        for state, product in zip(states, products):
+            state["m"] = product
         return steps
 
     def _apply_clipped(self, group, blocks, steps, lr) -> None:

@@ -45,13 +45,12 @@ class SOKLDWRM(CurvatureOptimizer):
         self._refresh_curvature(group, blocks, stats_due, inverse_due, reweight=None)
         lr_prev = self.global_state["lr_prev"]
         coef = 0.0 if lr_prev is None else group["rho"] * lr_prev / lr
-        differences, directions = [], []
-        for block, v in zip(blocks, grads):
-            state = self.block_state(block)
-            u = v if lr_prev is None else v - coef * state["v_prev"]
+        states = self.block_states()
+        differences = []
+        for state, v in zip(states, grads):
+            differences.append(v if lr_prev is None else v - coef * state["v_prev"])
             state["v_prev"] = v
-            differences.append(u)
-            directions.append(block.precondition(state, self._ops, u, group["damping"]))
+        directions = self._batches.precondition(self._ops, states, differences, group["damping"])
         nu = kl_clip_factor(
             [torch.vdot(d.flatten(), u.flatten()) for d, u in zip(directions, differences)], lr, group["kl_clip"]
         )

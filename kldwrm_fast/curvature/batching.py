@@ -1,0 +1,73 @@
+"""Batched preconditioning: blocks of equal shape, dtype and device share one op call (SPEC §6.2).
+
+Per-block state tensors that a batched call reads (eigendecompositions, averages) are re-bound to views of
+one stacked tensor, so later steps pass the stacked tensor without copying. A group is restacked (one copy)
+only when some member's tensor was replaced, i.e. after an inverse step or ``load_state_dict``; in-place
+updates of the averages write through the views.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.ops import Operations
+
+EIGEN_KEYS = ("QG", "dG", "QA", "dA")
+AVERAGE_KEYS = ("G_ea", "A_ea")
+
+
+class BlockBatches:
+    """Groups of block indices with equal ``(shape, dtype, device)``, in first-appearance order."""
+
+    def __init__(self, blocks: list[FactoredBlock]) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for index, block in enumerate(blocks):
+            key = (block.shape, block.key.dtype, block.key.device)
+            groups.setdefault(key, []).append(index)
+        self.groups = list(groups.values())
+
+    def _shared(self, group: list[int], states: list[dict], key: str) -> Tensor:
+        """The (len(group), ...) tensor whose views are ``states[i][key]``; restacked when a member changed."""
+        members = [states[i][key] for i in group]
+        if len(group) == 1:
+            return members[0].unsqueeze(0)
+        base = members[0]._base
+        if base is not None and base.shape[0] == len(group) and all(
+            m._base is base and m.data_ptr() == base[j].data_ptr() for j, m in enumerate(members)
+        ):
+            return base
+        stacked = torch.stack(members)
+        for i, view in zip(group, stacked.unbind(0)):
+            states[i][key] = view
+        return stacked
+
+    def _run(self, group, states, keys, per_block: list[Tensor]):
+        shared = [self._shared(group, states, key) for key in keys]
+        batch = per_block[group[0]].unsqueeze(0) if len(group) == 1 else torch.stack([per_block[i] for i in group])
+        return shared, batch
+
+    def precondition(self, ops: Operations, states: list[dict], vs: list[Tensor], damping: float) -> list[Tensor]:
+        """``P(V)`` for every block with its cached eigendecomposition."""
+        out: list = [None] * len(vs)
+        for group in self.groups:
+            shared, batch = self._run(group, states, EIGEN_KEYS, vs)
+            result = ops.precondition(*shared, batch, damping)
+            for j, i in enumerate(group):
+                out[i] = result[j]
+        return out
+
+    def q_steps(
+        self, ops: Operations, states: list[dict], g_hats: list[Tensor], damping: float, lr: float
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``(S, M)`` of Q-KLD-WRM for every block: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``."""
+        steps: list = [None] * len(g_hats)
+        products: list = [None] * len(g_hats)
+        for group in self.groups:
+            shared, batch = self._run(group, states, EIGEN_KEYS + AVERAGE_KEYS, g_hats)
+            q_out, d_out, q_in, d_in, ea_out, ea_in = shared
+            step, product = ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
+            for j, i in enumerate(group):
+                steps[i], products[i] = step[j], product[j]
+        return steps, products

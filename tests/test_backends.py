@@ -1,0 +1,71 @@
+"""Whole optimizers on every available backend follow the PyTorch reference trajectory."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+
+OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
+
+
+def model_and_batches():
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(27, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(12)
+    batches = [(torch.randn(10, 1, 6, 6, generator=gen), torch.randint(0, 4, (10,), generator=gen)) for _ in range(7)]
+    return model, batches
+
+
+def trajectory(cls, backend, model, batches, **extra):
+    torch.manual_seed(13)
+    opt = cls(model, lr=0.05, stat_freq=2, inv_freq=4, backend=backend, **extra)
+    params = []
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return params, opt
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1", reason="needs a GPU or the interpreter"
+)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_triton_backend_follows_the_torch_trajectory(cls):
+    pytest.importorskip("triton")
+    extra = dict(n_inner=2) if cls is QEKLDWRM else {}
+    model, batches = model_and_batches()
+    reference, _ = trajectory(cls, "torch", copy.deepcopy(model), batches, **extra)
+    ours, opt = trajectory(cls, "triton", model, batches, **extra)
+    assert opt.backend == "triton"
+    for a, b in zip(ours, reference):
+        assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+def test_equal_shape_blocks_are_preconditioned_in_one_batch():
+    model, batches = model_and_batches()
+    model = model.double()
+    batches = [(x.double(), y) for x, y in batches]
+    per_block = copy.deepcopy(model)
+    batched, opt = trajectory(QKLDWRM, "torch", model, batches)
+    assert opt._batches.groups == [[0], [1], [2, 3], [4]]
+    states = opt.block_states()
+    assert states[2]["QA"]._base is states[3]["QA"]._base is not None  # one stacked tensor, no copies
+    torch.manual_seed(13)
+    reference_opt = QKLDWRM(per_block, lr=0.05, stat_freq=2, inv_freq=4)
+    reference_opt._batches.groups = [[i] for i in range(len(reference_opt.curvature.blocks))]
+    for (x, y), expected in zip(batches, batched):
+        reference_opt.zero_grad()
+        F.cross_entropy(per_block(x), y).backward()
+        reference_opt.step()
+        actual = torch.cat([p.detach().reshape(-1) for p in per_block.parameters()])
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)

@@ -1,0 +1,124 @@
+"""Every registered operation: opcheck, and each backend against the PyTorch reference on odd shapes."""
+
+import itertools
+
+import pytest
+import torch
+
+from kldwrm_fast.ops import operations, reference
+from kldwrm_fast.ops.library import REFERENCE_OPS
+
+triton = pytest.importorskip("triton")
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = "cpu"
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before import", allow_module_level=True)
+
+from kldwrm_fast.ops.triton_kernels import TRITON_OPS  # noqa: E402
+
+BACKENDS = {"torch": REFERENCE_OPS, "triton": TRITON_OPS}
+SIZES = [1, 3, 17, 33]
+DTYPES = [torch.float32, torch.float64]
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def spd(n, dtype, batch=()):
+    root = torch.randn(*batch, n, n + 2, dtype=torch.float64, device=DEVICE)
+    product = root @ root.mT / n
+    return (0.5 * (product + product.mT)).to(dtype)
+
+
+def eig(matrix):
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors, values.clamp_min(0.0)
+
+
+def preconditioner_inputs(n_out, n_in, dtype, batch=()):
+    q_out, d_out = eig(spd(n_out, dtype, batch))
+    q_in, d_in = eig(spd(n_in, dtype, batch))
+    v = torch.randn(*batch, n_out, n_in, dtype=dtype, device=DEVICE)
+    return q_out, d_out, q_in, d_in, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("first,with_reweighted", [(True, True), (False, True), (False, False)])
+def test_factor_update_matches_reference(dtype, n, first, with_reweighted):
+    x = torch.randn(2 * n + 5, n, dtype=dtype, device=DEVICE)
+    ea = spd(n, dtype)
+    results = {}
+    for name, ops in BACKENDS.items():
+        average, reweighted = ea.clone(), torch.full_like(ea, 7.0)
+        local = ops["factor_update"](x, average, reweighted, 0.3, 0.9, 1.2, first, with_reweighted)
+        results[name] = (local, average, reweighted)
+        assert torch.equal(local, local.mT) and torch.equal(average, average.mT)
+    for ours, ref in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(ours, ref, **TOLERANCE[dtype])
+    if not with_reweighted:
+        assert (results["triton"][2] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_out,n_in", [(1, 1), (3, 17), (17, 3), (33, 33), (2, 33)])
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["single", "batch3"])
+def test_precondition_matches_reference(dtype, n_out, n_in, batch):
+    inputs = preconditioner_inputs(n_out, n_in, dtype, batch)
+    expected = REFERENCE_OPS["precondition"](*inputs, 0.01)
+    torch.testing.assert_close(TRITON_OPS["precondition"](*inputs, 0.01), expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_out,n_in", [(1, 3), (17, 1), (3, 33)])
+@pytest.mark.parametrize("batch", [(), (2,)], ids=["single", "batch2"])
+def test_q_precondition_matches_reference(dtype, n_out, n_in, batch):
+    q_out, d_out, q_in, d_in, g_hat = preconditioner_inputs(n_out, n_in, dtype, batch)
+    ea_out, ea_in = spd(n_out, dtype, batch), spd(n_in, dtype, batch)
+    args = (q_out, d_out, q_in, d_in, g_hat, 0.02, 0.1, ea_out, ea_in)
+    for ours, ref in zip(TRITON_OPS["q_precondition"](*args), REFERENCE_OPS["q_precondition"](*args)):
+        torch.testing.assert_close(ours, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ghat_recursion_matches_reference(dtype):
+    shapes = [(1, 1), (3, 17), (33, 5), (40, 41)]
+    make = lambda: [torch.randn(s, dtype=dtype, device=DEVICE) for s in shapes]  # noqa: E731
+    v_new, g_hat, v_prev, m = make(), make(), make(), make()
+    states = {name: ([t.clone() for t in g_hat], [t.clone() for t in v_prev]) for name in BACKENDS}
+    for name, ops in BACKENDS.items():
+        ops["ghat_recursion"](v_new, *states[name], m, 0.45)
+    for name in ("torch", "triton"):
+        for new, prev in zip(v_new, states[name][1]):
+            assert torch.equal(prev, new)
+    for ours, ref in zip(states["triton"][0], states["torch"][0]):
+        torch.testing.assert_close(ours, ref, **TOLERANCE[dtype])
+    torch.testing.assert_close(states["torch"][0][1], v_new[1] + 0.45 * (g_hat[1] - v_prev[1] - m[1]))
+
+
+def opcheck_cases():
+    dtype = torch.float64
+    x, ea = torch.randn(7, 3, dtype=dtype, device=DEVICE), spd(3, dtype)
+    q_out, d_out, q_in, d_in, v = preconditioner_inputs(2, 3, dtype, (2,))
+    ea_out, ea_in = spd(2, dtype, (2,)), spd(3, dtype, (2,))
+    lists = [[torch.randn(2, 3, dtype=dtype, device=DEVICE) for _ in range(2)] for _ in range(4)]
+    return {
+        "factor_update": (x, ea, torch.empty_like(ea), 0.5, 0.9, 1.1, False, True),
+        "precondition": (q_out, d_out, q_in, d_in, v, 0.01),
+        "q_precondition": (q_out, d_out, q_in, d_in, v, 0.01, 0.1, ea_out, ea_in),
+        "ghat_recursion": (*lists[:3], lists[3], 0.5),
+    }
+
+
+@pytest.mark.parametrize("backend,op_name", list(itertools.product(BACKENDS, opcheck_cases())))
+def test_opcheck(backend, op_name):
+    op = BACKENDS[backend][op_name]
+    torch.library.opcheck(op._opoverload, opcheck_cases()[op_name])
+
+
+def test_reference_ops_are_the_python_reference():
+    inputs = preconditioner_inputs(3, 4, torch.float64)
+    torch.testing.assert_close(REFERENCE_OPS["precondition"](*inputs, 0.1), reference.precondition(*inputs, 0.1), rtol=0, atol=0)
+    assert operations("triton").precondition is TRITON_OPS["precondition"]
