@@ -24,6 +24,10 @@ class Curvature:
     def __init__(self) -> None:
         self.capture_due: Callable[[], bool] = lambda: True
 
+    def forward_passes(self) -> int:
+        """Train-mode forward passes of the model captured since the last step (1 for sources without hooks)."""
+        return 1
+
     def parameters(self) -> list[Tensor]:
         """Every optimised parameter once: block parameters first, then the others."""
         params = [p for block in self.blocks for p in block.params]

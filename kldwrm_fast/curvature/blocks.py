@@ -27,6 +27,13 @@ from kldwrm_fast.ops import Operations
 
 State = dict
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Dtype of factors, steps and optimizer state: float32 for half-precision parameters, else theirs."""
+    return torch.float32 if param.dtype in HALF_DTYPES else param.dtype
+
 
 class FactoredBlock:
     """Shared machinery of a block whose curvature is ``Y ⊗ X`` in the row-major block form."""
@@ -53,27 +60,51 @@ class FactoredBlock:
         raise NotImplementedError
 
     def update_statistics(
-        self, state: State, ops: Operations, rho: float, reweight: Optional[float]
+        self,
+        state: State,
+        ops: Operations,
+        rho: float,
+        reweight: Optional[float],
+        grad_factor: float = 1.0,
+        grad_unscale: Optional[Tensor] = None,
     ) -> Optional[tuple[Tensor, Tensor]]:
-        """Fold the new local statistics into the averages; return ``(Â, Γ̂)`` when ``reweight`` is given."""
+        """Fold the new local statistics into the averages; return ``(Â, Γ̂)`` when ``reweight`` is given.
+
+        ``grad_factor`` multiplies the captured output gradients (k for training-loss gradients of k
+        accumulated passes, each loss divided by k); ``grad_unscale`` is a loss scaler's ``1/scale``.
+        """
         raise NotImplementedError
+
+    def captured(self) -> list[Tensor]:
+        """The captured tensors that feed the next statistics (checked for NaN/Inf before a step)."""
+        return []
 
     def has_statistics(self) -> bool:
         """Whether new statistics are available for :meth:`update_statistics`."""
         raise NotImplementedError
 
-    def gradient(self, weight_decay: float) -> Tensor:
-        """``V = ∇W̄ loss + wd · W̄`` (n_out, n_in), in the parameter dtype; a missing grad counts as zero."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of this block's factors and state (see :func:`state_dtype`)."""
+        return state_dtype(self.params[0])
+
+    def gradient(self, weight_decay: float, grad_unscale: Optional[Tensor] = None) -> Tensor:
+        """``V = ∇W̄ loss + wd · W̄`` (n_out, n_in) in :attr:`dtype`; a missing grad counts as zero.
+
+        ``grad_unscale`` multiplies the raw gradients first (a loss scaler's ``1/scale``).
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        v = self.matrix(grads).clone()
+        v = self.matrix(grads).to(self.dtype, copy=True)
+        if grad_unscale is not None:
+            v.mul_(grad_unscale)
         if weight_decay:
-            v.add_(self.matrix([p.detach() for p in self.params]), alpha=weight_decay)
+            v.add_(self.matrix([p.detach() for p in self.params]).to(self.dtype), alpha=weight_decay)
         return v
 
     def add_(self, delta: Tensor) -> None:
-        """Add a block-form ``delta`` to the parameters."""
+        """Add a block-form ``delta`` to the parameters (cast to their dtype)."""
         for param, part in zip(self.params, self.unflatten(delta), strict=True):
-            param.add_(part)
+            param.add_(part.to(param.dtype))
 
     def decompose(self, state: State, input_factor: Tensor, output_factor: Tensor) -> None:
         """Eigendecompose the factors that preconditioning will use until the next inverse step."""
@@ -141,7 +172,10 @@ class KroneckerBlock(FactoredBlock):
     def has_statistics(self) -> bool:
         return bool(self.inputs or self.output_grads)
 
-    def update_statistics(self, state, ops, rho, reweight):
+    def captured(self) -> list[Tensor]:
+        return self.inputs + self.output_grads
+
+    def update_statistics(self, state, ops, rho, reweight, grad_factor=1.0, grad_unscale=None):
         if not self.inputs or not self.output_grads:
             missing = "inputs" if not self.inputs else "output gradients"
             raise RuntimeError(
@@ -149,13 +183,29 @@ class KroneckerBlock(FactoredBlock):
                 f"{missing}: call the model in train mode with gradients enabled before step(), and do not "
                 "use the layer's weights outside its forward"
             )
-        dtype = self.params[0].dtype
-        a = torch.cat([layers.input_rows(self.module, x, self.has_bias).to(dtype) for x in self.inputs])
-        e = torch.cat([layers.output_rows(self.module, g).to(dtype) for g in self.output_grads])
-        m = sum(layers.sample_count(self.module, g) for g in self.output_grads)
+        a = torch.cat([layers.input_rows(self.module, x, self.has_bias).to(self.dtype) for x in self.inputs])
         a_hat = self._fold(state, ops, "A", a, 1.0 / a.shape[0], rho, reweight)
-        g_hat = self._fold(state, ops, "G", e, float(m), rho, reweight)
+        e, scale = self._gradient_rows(grad_factor, grad_unscale)
+        g_hat = self._fold(state, ops, "G", e, scale, rho, reweight)
         return None if reweight is None else (a_hat, g_hat)
+
+    def _gradient_rows(self, factor: float, grad_unscale: Optional[Tensor]) -> tuple[Tensor, float]:
+        """Rows ``r`` and scale ``s`` with ``Γ = s·rᵀr`` the sample-weighted mean of per-pass factors.
+
+        Captured gradient i with m_i samples gives ``Γ_i = m_i (f e_i)ᵀ(f e_i)`` with ``f = factor·unscale``;
+        ``Γ = Σ_i (m_i/M) Γ_i`` with ``M = Σ m_i``.
+        """
+        counts = [layers.sample_count(self.module, g) for g in self.output_grads]
+        pieces = [layers.output_rows(self.module, g).to(self.dtype) for g in self.output_grads]
+        if len(pieces) == 1:
+            rows, scale = pieces[0], factor * factor * counts[0]
+        else:
+            total = sum(counts)
+            rows = torch.cat([piece * (factor * m / total**0.5) for piece, m in zip(pieces, counts)])
+            scale = 1.0
+        if grad_unscale is not None:
+            rows = rows * grad_unscale.to(rows.dtype)
+        return rows, scale
 
 
 class DenseBlock(FactoredBlock):
@@ -193,9 +243,9 @@ class DenseBlock(FactoredBlock):
     def has_statistics(self) -> bool:
         return True
 
-    def update_statistics(self, state, ops, rho, reweight):
+    def update_statistics(self, state, ops, rho, reweight, grad_factor=1.0, grad_unscale=None):
         rows, scale = self.curvature_rows()
-        one = torch.ones(1, 1, dtype=self.params[0].dtype, device=self.params[0].device)
+        one = torch.ones(1, 1, dtype=self.dtype, device=self.params[0].device)
         for key in ("G", "G_ea"):
             state[key] = one.clone()
         a_hat = self._fold(state, ops, "A", rows.detach(), scale, rho, reweight)

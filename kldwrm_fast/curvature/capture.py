@@ -34,7 +34,10 @@ def _discover(model: nn.Module) -> tuple[list[KroneckerBlock], list[tuple[str, T
 class KroneckerCurvature(Curvature):
     """Kronecker blocks for every ``nn.Linear`` / ``nn.Conv2d`` (groups=1) of ``model``, with capture hooks.
 
-    Statistics from several forward passes between two steps are pooled (rows concatenated).
+    Statistics from several forward passes between two steps (gradient accumulation) are pooled: ``A`` over
+    all rows, ``Γ`` as the sample-weighted mean of the per-pass factors. Training-loss gradients
+    (``fisher="empirical"``) of k passes are taken to come from losses divided by k, as in the usual
+    accumulation loop that makes ``.grad`` the mean gradient.
     """
 
     def __init__(self, model: nn.Module, fisher: str, predictive: str, seed: int) -> None:
@@ -51,9 +54,11 @@ class KroneckerCurvature(Curvature):
         self._generator: torch.Generator | None = None
         self._pending: list[tuple[KroneckerBlock, Tensor]] = []
         self._paused = False
+        self._passes = 0
         self._handles = [block.module.register_forward_hook(self._layer_hook(block)) for block in self.blocks]
-        if fisher == "sampled":
-            self._handles.append(model.register_forward_hook(self._sample_hook))
+        # Hooks are plain closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's
+        # owner (this object) into the copy.
+        self._handles.append(model.register_forward_hook(lambda *args: self._root_hook(*args)))
 
     def _capturing(self, module: nn.Module, output) -> bool:
         return (
@@ -67,7 +72,8 @@ class KroneckerCurvature(Curvature):
 
     def _layer_hook(self, block: KroneckerBlock):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if not self._capturing(module, output):
+            # A deep copy of the model carries this hook along; its calls are not ours.
+            if module is not block.module or not self._capturing(module, output):
                 return
             block.inputs.append(inputs[0].detach())
             if self.fisher == "empirical":
@@ -82,7 +88,18 @@ class KroneckerCurvature(Curvature):
             self._generator = torch.Generator(device=device).manual_seed(self._seed)
         return self._generator
 
-    def _sample_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+    def _root_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        if module is not self.model:
+            return
+        if self._capturing(module, output) or self._pending:
+            self._passes += 1
+        if self.fisher == "sampled":
+            self._sample(output)
+
+    def forward_passes(self) -> int:
+        return max(self._passes, 1)
+
+    def _sample(self, output) -> None:
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -109,6 +126,7 @@ class KroneckerCurvature(Curvature):
     def clear(self) -> None:
         super().clear()
         self._pending = []
+        self._passes = 0
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -31,6 +31,9 @@ def sampled_loss(output: Tensor, predictive: str, generator: torch.Generator) ->
     with torch.no_grad():
         if predictive == "categorical":
             probs = torch.softmax(rows.detach().float(), dim=-1)
+            # Non-finite logits must not raise inside the forward pass; the step is skipped later anyway.
+            finite = torch.isfinite(probs).all(dim=-1, keepdim=True)
+            probs = torch.where(finite, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
             targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             noise = torch.randn(rows.shape, generator=generator, device=rows.device, dtype=rows.dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -28,6 +29,16 @@ from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
 from kldwrm_fast.ops import Operations, operations, resolve_backend, validate_backend
 
 GLOBAL = "global"
+
+
+@dataclass
+class StepInfo:
+    """What one step knows besides the gradients: lr, cadence, and a loss scaler's ``1/scale``."""
+
+    lr: float
+    stats_due: bool
+    inverse_due: bool
+    grad_unscale: Optional[Tensor] = None
 
 
 def _check(condition: bool, message: str) -> None:
@@ -72,7 +83,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ``model`` is an ``nn.Module`` (Kronecker blocks with capture hooks for its Linear/Conv2d layers) or a
     prebuilt :class:`~kldwrm_fast.curvature.Curvature` such as the exact
     :class:`~kldwrm_fast.curvature.DenseCurvature` used as a test oracle.
+
+    Numerical faults: a NaN or Inf in any gradient, or in the statistics captured for this step, skips the
+    step — parameters and every piece of optimizer state stay as they were — with a warning, and counts it
+    in :attr:`skipped_steps`. The check costs one host synchronisation per step; set
+    ``check_numerics = False`` on the instance to trade it for speed.
+
+    Mixed precision: half-precision parameters keep float32 factors and state. With
+    ``torch.amp.GradScaler``, ``scaler.step(opt)`` hands the optimizer its scale (the optimizer unscales
+    gradients and empirical statistics itself and skips steps with infinite gradients); sampled statistics
+    come from an unscaled backward of their own.
     """
+
+    _step_supports_amp_scaling = True
+    check_numerics = True
 
     def __init__(
         self,
@@ -101,6 +125,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._ops: Operations = operations(self.backend)
         self._batches = BlockBatches(curvature.blocks)
         self.state[GLOBAL] = {"step": 0, "lr_prev": None}
+        self.skipped_steps = 0
         curvature.capture_due = self._statistics_due
         if curvature.other_params:
             names = ", ".join(name for name, _ in curvature.other_params)
@@ -148,30 +173,76 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if stats_due and k > 0 and not any(block.has_statistics() for block in blocks):
             # Nothing was captured (eval mode, no_grad forward): keep the averages and decompositions.
             stats_due = inverse_due = False
-        grads = [block.gradient(group["weight_decay"]) for block in blocks]
-        self._update(group, blocks, grads, lr, stats_due, inverse_due)
+        info = StepInfo(lr, stats_due, inverse_due, self._grad_unscale(stats_due))
+        if self.check_numerics and not self._all_finite(stats_due):
+            self.skipped_steps += 1
+            warnings.warn(
+                f"{type(self).__name__}: NaN or Inf in the gradients or statistics of step {k}; step skipped, "
+                f"parameters and state unchanged ({self.skipped_steps} skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.curvature.clear()
+            return loss
+        grads = [block.gradient(group["weight_decay"], info.grad_unscale) for block in blocks]
+        self._update(group, blocks, grads, info)
         for _, param in self.curvature.other_params:
             if param.grad is not None:
-                param.add_(torch.add(param.grad, param, alpha=group["weight_decay"]), alpha=-lr)
+                grad = param.grad if info.grad_unscale is None else param.grad * info.grad_unscale
+                param.add_(torch.add(grad, param, alpha=group["weight_decay"]), alpha=-lr)
         self.curvature.clear()
         self.global_state["step"] = k + 1
         self.global_state["lr_prev"] = lr
         return loss
 
-    def _refresh_curvature(self, group: dict, blocks, stats_due: bool, inverse_due: bool, reweight: Optional[float]):
+    def _grad_unscale(self, stats_due: bool) -> Optional[Tensor]:
+        """``1/scale`` when ``GradScaler.step`` passed a scale (gradients still scaled), else None."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            if (
+                getattr(self, "found_inf", None) is not None
+                and self.fisher == "empirical"
+                and stats_due
+                and any(block.has_statistics() for block in self.curvature.blocks)
+            ):
+                raise RuntimeError(
+                    "fisher='empirical' cannot unscale its statistics after GradScaler.unscale_(); call "
+                    "scaler.step(opt) without unscale_ on statistics steps, or use fisher='sampled'"
+                )
+            return None
+        return 1.0 / scale
+
+    def _all_finite(self, stats_due: bool) -> bool:
+        """One host sync: are all gradients (and, on statistics steps, captured statistics) finite?"""
+        tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if stats_due:
+            tensors += [t for block in self.curvature.blocks for t in block.captured()]
+        flags = [torch.isfinite(t).all() for t in tensors]
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            flags.append((found_inf == 0).to(flags[0].device) if flags else found_inf == 0)
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def _refresh_curvature(self, group: dict, blocks, info: StepInfo, reweight: Optional[float]):
         """Statistics and eigendecompositions due at this step.
 
         With ``reweight = c_k`` the decomposed factors are ``Â, Γ̂`` (Q, QE); without, ``Ā, Γ̄`` (KFAC, SO).
         """
-        if not stats_due:
+        if not info.stats_due:
             return
+        empirical = self.fisher == "empirical"
+        factor = float(self.curvature.forward_passes()) if empirical else 1.0
+        unscale = info.grad_unscale if empirical else None
         for block in blocks:
             state = self.block_state(block)
-            hats = block.update_statistics(state, self._ops, group["rho"], reweight if inverse_due else None)
-            if inverse_due:
+            hats = block.update_statistics(
+                state, self._ops, group["rho"], reweight if info.inverse_due else None, factor, unscale
+            )
+            if info.inverse_due:
                 block.decompose(state, *(hats if hats is not None else (state["A_ea"], state["G_ea"])))
 
-    def _update(self, group: dict, blocks, grads: list[Tensor], lr: float, stats_due: bool, inverse_due: bool):
+    def _update(self, group: dict, blocks, grads: list[Tensor], info: StepInfo):
+        """Apply the step rule of SPEC §3 to the blocks (gradients ``grads`` in block form)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -180,9 +251,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`; tensors keep their saved dtype and move to the parameters' device.
+
+        (``torch.optim.Optimizer`` would cast state to the parameter dtype, which would turn the float32
+        state of half-precision parameters into half precision.)
+        """
         state_dict = dict(state_dict)
         curvature_state = state_dict.pop("curvature", {})
         super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[param][key] = value.to(param.device, copy=True)
         self.curvature.load_state_dict(curvature_state)
 
 

@@ -57,8 +57,9 @@ class KFAC(CurvatureOptimizer):
         )  # fmt: skip
         super().__init__(model, defaults, fisher, predictive, backend)
 
-    def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
-        self._refresh_curvature(group, blocks, stats_due, inverse_due, reweight=None)
+    def _update(self, group, blocks, grads, info):
+        lr = info.lr
+        self._refresh_curvature(group, blocks, info, reweight=None)
         directions = self._batches.precondition(self._ops, self.block_states(), grads, group["damping"])
         nu = kl_clip_factor([torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, grads)], lr, group["kl_clip"])
         momentum = group["momentum"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -13,6 +14,9 @@ from kldwrm_fast.optim.base import CurvatureOptimizer, validate_positive_or_none
 
 
 class QKLDWRM(CurvatureOptimizer):
+    ghat_growth_limit: Optional[float] = 100.0
+    ghat_resets: int = 0  # per-instance count once a reset happens
+
     """Quadratic KLD-WRM.
 
     Per block, with ``λ_k = 1/lr_k`` and ``c_k = (1−ρ) + lr_k``::
@@ -23,6 +27,11 @@ class QKLDWRM(CurvatureOptimizer):
         W̄ ← W̄ + clip(S_k),  clip: scale by τ/r when r = ‖S_k‖/(lr_k √numel) > τ
 
     The recursion always uses the unclipped ``S_k``. State per block adds ``"g_hat"``, ``"v_prev"``, ``"m"``.
+
+    Growth guard: the paper (Sec. 4.3) bounds ``Ĝ`` when ``ρ‖I − M̂_k‖ ≤ δ < 1``. As a cheap proxy, a block
+    whose ``‖Ĝ_k‖ > ghat_growth_limit · ‖V_k‖`` (or is not finite) restarts its recursion from
+    ``Ĝ_k = V_k`` with a warning, counted in :attr:`ghat_resets` (``ghat_growth_limit = None`` disables it;
+    the check costs one host synchronisation per step).
 
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``
     and ``kl_clip``; paper default ``rho=0.5``.
@@ -49,10 +58,29 @@ class QKLDWRM(CurvatureOptimizer):
         )  # fmt: skip
         super().__init__(model, defaults, fisher, predictive, backend)
 
-    def _q_steps(self, group, blocks, grads, lr, stats_due, inverse_due):
+    def _guard_recursion(self, blocks, states: list[dict], grads) -> None:
+        """Restart the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring)."""
+        limit = self.ghat_growth_limit
+        g_norms = torch.stack([torch.linalg.vector_norm(s["g_hat"]) for s in states])
+        v_norms = torch.stack([torch.linalg.vector_norm(v) for v in grads])
+        violated = ~(g_norms <= limit * v_norms)
+        if not bool(violated.any()):
+            return
+        names = []
+        for index in violated.nonzero().flatten().tolist():
+            states[index]["g_hat"].copy_(grads[index])
+            names.append(blocks[index].name)
+        self.ghat_resets += len(names)
+        warnings.warn(
+            f"{type(self).__name__}: Ĝ grew past {limit}·‖V‖ in {', '.join(names)}; its recursion restarts from V",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _q_steps(self, group, blocks, grads, info):
         """Advance the recursion to ``Ĝ_k`` and return the unclipped steps ``S_k`` (stores ``M_k``)."""
-        rho = group["rho"]
-        self._refresh_curvature(group, blocks, stats_due, inverse_due, reweight=(1.0 - rho) + lr)
+        rho, lr = group["rho"], info.lr
+        self._refresh_curvature(group, blocks, info, reweight=(1.0 - rho) + lr)
         states = [self.block_state(block) for block in blocks]
         lr_prev = self.global_state["lr_prev"]
         if lr_prev is None:
@@ -63,6 +91,8 @@ class QKLDWRM(CurvatureOptimizer):
                 grads, [s["g_hat"] for s in states], [s["v_prev"] for s in states], [s["m"] for s in states],
                 rho * lr_prev / lr,
             )  # fmt: skip
+            if self.ghat_growth_limit is not None:
+                self._guard_recursion(blocks, states, grads)
         steps, products = self._batches.q_steps(self._ops, states, [s["g_hat"] for s in states], group["damping"], lr)
         for state, product in zip(states, products):
             state["m"] = product
@@ -76,6 +106,7 @@ class QKLDWRM(CurvatureOptimizer):
                 step = step * (tau / rms).clamp(max=1.0)
             block.add_(step)
 
-    def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
-        steps = self._q_steps(group, blocks, grads, lr, stats_due, inverse_due)
+    def _update(self, group, blocks, grads, info):
+        lr = info.lr
+        steps = self._q_steps(group, blocks, grads, info)
         self._apply_clipped(group, blocks, steps, lr)

@@ -91,10 +91,12 @@ class QEKLDWRM(QKLDWRM):
         self._names_by_id = names
         self._snapshot_names = [names[id(p)] for p in self._snapshot_params]
         self._inputs = None
-        self._input_hook = model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
+        self._input_hook = model.register_forward_pre_hook(
+            lambda *args: self._remember_inputs(*args), with_kwargs=True
+        )  # a closure, so that copy.deepcopy(model) does not deep-copy the optimizer
 
     def _remember_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if module.training and torch.is_grad_enabled():
+        if module is self.model and module.training and torch.is_grad_enabled():
             self._inputs = tree_map_only(Tensor, lambda t: t.detach(), (args, kwargs))
 
     def remove_hooks(self) -> None:
@@ -141,10 +143,11 @@ class QEKLDWRM(QKLDWRM):
             self.predictive,
         )  # fmt: skip
 
-    def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
+    def _update(self, group, blocks, grads, info):
+        lr = info.lr
         if group["n_inner"] > 0 and self._inputs is None:
             raise RuntimeError("QEKLDWRM.step() needs a train-mode forward call of the model with gradients enabled first")
-        steps = self._q_steps(group, blocks, grads, lr, stats_due, inverse_due)
+        steps = self._q_steps(group, blocks, grads, info)
         self._push_snapshot(self.global_state["step"])
         if group["n_inner"] > 0:
             with evaluation_mode(self.model), self.curvature.paused():

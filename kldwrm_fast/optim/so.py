@@ -41,8 +41,9 @@ class SOKLDWRM(CurvatureOptimizer):
         )  # fmt: skip
         super().__init__(model, defaults, fisher, predictive, backend)
 
-    def _update(self, group, blocks, grads, lr, stats_due, inverse_due):
-        self._refresh_curvature(group, blocks, stats_due, inverse_due, reweight=None)
+    def _update(self, group, blocks, grads, info):
+        lr = info.lr
+        self._refresh_curvature(group, blocks, info, reweight=None)
         lr_prev = self.global_state["lr_prev"]
         coef = 0.0 if lr_prev is None else group["rho"] * lr_prev / lr
         states = self.block_states()

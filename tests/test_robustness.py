@@ -1,0 +1,275 @@
+"""Exact resume, numerical faults, the Ĝ growth guard, accumulation and mixed precision (issue 9)."""
+
+import copy
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resume_worker
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+from kldwrm_fast.curvature import eigen
+
+HERE = pathlib.Path(__file__).resolve().parent
+OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
+
+
+@pytest.mark.parametrize("name", ["KFAC", "SOKLDWRM", "QKLDWRM", "QEKLDWRM"])
+@pytest.mark.parametrize("split", [3, 5])  # mid statistics cadence (stat_freq=2) and mid inverse cadence (4)
+def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, name, split):
+    checkpoint = tmp_path / "ckpt.pt"
+    straight = resume_worker.straight_run_saving_at(name, checkpoint, split, 9)
+    script = HERE / "resume_worker.py"
+    subprocess.run([sys.executable, str(script), name, str(checkpoint), str(split), "9"], check=True, timeout=300)
+    resumed = torch.load(str(checkpoint) + ".params")
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+def small_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def batch(k=0, dtype=torch.float32, n=16):
+    gen = torch.Generator().manual_seed(k)
+    return torch.randn(n, 5, generator=gen).to(dtype), torch.randint(0, 3, (n,), generator=gen)
+
+
+def step(opt, model, x, y, scale=1.0):
+    opt.zero_grad()
+    (scale * F.cross_entropy(model(x), y)).backward()
+    opt.step()
+
+
+def snapshot(opt, model):
+    """Deep copy of every parameter and every optimizer state entry."""
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    state = copy.deepcopy({index.get(id(k), k): v for k, v in opt.state.items()})
+    return [p.detach().clone() for p in model.parameters()], state
+
+
+def assert_same(first, second):
+    for a, b in zip(first[0], second[0]):
+        assert torch.equal(a, b)
+    assert first[1].keys() == second[1].keys()
+    for key in first[1]:
+        for name, value in first[1][key].items():
+            other = second[1][key][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_keep_float32_state_across_a_checkpoint(dtype):
+    model = small_model(dtype)
+    opt = QKLDWRM(model, lr=0.05, stat_freq=1, inv_freq=2)
+    for k in range(3):
+        step(opt, model, *batch(k, dtype))
+    resumed = copy.deepcopy(model)
+    opt2 = QKLDWRM(resumed, lr=0.05, stat_freq=1, inv_freq=2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for original, loaded in zip(opt.block_states(), opt2.block_states()):
+        assert original.keys() == loaded.keys()
+        for key, value in original.items():
+            assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], value), key
+    for k in range(3, 6):
+        step(opt, model, *batch(k, dtype))
+        step(opt2, resumed, *batch(k, dtype))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("where", ["gradient", "statistics"])
+def test_non_finite_gradient_or_statistic_skips_the_step_and_training_continues(cls, where):
+    model = small_model()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=1)
+    step(opt, model, *batch(0))
+    before = snapshot(opt, model)
+    x, y = batch(1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if where == "gradient":
+        model[2].bias.grad[1] = float("nan")
+    else:
+        opt.curvature.blocks[0].inputs[0] = torch.full_like(x, float("inf"))
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert_same(before, snapshot(opt, model))
+    for k in range(2, 5):
+        step(opt, model, *batch(k))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.global_state["step"] == 4
+
+
+def test_a_deep_copy_of_the_model_does_not_feed_the_optimizer():
+    model = small_model()
+    opt = KFAC(model, fisher="empirical", stat_freq=1, inv_freq=1)
+    twin = copy.deepcopy(model)  # carries the hooks along
+    x, y = batch(0)
+    F.cross_entropy(twin(x), y).backward()
+    assert all(block.inputs == [] and block.output_grads == [] for block in opt.curvature.blocks)
+    step(opt, model, x, y)
+    assert opt.curvature.forward_passes() == 1
+
+
+def test_failing_eigendecomposition_keeps_the_previous_one_and_training_continues(monkeypatch):
+    model = small_model()
+    opt = KFAC(model, lr=0.05, stat_freq=1, inv_freq=1)
+    step(opt, model, *batch(0))
+    kept = [(s["QA"], s["dA"]) for s in opt.block_states()]
+
+    def failing(matrix):
+        raise torch.linalg.LinAlgError("injected")
+
+    monkeypatch.setattr(eigen, "_eigh", failing)
+    with pytest.warns(RuntimeWarning, match="keeping the previous one"):
+        step(opt, model, *batch(1))
+    for state, (q, d) in zip(opt.block_states(), kept):
+        assert torch.equal(state["QA"], q) and torch.equal(state["dA"], d)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def run_growing_loss(limit, steps=60):
+    """Adversarial for the recursion: empirical Γ̄ grows (loss weight 1.2^k) against a stale Γ̂ decomposition."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = QKLDWRM(model, lr=0.1, rho=0.9, fisher="empirical", predictive="gaussian", stat_freq=1, inv_freq=1000)
+    opt.ghat_growth_limit = limit
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(steps):
+            opt.zero_grad()
+            (1.2**k * 0.5 * (model(x) - y).pow(2).sum(1).mean()).backward()
+            opt.step()
+    return opt, model
+
+
+def test_ghat_growth_guard_keeps_an_adversarial_recursion_finite():
+    unguarded, _ = run_growing_loss(None)
+    assert not torch.isfinite(unguarded.block_states()[0]["g_hat"]).all()
+    guarded, model = run_growing_loss(100.0)
+    assert guarded.ghat_resets > 0
+    assert torch.isfinite(guarded.block_states()[0]["g_hat"]).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match="recursion restarts from V"):
+        run_growing_loss_once_warning()
+
+
+def run_growing_loss_once_warning():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = QKLDWRM(model, lr=0.1, rho=0.9, fisher="empirical", predictive="gaussian", stat_freq=1, inv_freq=1000)
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    for k in range(60):
+        opt.zero_grad()
+        (1.2**k * 0.5 * (model(x) - y).pow(2).sum(1).mean()).backward()
+        opt.step()
+        if opt.ghat_resets:
+            return
+
+
+@pytest.mark.parametrize("cls", [KFAC, QKLDWRM])
+def test_gradient_accumulation_equals_one_large_batch(cls):
+    x, y = batch(0, torch.float64, n=24)
+    big, small = small_model(torch.float64), small_model(torch.float64)
+    opt_big = cls(big, lr=0.05, fisher="empirical", stat_freq=1, inv_freq=1)
+    opt_small = cls(small, lr=0.05, fisher="empirical", stat_freq=1, inv_freq=1)
+    for _ in range(3):
+        step(opt_big, big, x, y)
+        opt_small.zero_grad()
+        for part in range(3):
+            rows = slice(8 * part, 8 * part + 8)
+            (F.cross_entropy(small(x[rows]), y[rows]) / 3).backward()
+        opt_small.step()
+    for key in ("A", "G", "A_ea", "G_ea"):
+        for s_big, s_small in zip(opt_big.block_states(), opt_small.block_states()):
+            torch.testing.assert_close(s_small[key], s_big[key], rtol=1e-12, atol=1e-14)
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_sampled_statistics_average_over_accumulated_passes():
+    torch.manual_seed(5)
+    layer = nn.Linear(3, 4).double()
+    opt = KFAC(layer, stat_freq=1, inv_freq=1)
+    x = torch.randn(40000, 3, dtype=torch.float64)
+    outs = [layer(part) for part in x.chunk(2)]
+    sum(o.sum() for o in outs).backward()
+    opt.step()
+    p = torch.softmax(torch.cat([o.detach() for o in outs]), 1)
+    expected = torch.diag(p.mean(0)) - p.T @ p / len(p)
+    torch.testing.assert_close(opt.state[layer.weight]["G"], expected, rtol=0, atol=0.03)
+
+
+@pytest.mark.parametrize("cls", [KFAC, QKLDWRM])
+def test_grad_scaler_with_empirical_statistics_equals_the_unscaled_run(cls):
+    plain, scaled = small_model(), small_model()
+    opt_plain = cls(plain, lr=0.05, fisher="empirical", stat_freq=1, inv_freq=1)
+    opt_scaled = cls(scaled, lr=0.05, fisher="empirical", stat_freq=1, inv_freq=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    for k in range(4):
+        x, y = batch(k)
+        step(opt_plain, plain, x, y)
+        opt_scaled.zero_grad()
+        scaler.scale(F.cross_entropy(scaled(x), y)).backward()
+        scaler.step(opt_scaled)
+        scaler.update()
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for s_plain, s_scaled in zip(opt_plain.block_states(), opt_scaled.block_states()):
+        torch.testing.assert_close(s_scaled["G"], s_plain["G"], rtol=1e-6, atol=1e-8)
+
+
+def test_grad_scaler_overflow_skips_the_step():
+    model = small_model()
+    opt = QKLDWRM(model, lr=0.05, stat_freq=1, inv_freq=1)
+    step(opt, model, *batch(0))
+    before = snapshot(opt, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    x, y = batch(1)
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y) * 1e10).backward()
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        scaler.step(opt)
+    scaler.update()
+    assert opt.skipped_steps == 1 and scaler.get_scale() < 2.0**127
+    assert_same(before, snapshot(opt, model))
+
+
+def test_empirical_statistics_after_manual_unscale_are_refused():
+    model = small_model()
+    opt = KFAC(model, fisher="empirical", stat_freq=1, inv_freq=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    x, y = batch(0)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.step(opt)
+
+
+def test_autocast_bfloat16_activations_give_float32_factors_and_train_like_float32():
+    x, y = batch(0, n=64)
+    finals = {}
+    for autocast in (False, True):
+        model = small_model()
+        opt = QKLDWRM(model, lr=0.2, stat_freq=1, inv_freq=2)
+        for _ in range(40):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        finals[autocast] = F.cross_entropy(model(x), y).item()
+        for state in opt.block_states():
+            assert state["A"].dtype == torch.float32 and state["G"].dtype == torch.float32
+    start = F.cross_entropy(small_model()(x), y).item()
+    assert finals[True] < 0.8 * start
+    assert abs(finals[True] - finals[False]) < 0.1 * finals[False]
