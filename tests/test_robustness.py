@@ -273,3 +273,23 @@ def test_autocast_bfloat16_activations_give_float32_factors_and_train_like_float
     start = F.cross_entropy(small_model()(x), y).item()
     assert finals[True] < 0.8 * start
     assert abs(finals[True] - finals[False]) < 0.1 * finals[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_cpu_checkpoint_loads_onto_a_cuda_model_and_continues(cls):
+    model = small_model()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    for k in range(3):
+        step(opt, model, *batch(k))
+    saved = copy.deepcopy(opt.state_dict())
+    cuda_model = copy.deepcopy(model).cuda()
+    cuda_opt = cls(cuda_model, lr=0.05, stat_freq=1, inv_freq=2, backend="torch")
+    cuda_opt.load_state_dict(saved)
+    assert all(t.is_cuda for s in cuda_opt.block_states() for t in s.values() if torch.is_tensor(t))
+    for k in range(3, 5):
+        step(opt, model, *batch(k))
+        x, y = batch(k)
+        step(cuda_opt, cuda_model, x.cuda(), y.cuda())
+    for a, b in zip(model.parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
