@@ -1,0 +1,1 @@
+"""Reproduction of the paper's MNIST study (``python -m kldwrm_fast.experiments.mnist``)."""

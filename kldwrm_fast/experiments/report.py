@@ -1,0 +1,103 @@
+"""The paper's Table 1 and test curves for a list of runs (the ``results.json`` format)."""
+
+from __future__ import annotations
+
+import statistics
+
+OPTIMIZER_LABELS = {"kfac": "K-FAC", "so": "SO", "q": "Q", "qe": "QE"}
+
+# Table 1 of the paper (test set, epoch 50, 10 runs each).
+PAPER_TABLE = {
+    "kfac": dict(acc_ge_98=3, acc_gt_98=3, acc_ge_985=1, loss_le_025=5, loss_le_02=2, acc_mean=96.19, acc_sd=3.2, loss_mean=0.26, loss_sd=0.10),
+    "so": dict(acc_ge_98=4, acc_gt_98=2, acc_ge_985=0, loss_le_025=7, loss_le_02=0, acc_mean=97.60, acc_sd=0.85, loss_mean=0.25, loss_sd=0.04),
+    "q": dict(acc_ge_98=5, acc_gt_98=4, acc_ge_985=0, loss_le_025=4, loss_le_02=0, acc_mean=97.69, acc_sd=0.69, loss_mean=0.26, loss_sd=0.04),
+    "qe": dict(acc_ge_98=6, acc_gt_98=4, acc_ge_985=1, loss_le_025=8, loss_le_02=0, acc_mean=97.73, acc_sd=0.63, loss_mean=0.24, loss_sd=0.03),
+}  # fmt: skip
+
+COLUMNS = [
+    ("acc_ge_98", "N acc ≥ 98%"),
+    ("acc_gt_98", "N acc > 98%"),
+    ("acc_ge_985", "N acc ≥ 98.5%"),
+    ("loss_le_025", "N loss ≤ 0.25"),
+    ("loss_le_02", "N loss ≤ 0.2"),
+    ("acc_mean", "μ acc (%)"),
+    ("acc_sd", "σ acc (%)"),
+    ("loss_mean", "μ loss"),
+    ("loss_sd", "σ loss"),
+]
+
+
+def _sd(values: list[float]) -> float:
+    """Sample standard deviation (n − 1); 0 for a single run."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table_row(runs: list[dict]) -> dict:
+    """Table 1 statistics of the final epoch of ``runs`` (accuracy as a fraction in the runs, % here)."""
+    accuracy = [100.0 * run["epochs"][-1]["test_acc"] for run in runs]
+    loss = [run["epochs"][-1]["test_loss"] for run in runs]
+    return dict(
+        runs=len(runs),
+        acc_ge_98=sum(a >= 98.0 for a in accuracy),
+        acc_gt_98=sum(a > 98.0 for a in accuracy),
+        acc_ge_985=sum(a >= 98.5 for a in accuracy),
+        loss_le_025=sum(v <= 0.25 for v in loss),
+        loss_le_02=sum(v <= 0.2 for v in loss),
+        acc_mean=statistics.fmean(accuracy),
+        acc_sd=_sd(accuracy),
+        loss_mean=statistics.fmean(loss),
+        loss_sd=_sd(loss),
+    )
+
+
+def by_optimizer(runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        if run["epochs"]:
+            groups.setdefault(run["optimizer"], []).append(run)
+    return groups
+
+
+def _format(key: str, value) -> str:
+    if key.startswith(("acc_ge", "acc_gt", "loss_le")):
+        return str(value)
+    return f"{value:.2f}" if key.startswith("acc") else f"{value:.3f}"
+
+
+def summary_markdown(runs: list[dict], context: str) -> str:
+    """``summary.md``: Table 1 for ``runs`` beside the paper's own numbers."""
+    header = "| optimizer | source | runs | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = ["# KLD-WRM MNIST study: Table 1", "", context, "", header, "|" + "---|" * (len(COLUMNS) + 3)]
+    for name, group in by_optimizer(runs).items():
+        row = table_row(group)
+        epochs = group[0]["epochs"][-1]["epoch"]
+        cells = " | ".join(_format(key, row[key]) for key, _ in COLUMNS)
+        lines.append(f"| {OPTIMIZER_LABELS.get(name, name)} | this run (epoch {epochs}) | {row['runs']} | {cells} |")
+        if name in PAPER_TABLE:
+            paper = " | ".join(_format(key, PAPER_TABLE[name][key]) for key, _ in COLUMNS)
+            lines.append(f"| {OPTIMIZER_LABELS[name]} | paper (epoch 50) | 10 | {paper} |")
+    lines += ["", "Counts are numbers of runs; σ is the sample standard deviation over runs (0 for one run)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[dict], out_dir: str) -> None:
+    """``accuracy.png`` and ``loss.png``: test curves of every run, one panel per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = by_optimizer(runs)
+    for metric, label, filename in (("test_acc", "test accuracy", "accuracy.png"), ("test_loss", "test loss", "loss.png")):
+        figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(4 * max(len(groups), 1), 3.2), squeeze=False)
+        for axis, (name, group) in zip(axes[0], groups.items()):
+            for run in group:
+                epochs = [e["epoch"] for e in run["epochs"]]
+                axis.plot(epochs, [e[metric] for e in run["epochs"]], linewidth=1, label=f"seed {run['seed']}")
+            axis.set_title(OPTIMIZER_LABELS.get(name, name))
+            axis.set_xlabel("epoch")
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(f"{out_dir}/{filename}", dpi=120)
+        plt.close(figure)
