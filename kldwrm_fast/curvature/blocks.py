@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kldwrm_fast.curvature import layers
 from kldwrm_fast.curvature.eigen import symmetric_eig
-from kldwrm_fast.ops import Operations
+from kldwrm_fast.ops import Operations, reference
 
 State = dict
 
@@ -59,6 +59,17 @@ class FactoredBlock:
         """Parameter-shaped views of a block-form matrix (inverse of :meth:`matrix`)."""
         raise NotImplementedError
 
+    def statistics_rows(self, grad_factor: float = 1.0, grad_unscale: Optional[Tensor] = None) -> dict:
+        """``{side: (rows, scale)}`` with the new local factor of ``side`` ("A", "G") ``= scale · rowsᵀrows``.
+
+        ``grad_factor`` multiplies the captured output gradients (k for training-loss gradients of k
+        accumulated passes, each loss divided by k); ``grad_unscale`` is a loss scaler's ``1/scale``.
+        """
+        raise NotImplementedError
+
+    def _reweighted_pair(self, state: State, hats: dict) -> tuple[Tensor, Tensor]:
+        return hats["A"], hats["G"]
+
     def update_statistics(
         self,
         state: State,
@@ -68,12 +79,23 @@ class FactoredBlock:
         grad_factor: float = 1.0,
         grad_unscale: Optional[Tensor] = None,
     ) -> Optional[tuple[Tensor, Tensor]]:
-        """Fold the new local statistics into the averages; return ``(Â, Γ̂)`` when ``reweight`` is given.
+        """Fold the new local statistics into the averages; return ``(Â, Γ̂)`` when ``reweight`` is given."""
+        hats = {
+            side: self._fold(state, ops, side, rows, scale, rho, reweight)
+            for side, (rows, scale) in self.statistics_rows(grad_factor, grad_unscale).items()
+        }
+        return None if reweight is None else self._reweighted_pair(state, hats)
 
-        ``grad_factor`` multiplies the captured output gradients (k for training-loss gradients of k
-        accumulated passes, each loss divided by k); ``grad_unscale`` is a loss scaler's ``1/scale``.
-        """
-        raise NotImplementedError
+    def fold_local(self, state: State, side: str, local: Tensor, rho: float, reweight: Optional[float]):
+        """Fold an already computed (e.g. all-reduced) local factor of ``side``; return its ``X̂`` or None."""
+        ea_key = f"{side}_ea"
+        first = ea_key not in state
+        if first:
+            state[ea_key] = torch.empty_like(local)
+        reweighted = torch.empty_like(local) if reweight is not None else local.new_empty(0)
+        reference.fold(local, state[ea_key], reweighted, rho, reweight or 0.0, first, reweight is not None)
+        state[side] = local
+        return reweighted if reweight is not None else None
 
     def captured(self) -> list[Tensor]:
         """The captured tensors that feed the next statistics (checked for NaN/Inf before a step)."""
@@ -175,7 +197,7 @@ class KroneckerBlock(FactoredBlock):
     def captured(self) -> list[Tensor]:
         return self.inputs + self.output_grads
 
-    def update_statistics(self, state, ops, rho, reweight, grad_factor=1.0, grad_unscale=None):
+    def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
         if not self.inputs or not self.output_grads:
             missing = "inputs" if not self.inputs else "output gradients"
             raise RuntimeError(
@@ -184,10 +206,7 @@ class KroneckerBlock(FactoredBlock):
                 "use the layer's weights outside its forward"
             )
         a = torch.cat([layers.input_rows(self.module, x, self.has_bias).to(self.dtype) for x in self.inputs])
-        a_hat = self._fold(state, ops, "A", a, 1.0 / a.shape[0], rho, reweight)
-        e, scale = self._gradient_rows(grad_factor, grad_unscale)
-        g_hat = self._fold(state, ops, "G", e, scale, rho, reweight)
-        return None if reweight is None else (a_hat, g_hat)
+        return {"A": (a, 1.0 / a.shape[0]), "G": self._gradient_rows(grad_factor, grad_unscale)}
 
     def _gradient_rows(self, factor: float, grad_unscale: Optional[Tensor]) -> tuple[Tensor, float]:
         """Rows ``r`` and scale ``s`` with ``Γ = s·rᵀr`` the sample-weighted mean of per-pass factors.
@@ -243,10 +262,15 @@ class DenseBlock(FactoredBlock):
     def has_statistics(self) -> bool:
         return True
 
-    def update_statistics(self, state, ops, rho, reweight, grad_factor=1.0, grad_unscale=None):
+    def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
         rows, scale = self.curvature_rows()
+        return {"A": (rows.detach(), scale)}
+
+    def _reweighted_pair(self, state, hats):
+        return hats["A"], state["G_ea"].clone()
+
+    def update_statistics(self, state, ops, rho, reweight, grad_factor=1.0, grad_unscale=None):
         one = torch.ones(1, 1, dtype=self.dtype, device=self.params[0].device)
         for key in ("G", "G_ea"):
             state[key] = one.clone()
-        a_hat = self._fold(state, ops, "A", rows.detach(), scale, rho, reweight)
-        return None if reweight is None else (a_hat, one.clone())
+        return super().update_statistics(state, ops, rho, reweight, grad_factor, grad_unscale)

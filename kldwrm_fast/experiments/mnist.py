@@ -3,6 +3,9 @@ write Table 1 and the test curves.
 
     python -m kldwrm_fast.experiments.mnist [--paper] [--optimizers kfac,so,q,qe] [--out DIR] ...
 
+Under ``torchrun --nproc_per_node=N`` the runs are data parallel (DDP; gloo on CPU, NCCL on GPU): the
+global ``--batch-size`` is split across ranks and rank 0 writes the outputs.
+
 Outputs in ``--out``: ``results.json`` (one entry per run with per-epoch train/test loss, test accuracy as a
 fraction, and seconds), ``summary.md`` (Table 1 beside the paper's numbers), ``accuracy.png``, ``loss.png``.
 Runs already complete in ``results.json`` are skipped, so an interrupted study resumes.
@@ -18,7 +21,9 @@ import platform
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
@@ -95,21 +100,40 @@ def evaluate(model, x, y, batch_size: int = 1000) -> tuple[float, float]:
     return loss / len(y), correct / len(y)
 
 
+def init_data_parallel(args) -> tuple[int, int]:
+    """``(rank, world_size)``; under torchrun, join the process group (gloo on CPU, NCCL on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def train_run(name: str, seed: int, hyper: dict, data: Split, args, position: int = 0) -> dict:
-    """One run: the paper CNN from ``seed`` trained for ``args.epochs`` epochs; returns its results entry."""
+    """One run: the paper CNN from ``seed`` trained for ``args.epochs`` epochs; returns its results entry.
+
+    With several ranks each takes its slice of every global batch; all ranks end with the same model.
+    """
     torch.manual_seed(seed)
     model = paper_cnn().to(args.device)
-    opt = OPTIMIZERS[name](model, backend=args.backend, **hyper)
+    network = DistributedDataParallel(model) if args.world > 1 else model
+    opt = OPTIMIZERS[name](network, backend=args.backend, **hyper)
     shuffle = torch.Generator().manual_seed(seed)
     run = {"optimizer": name, "seed": seed, "hyperparameters": hyper, "dataset": args.dataset,
            "batch_size": args.batch_size, "epochs": []}  # fmt: skip
-    bar = tqdm(range(1, args.epochs + 1), desc=f"{name} seed {seed}", position=position, leave=False, disable=None)
+    quiet = None if args.rank == 0 else True
+    bar = tqdm(range(1, args.epochs + 1), desc=f"{name} seed {seed}", position=position, leave=False, disable=quiet)
     for epoch in bar:
         order = torch.randperm(len(data.train_y), generator=shuffle).to(args.device)
         start, total, batches = time.perf_counter(), 0.0, 0
-        for index in tqdm(order.split(args.batch_size), desc=f"epoch {epoch}", leave=False, disable=None):
+        for index in tqdm(order.split(args.batch_size), desc=f"epoch {epoch}", leave=False, disable=quiet):
+            index = index.tensor_split(args.world)[args.rank]
             opt.zero_grad()
-            loss = F.cross_entropy(model(data.train_x[index]), data.train_y[index])
+            loss = F.cross_entropy(network(data.train_x[index]), data.train_y[index])
             loss.backward()
             opt.step()
             total, batches = total + loss.item(), batches + 1
@@ -142,12 +166,14 @@ def context_line(args, data: Split) -> str:
     machine = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
     return (
         f"Dataset {args.dataset} ({len(data.train_y)} train / {len(data.test_y)} test images), "
-        f"{args.epochs} epochs, batch {args.batch_size}, {args.seeds} seeds; {machine}; torch {torch.__version__}."
+        f"{args.epochs} epochs, batch {args.batch_size}, {args.seeds} seeds, {args.world} process(es); {machine}; "
+        f"torch {torch.__version__}."
     )
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.rank, args.world = init_data_parallel(args)
     os.makedirs(args.out, exist_ok=True)
     data = load_dataset(args.dataset)
     if args.max_train:
@@ -159,14 +185,17 @@ def main(argv=None) -> None:
     runs = load_results(results_path)
     done = {run_key(run) for run in runs if len(run["epochs"]) >= args.epochs}
     planned = [(name, seed) for name in args.optimizers for seed in range(args.seeds)]
-    for name, seed in tqdm(planned, desc="runs", disable=None):
+    for name, seed in tqdm(planned, desc="runs", disable=None if args.rank == 0 else True):
         hyper = dict(PAPER_HYPERPARAMETERS[name], **args.overrides.get(name, {}))
         candidate = {"optimizer": name, "seed": seed, "hyperparameters": hyper, "dataset": args.dataset, "batch_size": args.batch_size}
         if run_key(candidate) in done:
             continue
         runs = [run for run in runs if run_key(run) != run_key(candidate)]
         runs.append(train_run(name, seed, hyper, data, args, position=1))
-        save_json(results_path, runs)
+        if args.rank == 0:
+            save_json(results_path, runs)
+    if args.rank != 0:
+        return
     selected = [run for run in runs if run["optimizer"] in args.optimizers and run.get("dataset") == args.dataset]
     with open(os.path.join(args.out, "summary.md"), "w") as handle:
         handle.write(report.summary_markdown(selected, context_line(args, data)))

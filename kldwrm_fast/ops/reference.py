@@ -13,6 +13,22 @@ import torch
 from torch import Tensor
 
 
+def gram(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``S = scale · xᵀx`` for (rows, n) ``x`` cast to ``dtype``, made exactly symmetric, (n, n)."""
+    x = x.to(dtype)
+    local = torch.matmul(x.transpose(-1, -2), x).mul_(scale)
+    return 0.5 * (local + local.transpose(-1, -2))
+
+
+def fold(local: Tensor, ea: Tensor, reweighted: Tensor, rho: float, reweight: float, first: bool, with_reweighted: bool) -> None:
+    """The two epilogues of :func:`factor_update` for a given local factor ``S`` (in place on ``ea``/``reweighted``)."""
+    if first:
+        ea.copy_(local)
+    if with_reweighted:
+        torch.add(rho * ea, local, alpha=reweight, out=reweighted)
+    ea.mul_(rho).add_(local, alpha=1.0 - rho)
+
+
 def factor_update(
     x: Tensor,
     ea: Tensor,
@@ -40,14 +56,8 @@ def factor_update(
     Returns:
         The local factor ``S`` (n, n), exactly symmetric, dtype of ``ea``.
     """
-    x = x.to(ea.dtype)
-    local = torch.matmul(x.transpose(-1, -2), x).mul_(scale)
-    local = 0.5 * (local + local.transpose(-1, -2))
-    if first:
-        ea.copy_(local)
-    if with_reweighted:
-        torch.add(rho * ea, local, alpha=reweight, out=reweighted)
-    ea.mul_(rho).add_(local, alpha=1.0 - rho)
+    local = gram(x, scale, ea.dtype)
+    fold(local, ea, reweighted, rho, reweight, first, with_reweighted)
     return local
 
 

@@ -22,9 +22,12 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from kldwrm_fast import distributed
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.curvature.eigen import symmetric_eig
+from kldwrm_fast.ops import reference
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
 from kldwrm_fast.ops import Operations, operations, resolve_backend, validate_backend
 
@@ -97,6 +100,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
     check_numerics = True
+    pack_statistics = True  # data parallel: all-reduce only the upper triangles of the symmetric factors
 
     def __init__(
         self,
@@ -110,10 +114,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             defaults["lr"], defaults["rho"], defaults["damping"], defaults["weight_decay"],
             defaults["stat_freq"], defaults["inv_freq"], fisher, predictive, backend,
         )  # fmt: skip
+        self.data_parallel = distributed.data_parallel_for(model)
         if isinstance(model, Curvature):
             curvature = model
         elif isinstance(model, nn.Module):
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
             curvature = KroneckerCurvature(model, fisher, predictive, seed)
         else:
             raise TypeError(f"model must be an nn.Module or a Curvature, got {type(model).__name__}")
@@ -124,7 +129,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.backend = resolve_backend(backend, self.curvature.blocks[0].key.device)
         self._ops: Operations = operations(self.backend)
         self._batches = BlockBatches(curvature.blocks)
-        self.state[GLOBAL] = {"step": 0, "lr_prev": None}
+        self.state[GLOBAL] = {"step": 0, "lr_prev": None, "world_size": self.data_parallel.world_size}
         self.skipped_steps = 0
         curvature.capture_due = self._statistics_due
         if curvature.other_params:
@@ -233,6 +238,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         empirical = self.fisher == "empirical"
         factor = float(self.curvature.forward_passes()) if empirical else 1.0
         unscale = info.grad_unscale if empirical else None
+        if self.data_parallel.active:
+            self._refresh_curvature_distributed(group, blocks, info, reweight, factor, unscale)
+            return
         for block in blocks:
             state = self.block_state(block)
             hats = block.update_statistics(
@@ -240,6 +248,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
             if info.inverse_due:
                 block.decompose(state, *(hats if hats is not None else (state["A_ea"], state["G_ea"])))
+
+    def _refresh_curvature_distributed(self, group, blocks, info, reweight, factor, unscale) -> None:
+        """As :meth:`_refresh_curvature`, with local factors averaged over ranks and eigendecompositions
+        shared out by cost (each factor decomposed by one rank and broadcast)."""
+        locals_ = []
+        for block in blocks:
+            for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
+                locals_.append((block, side, reference.gram(rows, scale, block.dtype)))
+        distributed.average_symmetric_([local for _, _, local in locals_], pack=self.pack_statistics)
+        factors = []
+        for block, side, local in locals_:
+            state = self.block_state(block)
+            hat = block.fold_local(state, side, local, group["rho"], reweight if info.inverse_due else None)
+            factors.append((block, side, hat if hat is not None else state[f"{side}_ea"]))
+        if info.inverse_due:
+            self._decompose_distributed(factors)
+
+    def _decompose_distributed(self, factors: list) -> None:
+        owners = distributed.assign_by_cost([matrix.shape[0] for _, _, matrix in factors], self.data_parallel.world_size)
+        for (block, side, matrix), owner in zip(factors, owners):
+            state = self.block_state(block)
+            keys = (f"Q{side}", f"d{side}")
+            if owner == self.data_parallel.rank:
+                previous = (state[keys[0]], state[keys[1]]) if keys[0] in state else None
+                vectors, values = symmetric_eig(matrix, previous, f"{'input' if side == 'A' else 'output'} factor of {block.name}")
+            else:
+                vectors, values = torch.empty_like(matrix), matrix.new_empty(matrix.shape[0])
+            vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
+            torch.distributed.broadcast(vectors, src=owner)
+            torch.distributed.broadcast(values, src=owner)
+            state[keys[0]], state[keys[1]] = vectors, values
 
     def _update(self, group: dict, blocks, grads: list[Tensor], info: StepInfo):
         """Apply the step rule of SPEC §3 to the blocks (gradients ``grads`` in block form)."""
@@ -257,6 +296,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         state of half-precision parameters into half precision.)
         """
         state_dict = dict(state_dict)
+        saved_world = state_dict["state"].get(GLOBAL, {}).get("world_size", 1)
+        if saved_world != self.data_parallel.world_size:
+            raise ValueError(
+                f"Invalid state_dict: saved with world size {saved_world}, loading into world size "
+                f"{self.data_parallel.world_size}; resume with the same number of processes"
+            )
         curvature_state = state_dict.pop("curvature", {})
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

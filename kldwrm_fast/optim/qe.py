@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
+from kldwrm_fast import distributed
 from kldwrm_fast.optim.base import CurvatureOptimizer, _check, _is_int, validate_positive_or_none
 from kldwrm_fast.optim.q import QKLDWRM
 from kldwrm_fast.optim.wake import WakeObjective, stored_outputs
@@ -39,7 +40,9 @@ class QEKLDWRM(QKLDWRM):
     the Q recursion (Ĝ, M) continues from the unclipped Q step.
 
     The mini-batch is the positional and keyword arguments of the last train-mode forward call of
-    ``model`` before :meth:`step` (a forward pre-hook records them). The KL forwards run ``model`` with
+    ``model`` before :meth:`step` (a forward pre-hook records them). Under data parallelism each rank's KL
+    term uses its own local batch, and the inner-solver gradients are averaged over ranks, so every rank
+    takes the same step: the KL term is then the mean over ranks of the per-rank batch means. The KL forwards run ``model`` with
     ``torch.func.functional_call`` in eval mode (no dropout noise, BatchNorm running statistics, no buffer
     updates) and collect no statistics; the stored networks' outputs are computed once per step without
     autograd.
@@ -86,8 +89,9 @@ class QEKLDWRM(QKLDWRM):
         )  # fmt: skip
         CurvatureOptimizer.__init__(self, model, defaults, fisher, predictive, backend)
         self.model = model
+        self._network = distributed.unwrap(model)  # evaluated functionally, outside any DDP wrapper
         self._snapshot_params = self.curvature.parameters()
-        names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        names = {id(p): name for name, p in self._network.named_parameters(remove_duplicate=False)}
         self._names_by_id = names
         self._snapshot_names = [names[id(p)] for p in self._snapshot_params]
         self._inputs = None
@@ -136,11 +140,12 @@ class QEKLDWRM(QKLDWRM):
         weights = [
             (1.0 / lr) * group["kl_scale"] * (1.0 if i == 0 else 1.0 - rho) * rho ** (k - i) for i, _ in entries
         ]
-        targets = stored_outputs(self.model, self._snapshot_names, [values for _, values in entries], self._inputs)
+        targets = stored_outputs(self._network, self._snapshot_names, [values for _, values in entries], self._inputs)
         factors = [(self.block_state(b)["A"], self.block_state(b)["G"]) for b in self.curvature.blocks]
+        reduce = distributed.average_ if self.data_parallel.active else None
         return WakeObjective(
-            self.model, self.curvature.blocks, self._names_by_id, grads, factors, targets, weights, self._inputs,
-            self.predictive,
+            self._network, self.curvature.blocks, self._names_by_id, grads, factors, targets, weights, self._inputs,
+            self.predictive, reduce,
         )  # fmt: skip
 
     def _update(self, group, blocks, grads, info):
@@ -150,7 +155,7 @@ class QEKLDWRM(QKLDWRM):
         steps = self._q_steps(group, blocks, grads, info)
         self._push_snapshot(self.global_state["step"])
         if group["n_inner"] > 0:
-            with evaluation_mode(self.model), self.curvature.paused():
+            with evaluation_mode(self._network), self.curvature.paused():
                 objective = self.wake_objective(grads, lr)
                 steps = objective.minimise(steps, group["n_inner"], group["inner_lr_ratio"] * lr)
         self._inputs = None

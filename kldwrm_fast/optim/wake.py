@@ -50,14 +50,16 @@ class WakeObjective:
         weights: ``λ_k ζ(i) ρ^{k−i}`` per stored network.
         inputs: ``(args, kwargs)`` of the model call that produced the current mini-batch.
         predictive: ``"categorical"`` or ``"gaussian"``.
+        reduce: applied in place to each inner gradient (data parallel: the average over ranks), or None.
     """
 
-    def __init__(self, model, blocks, names, gradients, local_factors, targets, weights, inputs, predictive):
+    def __init__(self, model, blocks, names, gradients, local_factors, targets, weights, inputs, predictive, reduce=None):
         self.model, self.blocks, self.names = model, blocks, names
         self.gradients, self.local_factors = gradients, local_factors
         self.targets, self.weights = targets, weights
         self.args, self.kwargs = inputs
         self.predictive = predictive
+        self.reduce = reduce
 
     def output_at(self, steps: list[Tensor]) -> Tensor:
         """Model output at ``θ_k + s``, differentiable in ``steps``."""
@@ -87,7 +89,10 @@ class WakeObjective:
         """``n_steps`` of plain gradient descent with learning rate ``lr`` from ``steps``."""
         current = [s.detach().clone() for s in steps]
         for _ in range(n_steps):
-            for s, g in zip(current, self.gradient(current)):
+            gradients = self.gradient(current)
+            if self.reduce is not None:
+                self.reduce(gradients)
+            for s, g in zip(current, gradients):
                 s.sub_(g, alpha=lr)
         return current
 

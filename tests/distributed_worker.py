@@ -1,0 +1,92 @@
+"""Worker processes for the data-parallel tests (gloo on CPU), started with torch.multiprocessing.spawn."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+from kldwrm_fast.optim import base
+
+OPTIMIZERS = {"KFAC": KFAC, "SOKLDWRM": SOKLDWRM, "QKLDWRM": QKLDWRM, "QEKLDWRM": QEKLDWRM}
+LOCAL_BATCH, STEPS = 6, 7
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(),
+        nn.Linear(10, 3),
+    ).double()  # fmt: skip
+
+
+def global_batch(k, world):
+    gen = torch.Generator().manual_seed(50 + k)
+    n = LOCAL_BATCH * world
+    return torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+
+def make_optimizer(name, model, extra):
+    return OPTIMIZERS[name](model, lr=0.05, stat_freq=2, inv_freq=4, fisher="empirical", **extra)
+
+
+def train(model, opt, rank, world, shard):
+    for k in range(STEPS):
+        x, y = global_batch(k, world)
+        if shard:
+            x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def single_process(name, world, extra):
+    """Reference: one process, the concatenated batch of ``world`` ranks."""
+    model = build_model()
+    opt = make_optimizer(name, model, extra)
+    train(model, opt, 0, world, shard=False)
+    return [p.detach() for p in model.parameters()]
+
+
+def data_parallel(rank, world, port, name, extra, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+    original = base.symmetric_eig
+    base.symmetric_eig = lambda matrix, previous=None, name="": calls.append(name) or original(matrix, previous, name)
+    model = DistributedDataParallel(build_model())
+    opt = make_optimizer(name, model, extra)
+    train(model, opt, rank, world, shard=True)
+    torch.save({"params": [p.detach() for p in model.module.parameters()], "eig_calls": calls}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def errors(rank, world, port, out):
+    """A DDP model whose process group is gone, and a checkpoint from another world size."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = DistributedDataParallel(build_model())
+    opt = KFAC(model)
+    saved = opt.state_dict()
+    dist.destroy_process_group()
+    messages = []
+    for attempt in (lambda: KFAC(model), lambda: KFAC(build_model()).load_state_dict(saved)):
+        try:
+            attempt()
+            messages.append(None)
+        except (RuntimeError, ValueError) as error:
+            messages.append(f"{type(error).__name__}: {error}")
+    torch.save(messages, f"{out}.{rank}")
+
+
+def mnist_study(rank, world, port, out):
+    """The main job under two ranks, as torchrun would start it."""
+    from kldwrm_fast.experiments import mnist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    mnist.main(["--optimizers", "q", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--max-train", "128",
+                "--max-test", "64", "--out", out, "--device", "cpu"])  # fmt: skip
+    dist.destroy_process_group()

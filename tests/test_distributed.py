@@ -1,0 +1,79 @@
+"""Data parallelism on gloo: N ranks with local batches equal one process with the concatenated batch."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_worker as worker
+from kldwrm_fast.distributed import assign_by_cost
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(function, world, *args):
+    mp.spawn(function, args=(world, free_port(), *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["KFAC", "SOKLDWRM", "QKLDWRM"])
+def test_ranks_with_local_batches_equal_one_process_with_the_concatenated_batch(tmp_path, name, world):
+    out = str(tmp_path / "params")
+    spawn(worker.data_parallel, world, name, {}, out)
+    expected = worker.single_process(name, world, {})
+    results = [torch.load(f"{out}.{rank}") for rank in range(world)]
+    for result in results:
+        for ours, theirs in zip(result["params"], expected):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result["params"], results[0]["params"]))  # no drift
+    n_factors, inverse_steps = 2 * 4, len(range(0, worker.STEPS, 4))
+    calls = [name for result in results for name in result["eig_calls"]]
+    assert len(calls) == n_factors * inverse_steps and len(set(calls)) == n_factors  # each factor once per inverse step
+    assert all(len(result["eig_calls"]) > 0 for result in results[:2])
+
+
+@pytest.mark.parametrize("extra,compare", [(dict(n_inner=3, kl_scale=0.0), True), (dict(n_inner=3), False)])
+def test_qe_ranks_agree_and_follow_their_documented_semantics(tmp_path, extra, compare):
+    out = str(tmp_path / "params")
+    spawn(worker.data_parallel, 2, "QEKLDWRM", extra, out)
+    results = [torch.load(f"{out}.{rank}")["params"] for rank in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*results))  # averaged inner gradients: the same step everywhere
+    if compare:  # without the KL term, Φ involves only averaged quantities: the concatenated-batch run
+        for ours, theirs in zip(results[0], worker.single_process("QEKLDWRM", 2, extra)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_clear_errors_for_a_missing_process_group_and_a_mismatched_world_size(tmp_path):
+    out = str(tmp_path / "messages")
+    spawn(worker.errors, 2, out)
+    missing_group, mismatch = torch.load(f"{out}.0")
+    assert missing_group.startswith("RuntimeError") and "no process group is initialised" in missing_group
+    assert mismatch.startswith("ValueError") and "world size 2" in mismatch and "world size 1" in mismatch
+
+
+def test_eigendecomposition_assignment_balances_cubic_cost():
+    sizes = [512, 30, 257, 10, 113, 6, 257, 65]
+    owners = assign_by_cost(sizes, 2)
+    loads = [sum(n**3 for n, o in zip(sizes, owners) if o == rank) for rank in range(2)]
+    assert owners[0] != owners[2] and max(loads) == 512**3  # the largest factor alone outweighs the rest
+    owners4 = assign_by_cost([100, 100, 100, 100, 50, 50, 50, 50], 4)
+    assert sorted(owners4[:4]) == [0, 1, 2, 3] and sorted(owners4[4:]) == [0, 1, 2, 3]
+    assert assign_by_cost(sizes, 1) == [0] * len(sizes)
+    assert assign_by_cost(sizes, 3) == assign_by_cost(list(sizes), 3)  # deterministic
+
+
+def test_the_mnist_study_runs_data_parallel(tmp_path):
+    pytest.importorskip("matplotlib")
+    spawn(worker.mnist_study, 2, str(tmp_path))
+    runs = __import__("json").loads((tmp_path / "results.json").read_text())
+    assert [(r["optimizer"], len(r["epochs"])) for r in runs] == [("q", 1)]
+    assert "2 process(es)" in (tmp_path / "summary.md").read_text()
