@@ -17,7 +17,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def toolkit_root():
-    """The real CUDA toolkit root: ``CUDA_HOME``, else the ``TOP=`` line of ``nvcc --dryrun`` (nvcc may be a wrapper)."""
+    """The real CUDA toolkit root: ``CUDA_HOME``, else the ``TOP=`` line of ``nvcc --dryrun``.
+
+    (nvcc on PATH may be a wrapper script, so its own location says nothing about the toolkit.)
+    """
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
     nvcc = shutil.which("nvcc")
@@ -56,7 +59,9 @@ def cuda_extension_or_reason():
     extension = cpp_extension.CUDAExtension(
         "kldwrm_fast._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}
     )
-    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [extension], {
+        "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    }
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--cadence", type=int, default=30, help="stat_freq = inv_freq")
     args = parser.parse_args()
-    print(f"QKLDWRM, paper CNN, global batch {GLOBAL_BATCH}, stat/inv every {args.cadence} steps; {os.cpu_count()} CPU cores")
+    print(
+        f"QKLDWRM, paper CNN, global batch {GLOBAL_BATCH}, stat/inv every {args.cadence} steps; "
+        f"{os.cpu_count()} CPU cores"
+    )
     print(f"{'processes':>9} {'median ms/step':>15} {'mean ms/step':>13}")
     for world in (1, 2, 4):
         with socket.socket() as sock:

@@ -102,6 +102,7 @@ def cases(device, smoke: bool):
     factor_sizes = [3, 17, 33] if smoke else [33, 257, 1025, 4097]
     rows = 64 if smoke else 8192
     for n in factor_sizes:
+
         def build(n=n):
             x = torch.randn(rows, n, device=device)
             ea = spd(1, n, device)[0]
@@ -110,6 +111,7 @@ def cases(device, smoke: bool):
         yield "factor_update", f"rows={rows} n={n}", build, 4 * (rows * n + 4 * n * n), 2 * rows * n * n
     shapes = [(2, 3, 5), (1, 17, 33)] if smoke else [(64, 33, 65), (16, 255, 257), (4, 513, 1025), (1, 4097, 4097)]
     for batch, n_out, n_in in shapes:
+
         def build_p(batch=batch, n_out=n_out, n_in=n_in):
             q_out, d_out = eigh(spd(batch, n_out, device))
             q_in, d_in = eigh(spd(batch, n_in, device))
@@ -179,7 +181,10 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {gpu}; torch {torch.__version__}; cuda {torch.version.cuda}; backends: {', '.join(backends)}")
     print(f"ceilings: copy {limits['copy_gb_s']:.0f} GB/s, fp32 GEMM {limits['gemm_tflop_s']:.1f} TFLOP/s")
-    print(f"{'op':<15} {'shape':<26} {'backend':<7} {'rel err':>9} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} {'%gemm':>6}")
+    print(
+        f"{'op':<15} {'shape':<26} {'backend':<7} {'rel err':>9} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+        f"{'TFLOP/s':>8} {'%gemm':>6}"
+    )
     for r in rows:
         print(
             f"{r.op:<15} {r.shape:<26} {r.backend:<7} {r.rel_error:>9.2e} {r.ms:>9.3f} {r.gb_per_s:>8.1f} "

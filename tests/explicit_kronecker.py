@@ -66,17 +66,17 @@ class ExplicitOptimizer:
         v = gradients(self.weights, x, y, self.wd)
         if self.k % self.stat_freq == 0:
             factors = explicit_factors(self.weights, x, y)
-            for l, (a, g) in enumerate(factors):
-                old = (a, g) if self.ea[l] is None else self.ea[l]
-                self.local[l] = (a, g)
-                self.ea[l] = (rho * old[0] + (1 - rho) * a, rho * old[1] + (1 - rho) * g)
+            for layer, (a, g) in enumerate(factors):
+                old = (a, g) if self.ea[layer] is None else self.ea[layer]
+                self.local[layer] = (a, g)
+                self.ea[layer] = (rho * old[0] + (1 - rho) * a, rho * old[1] + (1 - rho) * g)
                 if self.k % self.inv_freq == 0:
                     if self.kind == "q":
                         c = (1 - rho) + lr
                         x_f, y_f = rho * old[0] + c * a, rho * old[1] + c * g
                     else:
-                        x_f, y_f = self.ea[l]
-                    self.precond[l] = preconditioner(x_f, y_f, self.damping)
+                        x_f, y_f = self.ea[layer]
+                    self.precond[layer] = preconditioner(x_f, y_f, self.damping)
         getattr(self, f"_{self.kind}")(v, lr)
         self.k, self.lr_prev = self.k + 1, lr
 
@@ -89,33 +89,36 @@ class ExplicitOptimizer:
         return nu
 
     def _kfac(self, v, lr):
-        d = [apply(self.precond[l], v[l]) for l in range(2)]
+        d = [apply(self.precond[layer], v[layer]) for layer in range(2)]
         nu = self._clip_nu(d, v, lr, self.clip)
-        for l in range(2):
-            self.buf[l] = nu * d[l] if self.buf[l] is None else self.momentum * self.buf[l] + nu * d[l]
-            self.weights[l] = self.weights[l] - lr * (1 - self.momentum) * self.buf[l]
+        for layer in range(2):
+            previous = 0.0 if self.buf[layer] is None else self.momentum * self.buf[layer]
+            self.buf[layer] = previous + nu * d[layer]
+            self.weights[layer] = self.weights[layer] - lr * (1 - self.momentum) * self.buf[layer]
 
     def _so(self, v, lr):
-        u = [v[l] if self.lr_prev is None else v[l] - self.rho * self.lr_prev / lr * self.v_prev[l] for l in range(2)]
+        coef = 0.0 if self.lr_prev is None else self.rho * self.lr_prev / lr
+        u = [v[layer] if self.lr_prev is None else v[layer] - coef * self.v_prev[layer] for layer in range(2)]
         self.v_prev = v
-        d = [apply(self.precond[l], u[l]) for l in range(2)]
+        d = [apply(self.precond[layer], u[layer]) for layer in range(2)]
         nu = self._clip_nu(d, u, lr, self.clip)
-        for l in range(2):
-            self.weights[l] = self.weights[l] - lr * nu * d[l]
+        for layer in range(2):
+            self.weights[layer] = self.weights[layer] - lr * nu * d[layer]
 
     def _q(self, v, lr):
-        for l in range(2):
+        for layer in range(2):
             if self.lr_prev is None:
-                self.g_hat[l] = v[l]
+                self.g_hat[layer] = v[layer]
             else:
                 ratio = self.lr_prev / lr
-                self.g_hat[l] = v[l] + ratio * self.rho * (self.g_hat[l] - self.v_prev[l] - self.m[l])
-            self.v_prev[l] = v[l]
-            s = -lr * apply(self.precond[l], self.g_hat[l])
-            a_bar, g_bar = self.ea[l]
-            self.m[l] = -(1 / lr) * (torch.kron(g_bar, a_bar) @ s.reshape(-1)).reshape(s.shape)
+                residual = self.g_hat[layer] - self.v_prev[layer] - self.m[layer]
+                self.g_hat[layer] = v[layer] + ratio * self.rho * residual
+            self.v_prev[layer] = v[layer]
+            s = -lr * apply(self.precond[layer], self.g_hat[layer])
+            a_bar, g_bar = self.ea[layer]
+            self.m[layer] = -(1 / lr) * (torch.kron(g_bar, a_bar) @ s.reshape(-1)).reshape(s.shape)
             if self.clip is not None:
                 rms = s.norm() / (lr * math.sqrt(s.numel()))
                 self.clip_engaged |= float(rms) > self.clip
                 s = s * min(1.0, self.clip / float(rms))
-            self.weights[l] = self.weights[l] + s
+            self.weights[layer] = self.weights[layer] + s

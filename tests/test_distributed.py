@@ -2,12 +2,12 @@
 
 import socket
 
+import distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import distributed_worker as worker
 from kldwrm_fast.distributed import assign_by_cost
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

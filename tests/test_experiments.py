@@ -17,7 +17,7 @@ pytest.importorskip("matplotlib")
 def write_idx(path, array, gz):
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    with (gzip.open(path, "wb") if gz else open(path, "wb")) as handle:
+    with gzip.open(path, "wb") if gz else open(path, "wb") as handle:
         handle.write(data)
 
 
@@ -41,7 +41,9 @@ def test_idx_directory_loads_with_shapes_scale_and_labels(tmp_path, gz):
     split = datasets.load_dataset(f"idx:{tmp_path}")
     assert split.train_x.shape == (12, 1, 28, 28) and split.test_x.shape == (5, 1, 28, 28)
     assert split.train_x.dtype == torch.float32 and split.train_y.dtype == torch.int64
-    torch.testing.assert_close(split.train_x[3, 0], torch.tensor(arrays["train-images-idx3-ubyte"][3] / 255.0, dtype=torch.float32))
+    torch.testing.assert_close(
+        split.train_x[3, 0], torch.tensor(arrays["train-images-idx3-ubyte"][3] / 255.0, dtype=torch.float32)
+    )
     assert split.test_y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
 
 
@@ -99,7 +101,10 @@ def test_paper_network_has_4712_parameters_and_gives_logits():
 
 def hand_made_runs():
     def run(name, seed, accs, losses):
-        epochs = [dict(epoch=i + 1, train_loss=1.0, test_loss=l, test_acc=a, seconds=1.0) for i, (a, l) in enumerate(zip(accs, losses))]
+        epochs = [
+            dict(epoch=i + 1, train_loss=1.0, test_loss=loss, test_acc=a, seconds=1.0)
+            for i, (a, loss) in enumerate(zip(accs, losses))
+        ]
         return {"optimizer": name, "seed": seed, "hyperparameters": {}, "epochs": epochs}
 
     return [

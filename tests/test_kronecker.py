@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from explicit_kronecker import ExplicitOptimizer, explicit_factors
 from torch import nn
 
-from explicit_kronecker import ExplicitOptimizer, explicit_factors
 from kldwrm_fast import KFAC, QKLDWRM, SOKLDWRM
 from kldwrm_fast.ops import reference
 
@@ -135,7 +135,10 @@ def test_reweighted_factors_and_q_products_match_s82_to_s87():
 def test_optimizer_trajectory_equals_explicit_kronecker_reimplementation(cls, kind, extra):
     net = mlp()
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(8, 4, dtype=torch.float64, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(9)]
+    batches = [
+        (torch.randn(8, 4, dtype=torch.float64, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(9)
+    ]
     lrs = [0.3 * 0.9**k for k in range(9)]
     hyper = dict(rho=0.7, damping=0.02, weight_decay=0.01, stat_freq=2, inv_freq=4)
     opt = cls(net, lr=lrs[0], fisher="empirical", **hyper, **extra)
@@ -150,7 +153,6 @@ def test_optimizer_trajectory_equals_explicit_kronecker_reimplementation(cls, ki
         for ours, theirs in zip(augmented_weights(net), explicit.weights):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     assert explicit.clip_engaged, "the thresholds must be small enough that clipping is exercised"
-
 
 
 def test_sampled_fisher_output_factor_has_the_right_expectation():

@@ -120,5 +120,7 @@ def test_opcheck(backend, op_name):
 
 def test_reference_ops_are_the_python_reference():
     inputs = preconditioner_inputs(3, 4, torch.float64)
-    torch.testing.assert_close(REFERENCE_OPS["precondition"](*inputs, 0.1), reference.precondition(*inputs, 0.1), rtol=0, atol=0)
+    torch.testing.assert_close(
+        REFERENCE_OPS["precondition"](*inputs, 0.1), reference.precondition(*inputs, 0.1), rtol=0, atol=0
+    )
     assert operations("triton").precondition is TRITON_OPS["precondition"]

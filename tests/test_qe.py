@@ -19,10 +19,14 @@ def test_categorical_symmetric_kl_closed_form():
     b = torch.zeros(1, 2, dtype=torch.float64)
     forward = (1 / 3) * math.log(2 / 3) + (2 / 3) * math.log(4 / 3)
     backward = 0.5 * math.log(3 / 2) + 0.5 * math.log(3 / 4)
-    torch.testing.assert_close(symmetric_kl_categorical(a, b), torch.tensor([0.5 * (forward + backward)], dtype=torch.float64))
+    torch.testing.assert_close(
+        symmetric_kl_categorical(a, b), torch.tensor([0.5 * (forward + backward)], dtype=torch.float64)
+    )
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(symmetric_kl_categorical(x, y), symmetric_kl_categorical(y, x))
-    torch.testing.assert_close(symmetric_kl_categorical(x, x + 3.0), torch.zeros(5, dtype=torch.float64))  # shift-invariant
+    torch.testing.assert_close(
+        symmetric_kl_categorical(x, x + 3.0), torch.zeros(5, dtype=torch.float64)
+    )  # shift-invariant
     assert (symmetric_kl_categorical(x, y) > 0).all()
 
 
@@ -68,14 +72,14 @@ def test_twice_the_divergence_approaches_the_fisher_quadratic_form(predictive):
 
 def classification_batches(n_batches=6, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 1, 6, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n_batches)]
+    return [
+        (torch.randn(16, 1, 6, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)) for _ in range(n_batches)
+    ]
 
 
 def small_cnn():
     torch.manual_seed(7)
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(32, 3)
-    )
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.2), nn.Linear(32, 3))
 
 
 def run(opt, model, batches):
@@ -181,7 +185,9 @@ def test_phi_equals_its_literal_definition(captured_objectives):
         moved = copy.deepcopy(model)
         with torch.no_grad():
             for block, si in zip(opt.curvature.blocks, s):
-                for p_moved, part in zip([dict(moved.named_parameters())[objective.names[id(p)]] for p in block.params], block.unflatten(si)):
+                for p_moved, part in zip(
+                    [dict(moved.named_parameters())[objective.names[id(p)]] for p in block.params], block.unflatten(si)
+                ):
                     p_moved.add_(part)
         moved.eval()
         for i in range(max(0, k - n_cap + 1), k + 1):

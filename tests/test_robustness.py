@@ -7,11 +7,11 @@ import sys
 import warnings
 
 import pytest
+import resume_worker
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import resume_worker
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.curvature import eigen
 

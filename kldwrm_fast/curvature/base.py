@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.curvature.blocks import DenseBlock, FactoredBlock
 
 
 class Curvature:
@@ -52,8 +52,6 @@ class DenseCurvature(Curvature):
     """One :class:`~kldwrm_fast.curvature.blocks.DenseBlock` over ``params`` (exact-curvature oracle)."""
 
     def __init__(self, params: list[Tensor], curvature_rows) -> None:
-        from kldwrm_fast.curvature.blocks import DenseBlock
-
         super().__init__()
         self.blocks = [DenseBlock(params, curvature_rows)]
         self.other_params = []

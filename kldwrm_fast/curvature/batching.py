@@ -34,8 +34,10 @@ class BlockBatches:
         if len(group) == 1:
             return members[0].unsqueeze(0)
         base = members[0]._base
-        if base is not None and base.shape[0] == len(group) and all(
-            m._base is base and m.data_ptr() == base[j].data_ptr() for j, m in enumerate(members)
+        if (
+            base is not None
+            and base.shape[0] == len(group)
+            and all(m._base is base and m.data_ptr() == base[j].data_ptr() for j, m in enumerate(members))
         ):
             return base
         stacked = torch.stack(members)

@@ -24,7 +24,8 @@ def sampled_loss(output: Tensor, predictive: str, generator: torch.Generator) ->
     """
     if output.dim() < 2:
         raise ValueError(
-            f"fisher='sampled' needs a model output of shape (batch, {'classes' if predictive == 'categorical' else 'd'}),"
+            f"fisher='sampled' needs a model output of shape "
+            f"(batch, {'classes' if predictive == 'categorical' else 'd'}),"
             f" got shape {tuple(output.shape)}"
         )
     rows = output.reshape(-1, output.shape[-1])

@@ -55,7 +55,9 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     expected = int(np.prod(shape))
     if len(data) - header != expected:
         problem = "truncated" if len(data) - header < expected else "has trailing bytes"
-        raise DatasetError(f"{name}: {problem}: {len(data) - header} payload bytes for shape {shape} ({expected} expected)")
+        raise DatasetError(
+            f"{name}: {problem}: {len(data) - header} payload bytes for shape {shape} ({expected} expected)"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -104,8 +106,12 @@ def load_idx_directory(directory: str) -> Split:
 def load_mnist_sample() -> Split:
     """The embedded 5,000 real MNIST images, shuffled with a fixed seed: 4,000 train, 1,000 test."""
     folder = resources.files("kldwrm_fast.experiments") / "data"
-    images = parse_idx(gzip.decompress((folder / "mnist-sample-images-idx3-ubyte.gz").read_bytes()), "mnist-sample images")
-    labels = parse_idx(gzip.decompress((folder / "mnist-sample-labels-idx1-ubyte.gz").read_bytes()), "mnist-sample labels")
+    images = parse_idx(
+        gzip.decompress((folder / "mnist-sample-images-idx3-ubyte.gz").read_bytes()), "mnist-sample images"
+    )
+    labels = parse_idx(
+        gzip.decompress((folder / "mnist-sample-labels-idx1-ubyte.gz").read_bytes()), "mnist-sample labels"
+    )
     x, y = _pair(images, labels, "mnist-sample")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, test = order[:SAMPLE_TRAIN], order[SAMPLE_TRAIN:]

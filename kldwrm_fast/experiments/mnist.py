@@ -60,10 +60,14 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kldwrm-mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kldwrm-mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--optimizers", default="kfac,so,q,qe", help="comma-separated subset of kfac,so,q,qe")
     parser.add_argument("--paper", action="store_true", help="the paper's protocol: 50 epochs, 10 seeds, batch 512")
-    parser.add_argument("--seeds", type=int, help=f"runs per optimizer (default {QUICK['seeds']}; --paper {PAPER['seeds']})")
+    parser.add_argument(
+        "--seeds", type=int, help=f"runs per optimizer (default {QUICK['seeds']}; --paper {PAPER['seeds']})"
+    )
     parser.add_argument("--epochs", type=int, help=f"default {QUICK['epochs']}; --paper {PAPER['epochs']}")
     parser.add_argument("--batch-size", type=int, help=f"default {QUICK['batch_size']}; --paper {PAPER['batch_size']}")
     parser.add_argument("--dataset", default="mnist-sample", help="mnist-sample | fashion-mnist | idx:DIR")
@@ -139,13 +143,18 @@ def train_run(name: str, seed: int, hyper: dict, data: Split, args, position: in
             total, batches = total + loss.item(), batches + 1
         seconds = time.perf_counter() - start
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
-        run["epochs"].append(dict(epoch=epoch, train_loss=total / batches, test_loss=test_loss, test_acc=test_acc, seconds=seconds))
+        run["epochs"].append(
+            dict(epoch=epoch, train_loss=total / batches, test_loss=test_loss, test_acc=test_acc, seconds=seconds)
+        )
         bar.set_postfix(test_acc=f"{test_acc:.4f}", test_loss=f"{test_loss:.3f}")
     return run
 
 
 def run_key(run: dict) -> str:
-    return json.dumps([run["optimizer"], run["seed"], run["hyperparameters"], run.get("dataset"), run.get("batch_size")], sort_keys=True)
+    return json.dumps(
+        [run["optimizer"], run["seed"], run["hyperparameters"], run.get("dataset"), run.get("batch_size")],
+        sort_keys=True,
+    )
 
 
 def load_results(path: str) -> list[dict]:
@@ -163,7 +172,11 @@ def save_json(path: str, runs: list[dict]) -> None:
 
 
 def context_line(args, data: Split) -> str:
-    machine = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+    machine = (
+        torch.cuda.get_device_name()
+        if str(args.device).startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+    )
     return (
         f"Dataset {args.dataset} ({len(data.train_y)} train / {len(data.test_y)} test images), "
         f"{args.epochs} epochs, batch {args.batch_size}, {args.seeds} seeds, {args.world} process(es); {machine}; "
@@ -187,7 +200,13 @@ def main(argv=None) -> None:
     planned = [(name, seed) for name in args.optimizers for seed in range(args.seeds)]
     for name, seed in tqdm(planned, desc="runs", disable=None if args.rank == 0 else True):
         hyper = dict(PAPER_HYPERPARAMETERS[name], **args.overrides.get(name, {}))
-        candidate = {"optimizer": name, "seed": seed, "hyperparameters": hyper, "dataset": args.dataset, "batch_size": args.batch_size}
+        candidate = {
+            "optimizer": name,
+            "seed": seed,
+            "hyperparameters": hyper,
+            "dataset": args.dataset,
+            "batch_size": args.batch_size,
+        }
         if run_key(candidate) in done:
             continue
         runs = [run for run in runs if run_key(run) != run_key(candidate)]

@@ -8,11 +8,14 @@ OPTIMIZER_LABELS = {"kfac": "K-FAC", "so": "SO", "q": "Q", "qe": "QE"}
 
 # Table 1 of the paper (test set, epoch 50, 10 runs each).
 PAPER_TABLE = {
-    "kfac": dict(acc_ge_98=3, acc_gt_98=3, acc_ge_985=1, loss_le_025=5, loss_le_02=2, acc_mean=96.19, acc_sd=3.2, loss_mean=0.26, loss_sd=0.10),
-    "so": dict(acc_ge_98=4, acc_gt_98=2, acc_ge_985=0, loss_le_025=7, loss_le_02=0, acc_mean=97.60, acc_sd=0.85, loss_mean=0.25, loss_sd=0.04),
-    "q": dict(acc_ge_98=5, acc_gt_98=4, acc_ge_985=0, loss_le_025=4, loss_le_02=0, acc_mean=97.69, acc_sd=0.69, loss_mean=0.26, loss_sd=0.04),
-    "qe": dict(acc_ge_98=6, acc_gt_98=4, acc_ge_985=1, loss_le_025=8, loss_le_02=0, acc_mean=97.73, acc_sd=0.63, loss_mean=0.24, loss_sd=0.03),
-}  # fmt: skip
+    name: dict(zip(("acc_ge_98", "acc_gt_98", "acc_ge_985", "loss_le_025", "loss_le_02"), counts), **stats)
+    for name, counts, stats in (
+        ("kfac", (3, 3, 1, 5, 2), dict(acc_mean=96.19, acc_sd=3.2, loss_mean=0.26, loss_sd=0.10)),
+        ("so", (4, 2, 0, 7, 0), dict(acc_mean=97.60, acc_sd=0.85, loss_mean=0.25, loss_sd=0.04)),
+        ("q", (5, 4, 0, 4, 0), dict(acc_mean=97.69, acc_sd=0.69, loss_mean=0.26, loss_sd=0.04)),
+        ("qe", (6, 4, 1, 8, 0), dict(acc_mean=97.73, acc_sd=0.63, loss_mean=0.24, loss_sd=0.03)),
+    )
+}
 
 COLUMNS = [
     ("acc_ge_98", "N acc ≥ 98%"),
@@ -88,7 +91,10 @@ def plot_curves(runs: list[dict], out_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = by_optimizer(runs)
-    for metric, label, filename in (("test_acc", "test accuracy", "accuracy.png"), ("test_loss", "test loss", "loss.png")):
+    for metric, label, filename in (
+        ("test_acc", "test accuracy", "accuracy.png"),
+        ("test_loss", "test loss", "loss.png"),
+    ):
         figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(4 * max(len(groups), 1), 3.2), squeeze=False)
         for axis, (name, group) in zip(axes[0], groups.items()):
             for run in group:

@@ -55,7 +55,9 @@ def register(suffix: str, implementations: dict[str, Callable]) -> dict[str, Cal
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         return implementations["q_precondition"](q_out, d_out, q_in, d_in, g_hat, damping, lr, ea_out, ea_in)
 
-    def ghat_recursion(v_new: list[Tensor], g_hat: list[Tensor], v_prev: list[Tensor], m: list[Tensor], coef: float) -> None:
+    def ghat_recursion(
+        v_new: list[Tensor], g_hat: list[Tensor], v_prev: list[Tensor], m: list[Tensor], coef: float
+    ) -> None:
         implementations["ghat_recursion"](v_new, g_hat, v_prev, m, coef)
 
     specs = [

@@ -7,7 +7,7 @@ on a batch of blocks of equal shape (a leading batch dimension), and computes in
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -20,7 +20,9 @@ def gram(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     return 0.5 * (local + local.transpose(-1, -2))
 
 
-def fold(local: Tensor, ea: Tensor, reweighted: Tensor, rho: float, reweight: float, first: bool, with_reweighted: bool) -> None:
+def fold(
+    local: Tensor, ea: Tensor, reweighted: Tensor, rho: float, reweight: float, first: bool, with_reweighted: bool
+) -> None:
     """The two epilogues of :func:`factor_update` for a given local factor ``S`` (in place on ``ea``/``reweighted``)."""
     if first:
         ea.copy_(local)

@@ -27,9 +27,8 @@ from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
 from kldwrm_fast.curvature.eigen import symmetric_eig
-from kldwrm_fast.ops import reference
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
-from kldwrm_fast.ops import Operations, operations, resolve_backend, validate_backend
+from kldwrm_fast.ops import Operations, operations, reference, resolve_backend, validate_backend
 
 GLOBAL = "global"
 
@@ -266,13 +265,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._decompose_distributed(factors)
 
     def _decompose_distributed(self, factors: list) -> None:
-        owners = distributed.assign_by_cost([matrix.shape[0] for _, _, matrix in factors], self.data_parallel.world_size)
+        owners = distributed.assign_by_cost(
+            [matrix.shape[0] for _, _, matrix in factors], self.data_parallel.world_size
+        )
         for (block, side, matrix), owner in zip(factors, owners):
             state = self.block_state(block)
             keys = (f"Q{side}", f"d{side}")
             if owner == self.data_parallel.rank:
                 previous = (state[keys[0]], state[keys[1]]) if keys[0] in state else None
-                vectors, values = symmetric_eig(matrix, previous, f"{'input' if side == 'A' else 'output'} factor of {block.name}")
+                vectors, values = symmetric_eig(
+                    matrix, previous, f"{'input' if side == 'A' else 'output'} factor of {block.name}"
+                )
             else:
                 vectors, values = torch.empty_like(matrix), matrix.new_empty(matrix.shape[0])
             vectors, values = vectors.contiguous().clone(), values.contiguous().clone()

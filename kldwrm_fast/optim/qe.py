@@ -41,11 +41,11 @@ class QEKLDWRM(QKLDWRM):
 
     The mini-batch is the positional and keyword arguments of the last train-mode forward call of
     ``model`` before :meth:`step` (a forward pre-hook records them). Under data parallelism each rank's KL
-    term uses its own local batch, and the inner-solver gradients are averaged over ranks, so every rank
-    takes the same step: the KL term is then the mean over ranks of the per-rank batch means. The KL forwards run ``model`` with
-    ``torch.func.functional_call`` in eval mode (no dropout noise, BatchNorm running statistics, no buffer
-    updates) and collect no statistics; the stored networks' outputs are computed once per step without
-    autograd.
+    term uses its own local batch and the inner-solver gradients are averaged over ranks, so every rank
+    takes the same step: the KL term is then the mean over ranks of the per-rank batch means. The KL
+    forwards run ``model`` with ``torch.func.functional_call`` in eval mode (no dropout noise, BatchNorm
+    running statistics, no buffer updates) and collect no statistics; the stored networks' outputs are
+    computed once per step without autograd.
 
     Memory: ``n_cap`` copies of the trainable parameters, kept in one ``(n_cap, numel)`` buffer in the
     parameter dtype (``state["snapshots"]``, saved by ``state_dict``), on top of :class:`QKLDWRM`'s state.
@@ -79,10 +79,15 @@ class QEKLDWRM(QKLDWRM):
             f"Invalid inner_lr_ratio: {inner_lr_ratio!r}; expected inner_lr_ratio > 0",
         )
         _check(_is_int(n_cap) and n_cap >= 1, f"Invalid n_cap: {n_cap!r}; expected an integer >= 1")
-        _check(isinstance(kl_scale, (int, float)) and kl_scale >= 0, f"Invalid kl_scale: {kl_scale!r}; expected kl_scale >= 0")
+        _check(
+            isinstance(kl_scale, (int, float)) and kl_scale >= 0,
+            f"Invalid kl_scale: {kl_scale!r}; expected kl_scale >= 0",
+        )
         validate_positive_or_none("clip", clip)
         if not isinstance(model, nn.Module):
-            raise TypeError(f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}")
+            raise TypeError(
+                f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}"
+            )
         defaults = dict(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale,
@@ -137,9 +142,7 @@ class QEKLDWRM(QKLDWRM):
         group, k = self.param_groups[0], self.global_state["step"]
         rho = group["rho"]
         entries = self.snapshots()
-        weights = [
-            (1.0 / lr) * group["kl_scale"] * (1.0 if i == 0 else 1.0 - rho) * rho ** (k - i) for i, _ in entries
-        ]
+        weights = [(1.0 / lr) * group["kl_scale"] * (1.0 if i == 0 else 1.0 - rho) * rho ** (k - i) for i, _ in entries]
         targets = stored_outputs(self._network, self._snapshot_names, [values for _, values in entries], self._inputs)
         factors = [(self.block_state(b)["A"], self.block_state(b)["G"]) for b in self.curvature.blocks]
         reduce = distributed.average_ if self.data_parallel.active else None
@@ -151,7 +154,9 @@ class QEKLDWRM(QKLDWRM):
     def _update(self, group, blocks, grads, info):
         lr = info.lr
         if group["n_inner"] > 0 and self._inputs is None:
-            raise RuntimeError("QEKLDWRM.step() needs a train-mode forward call of the model with gradients enabled first")
+            raise RuntimeError(
+                "QEKLDWRM.step() needs a train-mode forward call of the model with gradients enabled first"
+            )
         steps = self._q_steps(group, blocks, grads, info)
         self._push_snapshot(self.global_state["step"])
         if group["n_inner"] > 0:

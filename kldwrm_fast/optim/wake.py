@@ -53,7 +53,9 @@ class WakeObjective:
         reduce: applied in place to each inner gradient (data parallel: the average over ranks), or None.
     """
 
-    def __init__(self, model, blocks, names, gradients, local_factors, targets, weights, inputs, predictive, reduce=None):
+    def __init__(
+        self, model, blocks, names, gradients, local_factors, targets, weights, inputs, predictive, reduce=None
+    ):
         self.model, self.blocks, self.names = model, blocks, names
         self.gradients, self.local_factors = gradients, local_factors
         self.targets, self.weights = targets, weights

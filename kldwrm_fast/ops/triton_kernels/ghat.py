@@ -28,7 +28,9 @@ def _ghat_kernel(new_ptr, g_hat_ptr, prev_ptr, m_ptr, n, coef, ACC: tl.constexpr
     tl.store(prev_ptr + offsets, new, mask=mask)
 
 
-def ghat_recursion(v_new: list[Tensor], g_hat: list[Tensor], v_prev: list[Tensor], m: list[Tensor], coef: float) -> None:
+def ghat_recursion(
+    v_new: list[Tensor], g_hat: list[Tensor], v_prev: list[Tensor], m: list[Tensor], coef: float
+) -> None:
     """Triton implementation of :func:`kldwrm_fast.ops.reference.ghat_recursion` (contiguous tensors)."""
     for new, gh, prev, mk in zip(v_new, g_hat, v_prev, m, strict=True):
         n = gh.numel()
