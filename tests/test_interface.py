@@ -293,3 +293,17 @@ def test_disabled_clipping_is_accepted():
     KFAC(small_cnn(), kl_clip=None)
     SOKLDWRM(small_cnn(), kl_clip=None)
     QKLDWRM(small_cnn(), clip=None)
+
+
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+def test_in_place_activations_do_not_change_the_statistics(fisher):
+    factors = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3)).double()
+        opt = KFAC(model, fisher=fisher, stat_freq=1, inv_freq=1)
+        x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+        train(opt, model, 1, x, y)
+        factors.append([opt.state[layer.weight]["G"] for layer in (model[0], model[2])])
+    for plain, in_place in zip(*factors):
+        torch.testing.assert_close(in_place, plain, rtol=0, atol=0)

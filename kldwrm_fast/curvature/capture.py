@@ -1,9 +1,9 @@
 """Capture of layer inputs and output gradients from an ``nn.Module`` with hooks (SPEC §1, §4).
 
 Every supported layer gets a forward hook that, on statistics steps only (``capture_due()``), in train
-mode and with gradients enabled, keeps the layer input. Output gradients come either from the training
-loss's own backward (``fisher="empirical"``: a tensor hook on the layer output) or from one extra
-``torch.autograd.grad`` of a sampled loss taken in a forward hook on the root module
+mode and with gradients enabled, keeps the layer input and puts a tensor hook on the layer output. The
+tensor hook keeps output gradients either from the training loss's own backward (``fisher="empirical"``)
+or from one extra ``torch.autograd.grad`` of a sampled loss taken in a forward hook on the root module
 (``fisher="sampled"``), which leaves ``.grad`` untouched and retains the graph for the user's backward.
 """
 
@@ -52,7 +52,8 @@ class KroneckerCurvature(Curvature):
             )
         self._seed = seed
         self._generator: torch.Generator | None = None
-        self._pending: list[tuple[KroneckerBlock, Tensor]] = []
+        self._pending: list[KroneckerBlock] = []
+        self._sampling = False
         self._paused = False
         self._passes = 0
         self._handles = [block.module.register_forward_hook(self._layer_hook(block)) for block in self.blocks]
@@ -76,12 +77,18 @@ class KroneckerCurvature(Curvature):
             if module is not block.module or not self._capturing(module, output):
                 return
             block.inputs.append(inputs[0].detach())
-            if self.fisher == "empirical":
-                output.register_hook(lambda grad: block.output_grads.append(grad.detach()))
-            else:
-                self._pending.append((block, output))
+            # A tensor hook sees the gradient of the output as the layer produced it, even if a later
+            # in-place op (ReLU(inplace=True)) rewrites that tensor.
+            output.register_hook(lambda grad: self._record(block, grad))
+            if self.fisher == "sampled":
+                self._pending.append(block)
 
         return hook
+
+    def _record(self, block: KroneckerBlock, grad: Tensor) -> None:
+        """Keep an output gradient from the right backward: the sampled one, or the training loss's."""
+        if self._sampling == (self.fisher == "sampled"):
+            block.output_grads.append(grad.detach())
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -109,10 +116,14 @@ class KroneckerCurvature(Curvature):
                 f"{type(output).__name__}; return a tensor or use fisher='empirical'"
             )
         loss = sampled_loss(output, self.predictive, self._generator_for(output.device))
-        grads = torch.autograd.grad(loss, [z for _, z in pending], retain_graph=True, allow_unused=True)
-        for (block, _), grad in zip(pending, grads):
-            if grad is not None:
-                block.output_grads.append(grad.detach())
+        # Differentiating to the weights makes the backward pass through every layer output, where the
+        # tensor hooks record; autograd.grad leaves .grad alone.
+        weights = list({id(block.params[0]): block.params[0] for block in pending}.values())
+        self._sampling = True
+        try:
+            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._sampling = False
 
     @contextlib.contextmanager
     def paused(self):
