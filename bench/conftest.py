@@ -1,0 +1,29 @@
+"""Benchmark settings: full sizes on CUDA, reduced sizes on CPU; the baselines come from the tests."""
+
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+FULL = DEVICE.type == "cuda"
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def environment() -> dict:
+    """Machine and versions for every benchmark's ``extra_info``."""
+    info = {"device": torch.cuda.get_device_name() if FULL else "cpu", "torch": torch.__version__}
+    info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info

@@ -1,0 +1,99 @@
+"""Per-iteration time (forward + backward + optimizer step) of every optimizer on the three workloads.
+
+    python -m pytest bench/test_step_time.py --benchmark-only [--benchmark-json out.json]
+
+Groups are ``workload cadence``; each entry's mean runs over whole cadence cycles (``inv_freq`` steps), so
+the occasional statistics and eigendecomposition steps are counted at their real frequency.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, FULL, environment, synchronize
+from kfac_reference import ReferenceKFAC
+from workloads import WORKLOADS, build
+
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+from kldwrm_fast.ops.dispatch import unavailable_reason
+
+CADENCES = {"every-step": (1, 1), "10/100": (10, 100), "30/30": (30, 30)}
+OURS = {"kfac": KFAC, "so": SOKLDWRM, "q": QKLDWRM, "qe": QEKLDWRM}
+BACKENDS = [b for b in ("torch", "triton", "cuda") if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
+ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]
+
+
+def make_step(entry, model, x, y, cadence):
+    stat_freq, inv_freq = cadence
+    if entry in ("sgd", "adam"):
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            if entry == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=1e-3)
+        )
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return opt, step
+    if entry == "kfac-reference":
+        opt = ReferenceKFAC(model, stat_freq=stat_freq, inv_freq=inv_freq)
+
+        def step():
+            opt.zero_grad()
+            output = model(x)
+            opt.sampled_statistics_backward(output)
+            F.cross_entropy(output, y).backward()
+            opt.step()
+
+        return opt, step
+    name, backend = entry.rsplit("-", 1)
+    opt = OURS[name](model, stat_freq=stat_freq, inv_freq=inv_freq, backend=backend)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return opt, step
+
+
+def state_bytes(opt) -> int:
+    seen, total = set(), 0
+    for state in opt.state.values():
+        for value in state.values() if isinstance(state, dict) else []:
+            if torch.is_tensor(value):
+                storage = value.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+    return total
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("cadence", list(CADENCES))
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_step_time(benchmark, workload, cadence, entry):
+    model, x, y = build(workload, FULL, DEVICE)
+    opt, step = make_step(entry, model, x, y, CADENCES[cadence])
+
+    def timed():
+        step()
+        synchronize()
+
+    cycle = CADENCES[cadence][1]
+    rounds = cycle * (1 if cycle >= 10 else 10)
+    if entry.startswith("qe") and not FULL:
+        rounds = max(cycle, 10)
+    for _ in range(2):  # warm-up: first statistics and decompositions, kernel compilation
+        timed()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"{workload} {cadence}"
+    benchmark.pedantic(timed, rounds=rounds, iterations=1)
+    benchmark.extra_info.update(environment())
+    benchmark.extra_info["state_bytes"] = state_bytes(opt)
+    benchmark.extra_info["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    if DEVICE.type == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
