@@ -1,6 +1,6 @@
 """Microbenchmarks of the fused operations and the eigendecomposition, with GB/s and TFLOP/s.
 
-python -m pytest bench/test_kernels.py --benchmark-only
+Run: ``python -m pytest bench/test_kernels.py --benchmark-only``
 """
 
 import pytest

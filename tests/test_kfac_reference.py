@@ -4,9 +4,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from kfac_reference import ReferenceKFAC
 from torch import nn
 
-from kfac_reference import ReferenceKFAC
 from kldwrm_fast import KFAC
 
 
