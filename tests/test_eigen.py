@@ -73,3 +73,33 @@ def test_non_finite_factor_keeps_the_previous_decomposition():
     previous = (torch.eye(3), torch.ones(3))
     with pytest.warns(RuntimeWarning):
         assert eigen.symmetric_eig(bad, previous) is previous
+
+
+def test_decompose_many_groups_equal_sizes_into_one_batched_call(monkeypatch):
+    real = eigen._eigh
+    shapes = []
+
+    def recording(matrix):
+        shapes.append(tuple(matrix.shape))
+        return real(matrix)
+
+    monkeypatch.setattr(eigen, "_eigh", recording)
+    matrices = [spd(4), spd(4), spd(3), spd(4), spd(4, torch.float64)]
+    results = eigen.decompose_many([(m, None, f"m{i}") for i, m in enumerate(matrices)])
+    assert sorted(shapes) == sorted([(3, 4, 4), (3, 3), (4, 4)])
+    for matrix, (q, d) in zip(matrices, results):
+        assert q.dtype == d.dtype == matrix.dtype and (d >= 0).all()
+        torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_member_sends_only_its_group_down_the_ladder():
+    good = [spd(3), spd(3)]
+    bad = spd(3)
+    bad[1, 2] = float("nan")
+    previous = (torch.eye(3), torch.ones(3))
+    requests = [(good[0], None, "a"), (bad, previous, "b"), (good[1], None, "c"), (spd(5), None, "d")]
+    with pytest.warns(RuntimeWarning, match="eigendecomposition of b failed"):
+        results = eigen.decompose_many(requests)
+    assert results[1] is previous
+    for matrix, (q, d) in zip(good, (results[0], results[2])):
+        torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from kldwrm_fast.curvature import layers
-from kldwrm_fast.curvature.eigen import symmetric_eig
 from kldwrm_fast.ops import Operations, reference
 
 State = dict
@@ -127,13 +126,6 @@ class FactoredBlock:
         """Add a block-form ``delta`` to the parameters (cast to their dtype)."""
         for param, part in zip(self.params, self.unflatten(delta), strict=True):
             param.add_(part.to(param.dtype))
-
-    def decompose(self, state: State, input_factor: Tensor, output_factor: Tensor) -> None:
-        """Eigendecompose the factors that preconditioning will use until the next inverse step."""
-        previous_a = (state["QA"], state["dA"]) if "QA" in state else None
-        previous_g = (state["QG"], state["dG"]) if "QG" in state else None
-        state["QA"], state["dA"] = symmetric_eig(input_factor, previous_a, f"input factor of {self.name}")
-        state["QG"], state["dG"] = symmetric_eig(output_factor, previous_g, f"output factor of {self.name}")
 
     def local_product(self, state: State, s: Tensor) -> Tensor:
         """``Γ_k S A_k`` with the most recent local factors (the Kronecker matvec ``B_k s``)."""

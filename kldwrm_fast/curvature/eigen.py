@@ -56,3 +56,36 @@ def symmetric_eig(
         raise torch.linalg.LinAlgError(f"eigendecomposition of {name} failed and no earlier one exists")
     warnings.warn(f"eigendecomposition of {name} failed; keeping the previous one", RuntimeWarning, stacklevel=3)
     return previous
+
+
+def decompose_many(requests: list[tuple[Tensor, Optional[tuple[Tensor, Tensor]], str]]) -> list[tuple[Tensor, Tensor]]:
+    """:func:`symmetric_eig` for many factors, grouped by size, dtype and device into batched calls.
+
+    Each group is one batched ``eigh`` with a host check of its input and of its results; only when that
+    fails does each member of the group go down the fallback ladder on its own.
+
+    Args:
+        requests: ``(matrix, previous, name)`` per factor, as for :func:`symmetric_eig`.
+
+    Returns:
+        ``(Q, d)`` per request, in order (members of a batched group are views of one tensor).
+    """
+    results: list = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    for index, (matrix, _, _) in enumerate(requests):
+        groups.setdefault((matrix.shape[-1], matrix.dtype, matrix.device), []).append(index)
+    for indices in groups.values():
+        stacked = torch.stack([requests[i][0] for i in indices]) if len(indices) > 1 else None
+        if stacked is not None and bool(torch.isfinite(stacked).all()):
+            try:
+                values, vectors = _eigh(stacked)
+            except torch.linalg.LinAlgError:
+                pass
+            else:
+                values.clamp_min_(0.0)
+                for position, index in enumerate(indices):
+                    results[index] = (vectors[position], values[position])
+                continue
+        for index in indices:
+            results[index] = symmetric_eig(*requests[index])
+    return results

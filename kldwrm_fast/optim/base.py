@@ -26,7 +26,7 @@ from kldwrm_fast import distributed
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
-from kldwrm_fast.curvature.eigen import symmetric_eig
+from kldwrm_fast.curvature.eigen import decompose_many, symmetric_eig
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
 from kldwrm_fast.ops import Operations, operations, reference, resolve_backend, validate_backend
 
@@ -247,13 +247,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.data_parallel.active:
             self._refresh_curvature_distributed(group, blocks, info, reweight, factor, unscale)
             return
+        factors = []
         for block in blocks:
             state = self.block_state(block)
             hats = block.update_statistics(
                 state, self._ops, group["rho"], reweight if info.inverse_due else None, factor, unscale
             )
-            if info.inverse_due:
-                block.decompose(state, *(hats if hats is not None else (state["A_ea"], state["G_ea"])))
+            x, y = hats if hats is not None else (state["A_ea"], state["G_ea"])
+            factors += [(block, "A", x), (block, "G", y)]
+        if info.inverse_due:
+            requests = [self._eigen_request(block, side, matrix) for block, side, matrix in factors]
+            for (block, side, _), result in zip(factors, decompose_many(requests)):
+                self.block_state(block)[f"Q{side}"], self.block_state(block)[f"d{side}"] = result
+
+    def _eigen_request(self, block, side: str, matrix: Tensor) -> tuple:
+        """``(matrix, previous decomposition or None, name)`` for the eigendecomposition of one factor."""
+        state = self.block_state(block)
+        previous = (state[f"Q{side}"], state[f"d{side}"]) if f"Q{side}" in state else None
+        return matrix, previous, f"{'input' if side == 'A' else 'output'} factor of {block.name}"
 
     def _refresh_curvature_distributed(self, group, blocks, info, reweight, factor, unscale) -> None:
         """As :meth:`_refresh_curvature`, with local factors averaged over ranks and eigendecompositions
