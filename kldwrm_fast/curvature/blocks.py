@@ -127,10 +127,6 @@ class FactoredBlock:
         for param, part in zip(self.params, self.unflatten(delta), strict=True):
             param.add_(part.to(param.dtype))
 
-    def local_product(self, state: State, s: Tensor) -> Tensor:
-        """``Γ_k S A_k`` with the most recent local factors (the Kronecker matvec ``B_k s``)."""
-        return state["G"] @ s @ state["A"]
-
     @staticmethod
     def _fold(state: State, ops, side: str, x: Tensor, scale: float, rho: float, reweight):
         """Update ``side`` ("A" or "G"): local factor, average, and the reweighted factor when asked."""

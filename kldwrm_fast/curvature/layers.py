@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
-
 
 def is_supported(module: nn.Module) -> bool:
     """Whether ``module`` becomes a Kronecker block: ``nn.Linear`` or ``nn.Conv2d`` with ``groups=1``."""
