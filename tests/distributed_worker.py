@@ -90,3 +90,23 @@ def mnist_study(rank, world, port, out):
     mnist.main(["--optimizers", "q", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--max-train", "128",
                 "--max-test", "64", "--out", out, "--device", "cpu"])  # fmt: skip
     dist.destroy_process_group()
+
+
+def nan_on_one_rank(rank, world, port, out):
+    """Rank 1 sees a non-finite captured statistic: every rank must skip that step together."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = DistributedDataParallel(build_model())
+    opt = make_optimizer("QKLDWRM", model, {})
+    for k in range(4):
+        x, y = global_batch(k, world)
+        x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if k == 2 and rank == 1:
+            block = opt.curvature.blocks[0]
+            block.inputs[0] = torch.full_like(block.inputs[0], float("nan"))
+        opt.step()
+    params = [p.detach() for p in model.module.parameters()]
+    torch.save({"params": params, "skipped": opt.skipped_steps}, f"{out}.{rank}")
+    dist.destroy_process_group()

@@ -77,3 +77,11 @@ def test_the_mnist_study_runs_data_parallel(tmp_path):
     runs = __import__("json").loads((tmp_path / "results.json").read_text())
     assert [(r["optimizer"], len(r["epochs"])) for r in runs] == [("q", 1)]
     assert "2 process(es)" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_non_finite_statistic_on_one_rank_makes_every_rank_skip(tmp_path):
+    out = str(tmp_path / "nan")
+    spawn(worker.nan_on_one_rank, 2, out)
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    assert [r["skipped"] for r in results] == [1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))

@@ -231,8 +231,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             sums.append(torch.where(found_inf.reshape(()) > 0, math.inf, 0.0).to(torch.float32))
         if not sums:
             return True
-        total = torch.stack([s.to(sums[0].device) for s in sums])
-        return bool(torch.isfinite(total).all())
+        finite = torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all().to(torch.float32)
+        if self.data_parallel.active:
+            # Local statistics differ between ranks: all must agree to skip, or their collectives would part.
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite)
 
     def _refresh_curvature(self, group: dict, blocks, info: StepInfo, reweight: Optional[float]):
         """Statistics and eigendecompositions due at this step.
