@@ -293,10 +293,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             state = self.block_state(block)
             keys = (f"Q{side}", f"d{side}")
             if owner == self.data_parallel.rank:
-                previous = (state[keys[0]], state[keys[1]]) if keys[0] in state else None
-                vectors, values = symmetric_eig(
-                    matrix, previous, f"{'input' if side == 'A' else 'output'} factor of {block.name}"
-                )
+                vectors, values = symmetric_eig(*self._eigen_request(block, side, matrix))
             else:
                 vectors, values = torch.empty_like(matrix), matrix.new_empty(matrix.shape[0])
             vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
@@ -337,9 +334,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.curvature.load_state_dict(curvature_state)
 
 
-def kl_clip_factor(products: list[Tensor], lr: float, kl_clip: Optional[float]) -> Optional[Tensor]:
-    """``ν = min(1, sqrt(kl_clip / (lr² Σ ⟨d, v⟩)))`` as a device tensor (no host sync), or None."""
+def kl_clip_factor(
+    directions: list[Tensor], vectors: list[Tensor], lr: float, kl_clip: Optional[float]
+) -> Optional[Tensor]:
+    """``ν = min(1, sqrt(kl_clip / (lr² Σ_blocks ⟨d, v⟩)))`` as a device tensor (no host sync), or None."""
     if kl_clip is None:
         return None
-    total = torch.stack(products).sum().clamp_min(0.0)
+    total = torch.stack([torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, vectors)])
+    total = total.sum().clamp_min(0.0)
     return torch.sqrt(kl_clip / (total * lr * lr)).clamp(max=1.0)

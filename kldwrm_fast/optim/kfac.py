@@ -61,9 +61,7 @@ class KFAC(CurvatureOptimizer):
         lr = info.lr
         self._refresh_curvature(group, blocks, info, reweight=None)
         directions = self._batches.precondition(self._ops, self.block_states(), grads, group["damping"])
-        nu = kl_clip_factor(
-            [torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, grads)], lr, group["kl_clip"]
-        )
+        nu = kl_clip_factor(directions, grads, lr, group["kl_clip"])
         momentum = group["momentum"]
         for block, d in zip(blocks, directions):
             if nu is not None:

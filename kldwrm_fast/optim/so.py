@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from kldwrm_fast.curvature import Curvature
@@ -52,8 +51,6 @@ class SOKLDWRM(CurvatureOptimizer):
             differences.append(v if lr_prev is None else v - coef * state["v_prev"])
             state["v_prev"] = v
         directions = self._batches.precondition(self._ops, states, differences, group["damping"])
-        nu = kl_clip_factor(
-            [torch.vdot(d.flatten(), u.flatten()) for d, u in zip(directions, differences)], lr, group["kl_clip"]
-        )
+        nu = kl_clip_factor(directions, differences, lr, group["kl_clip"])
         for block, d in zip(blocks, directions):
             block.add_(d * (-lr) if nu is None else d * (-lr * nu))
