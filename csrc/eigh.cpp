@@ -46,13 +46,21 @@ class SolverParams {
   cusolverDnParams_t params_ = nullptr;
 };
 
-// Workspaces in torch's allocators; the device one is stream-ordered, the host one is only read during the
-// call (as in torch's own Xsyevd wrapper).
+// Workspaces: the device one from torch's stream-ordered caching allocator; the host one (usually empty) is
+// kept until the stream has finished with it, since cuSOLVER does not promise to be done with it on return.
 struct Workspace {
   at::Tensor device;
   std::vector<char> host;
-  Workspace(size_t device_bytes, size_t host_bytes, const at::TensorOptions& options)
-      : device(at::empty({static_cast<int64_t>(device_bytes)}, options.dtype(at::kByte))), host(host_bytes) {}
+  cudaStream_t stream;
+  Workspace(size_t device_bytes, size_t host_bytes, const at::TensorOptions& options, cudaStream_t stream)
+      : device(at::empty({static_cast<int64_t>(device_bytes)}, options.dtype(at::kByte))),
+        host(host_bytes),
+        stream(stream) {}
+  ~Workspace() {
+    if (!host.empty()) cudaStreamSynchronize(stream);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
   void* device_ptr() { return device.numel() ? device.data_ptr() : nullptr; }
   void* host_ptr() { return host.empty() ? nullptr : host.data(); }
 };
@@ -78,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& matri
   if (batch > 0 && n > 0) {
     const cudaDataType type = matrix.scalar_type() == at::kDouble ? CUDA_R_64F : CUDA_R_32F;
     const cusolverDnHandle_t handle = solver_handle(matrix.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(matrix.device().index()).stream();
     const SolverParams params;
     size_t device_bytes = 0, host_bytes = 0;
     const auto jobz = CUSOLVER_EIG_MODE_VECTOR;
@@ -87,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& matri
       check_status(cusolverDnXsyevBatched_bufferSize(handle, params.get(), jobz, uplo, n, type, work.data_ptr(), n,
                                                      type, values.data_ptr(), type, &device_bytes, &host_bytes, batch),
                    "cusolverDnXsyevBatched_bufferSize");
-      Workspace workspace(device_bytes, host_bytes, matrix.options());
+      Workspace workspace(device_bytes, host_bytes, matrix.options(), stream);
       check_status(cusolverDnXsyevBatched(handle, params.get(), jobz, uplo, n, type, work.data_ptr(), n, type,
                                           values.data_ptr(), type, workspace.device_ptr(), device_bytes,
                                           workspace.host_ptr(), host_bytes, info.data_ptr<int>(), batch),
@@ -98,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eigh_cuda(const at::Tensor& matri
     check_status(cusolverDnXsyevd_bufferSize(handle, params.get(), jobz, uplo, n, type, work.data_ptr(), n, type,
                                              values.data_ptr(), type, &device_bytes, &host_bytes),
                  "cusolverDnXsyevd_bufferSize");
-    Workspace workspace(device_bytes, host_bytes, matrix.options());
+    Workspace workspace(device_bytes, host_bytes, matrix.options(), stream);
     const int64_t element = static_cast<int64_t>(matrix.element_size());
     for (int64_t b = 0; b < batch; ++b) {
       check_status(cusolverDnXsyevd(handle, params.get(), jobz, uplo, n, type,

@@ -84,8 +84,10 @@ at::Tensor product(const at::Tensor& a, bool transpose_a, const at::Tensor& b, b
 template <typename T>
 at::Tensor precondition_batched(const at::Tensor& q_out, const at::Tensor& d_out, const at::Tensor& q_in,
                                 const at::Tensor& d_in, const at::Tensor& v, T damping, T alpha) {
+  // The epilogue indexes eigenvalues with unit stride within a block.
+  const at::Tensor d_row = d_out.contiguous(), d_col = d_in.contiguous();
   const at::Tensor rotated = product<T>(q_out, true, v, false, T(1));
-  const at::Tensor scaled = product<T>(rotated, false, q_in, false, T(1), &d_out, &d_in, damping);
+  const at::Tensor scaled = product<T>(rotated, false, q_in, false, T(1), &d_row, &d_col, damping);
   const at::Tensor back = product<T>(q_out, false, scaled, false, T(1));
   return product<T>(back, false, q_in, true, alpha);
 }
