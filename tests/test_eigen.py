@@ -76,19 +76,47 @@ def test_non_finite_factor_keeps_the_previous_decomposition():
 
 
 def test_decompose_many_groups_equal_sizes_into_one_batched_call(monkeypatch):
-    real = eigen._eigh
+    real = eigen._eigh_batched
     shapes = []
 
-    def recording(matrix):
-        shapes.append(tuple(matrix.shape))
-        return real(matrix)
+    def recording(stack, solver):
+        shapes.append(tuple(stack.shape))
+        return real(stack, solver)
 
-    monkeypatch.setattr(eigen, "_eigh", recording)
+    monkeypatch.setattr(eigen, "_eigh_batched", recording)
     matrices = [spd(4), spd(4), spd(3), spd(4), spd(4, torch.float64)]
     results = eigen.decompose_many([(m, None, f"m{i}") for i, m in enumerate(matrices)])
-    assert sorted(shapes) == sorted([(3, 4, 4), (3, 3), (4, 4)])
+    assert sorted(shapes) == sorted([(3, 4, 4), (1, 3, 3), (1, 4, 4)])
     for matrix, (q, d) in zip(matrices, results):
         assert q.dtype == d.dtype == matrix.dtype and (d >= 0).all()
+        torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)
+
+
+def test_solver_flags_send_only_unconverged_members_down_the_ladder(monkeypatch):
+    """A batched solver (cuSOLVER's on CUDA) reports per-matrix info; only members with info != 0 are redone."""
+    calls = []
+
+    def solver(stack):
+        calls.append(tuple(stack.shape))
+        values, vectors = torch.linalg.eigh(stack)
+        info = torch.zeros(stack.shape[0], dtype=torch.int32)
+        info[1] = 7  # the second member "did not converge"; its garbage output must not be used
+        vectors[1] = float("nan")
+        return values, vectors, info
+
+    ladder = []
+    real_symmetric_eig = eigen.symmetric_eig
+
+    def recording_ladder(matrix, previous=None, name="factor"):
+        ladder.append(name)
+        return real_symmetric_eig(matrix, previous, name)
+
+    monkeypatch.setattr(eigen, "symmetric_eig", recording_ladder)
+    matrices = [spd(5), spd(5), spd(5)]
+    results = eigen.decompose_many([(m, None, f"m{i}") for i, m in enumerate(matrices)], solver=solver)
+    assert calls == [(3, 5, 5)] and ladder == ["m1"]
+    for matrix, (q, d) in zip(matrices, results):
+        assert torch.isfinite(q).all()
         torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)
 
 

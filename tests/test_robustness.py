@@ -128,7 +128,7 @@ def test_failing_eigendecomposition_keeps_the_previous_one_and_training_continue
     def failing(matrix):
         raise torch.linalg.LinAlgError("injected")
 
-    monkeypatch.setattr(eigen, "_eigh", failing)
+    monkeypatch.setattr(eigen, "_torch_eigh", failing)
     with pytest.warns(RuntimeWarning, match="keeping the previous one"):
         step(opt, model, *batch(1))
     for state, (q, d) in zip(opt.block_states(), kept):

@@ -3,22 +3,40 @@
 Rungs, in order: the factor's own dtype; a float64 retry; float64 with ``ε·I`` added (ε relative to the
 factor's scale); finally the previous decomposition is kept with a warning. Eigenvalues are clamped at 0
 because factors are positive semi-definite in exact arithmetic and rounding can make small ones negative.
+
+:func:`decompose_many` decomposes all factors due at a step: grouped by size into batched solver calls
+(cuSOLVER's through the CUDA extension, else ``torch.linalg.eigh``), with one host check for the whole step
+and the ladder only for members that failed.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 JITTER = 1e-6
 
+HOST_MAX_N = 128
+"""A lone CUDA factor (no other of its size due) up to this size is decomposed on the host CPU. SPEC §6
+measured, on an H200 machine, 0.03 ms on the host vs 0.16 ms on the GPU at n=16 and 0.97 vs 1.8 ms at n=128;
+batches stay on the GPU (64 matrices of n=32: 0.20 ms batched cuSOLVER vs 5.3 ms on the host)."""
+
+BatchedSolver = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
+"""``solver(stack) -> (values, vectors, info)`` for a (batch, n, n) stack; ``info`` (batch,) int, 0 where the
+matrix converged, left on the device (the CUDA extension's ``eigh_cuda``)."""
+
+
+def _torch_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``: every PyTorch-side decomposition goes through here (tests inject failures)."""
+    return torch.linalg.eigh(matrix)
+
 
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` that also rejects non-finite results (the seam tests use to inject failures)."""
-    values, vectors = torch.linalg.eigh(matrix)
+    """:func:`_torch_eigh` that also rejects non-finite results (one rung of the ladder)."""
+    values, vectors = _torch_eigh(matrix)
     if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
         raise torch.linalg.LinAlgError("eigendecomposition returned non-finite values")
     return values, vectors
@@ -58,34 +76,62 @@ def symmetric_eig(
     return previous
 
 
-def decompose_many(requests: list[tuple[Tensor, Optional[tuple[Tensor, Tensor]], str]]) -> list[tuple[Tensor, Tensor]]:
+def _eigh_batched(stack: Tensor, solver: Optional[BatchedSolver]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(values, vectors, ok)`` of a (batch, n, n) stack without a host sync; ``ok`` (batch,) bool on the device.
+
+    Raises ``torch.linalg.LinAlgError`` when ``torch.linalg.eigh`` rejects the batch as a whole.
+    """
+    if solver is not None:
+        values, vectors, info = solver(stack)
+        converged = info == 0
+    elif stack.is_cuda and stack.shape[0] == 1 and stack.shape[-1] <= HOST_MAX_N:
+        values, vectors = (t.to(stack.device) for t in _torch_eigh(stack.cpu()))
+        converged = True
+    else:
+        values, vectors = _torch_eigh(stack)
+        converged = True
+    ok = torch.isfinite(values).all(-1) & torch.isfinite(vectors).flatten(-2).all(-1) & converged
+    return values, vectors, ok
+
+
+def decompose_many(
+    requests: list[tuple[Tensor, Optional[tuple[Tensor, Tensor]], str]], solver: Optional[BatchedSolver] = None
+) -> list[tuple[Tensor, Tensor]]:
     """:func:`symmetric_eig` for many factors, grouped by size, dtype and device into batched calls.
 
-    Each group is one batched ``eigh`` with a host check of its input and of its results; only when that
-    fails does each member of the group go down the fallback ladder on its own.
+    All groups are launched first; one host transfer of their per-member success flags follows (the step's
+    only sync for eigendecompositions); members that failed, or whose group the solver rejected, go down the
+    fallback ladder on their own.
 
     Args:
         requests: ``(matrix, previous, name)`` per factor, as for :func:`symmetric_eig`.
+        solver: the batched solver (:data:`BatchedSolver`; the CUDA backend passes cuSOLVER's); None:
+            ``torch.linalg.eigh``, on the host CPU for lone CUDA factors up to :data:`HOST_MAX_N`.
 
     Returns:
         ``(Q, d)`` per request, in order (members of a batched group are views of one tensor).
     """
-    results: list = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     for index, (matrix, _, _) in enumerate(requests):
         groups.setdefault((matrix.shape[-1], matrix.dtype, matrix.device), []).append(index)
+    launched = []
     for indices in groups.values():
-        stacked = torch.stack([requests[i][0] for i in indices]) if len(indices) > 1 else None
-        if stacked is not None and bool(torch.isfinite(stacked).all()):
-            try:
-                values, vectors = _eigh(stacked)
-            except torch.linalg.LinAlgError:
-                pass
-            else:
-                values.clamp_min_(0.0)
-                for position, index in enumerate(indices):
-                    results[index] = (vectors[position], values[position])
-                continue
-        for index in indices:
+        stack = torch.stack([requests[i][0] for i in indices])
+        try:
+            values, vectors, ok = _eigh_batched(stack, solver)
+        except torch.linalg.LinAlgError:
+            continue
+        ok = ok & torch.isfinite(stack).flatten(1).all(1)
+        launched.append((indices, values.clamp_min_(0.0), vectors, ok))
+    flags = torch.cat([ok.to(launched[0][3].device) for *_, ok in launched]).tolist() if launched else []
+    results: list = [None] * len(requests)
+    position = 0
+    for indices, values, vectors, _ in launched:
+        for j, index in enumerate(indices):
+            if flags[position]:
+                results[index] = (vectors[j], values[j])
+            position += 1
+    for index, result in enumerate(results):
+        if result is None:
             results[index] = symmetric_eig(*requests[index])
     return results

@@ -260,7 +260,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             factors += [(block, "A", x), (block, "G", y)]
         if info.inverse_due:
             requests = [self._eigen_request(block, side, matrix) for block, side, matrix in factors]
-            for (block, side, _), result in zip(factors, decompose_many(requests)):
+            for (block, side, _), result in zip(factors, decompose_many(requests, self._ops.eigh)):
                 self.block_state(block)[f"Q{side}"], self.block_state(block)[f"d{side}"] = result
 
     def _eigen_request(self, block, side: str, matrix: Tensor) -> tuple:
