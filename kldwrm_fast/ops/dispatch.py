@@ -8,10 +8,11 @@ why.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -23,13 +24,15 @@ ENV_OVERRIDE = "KLDWRM_BACKEND"
 
 @dataclass(frozen=True)
 class Operations:
-    """The four fused operations of one backend (signatures of :mod:`kldwrm_fast.ops.reference`)."""
+    """The four fused operations of one backend (signatures of :mod:`kldwrm_fast.ops.reference`) and its
+    batched eigensolver (:data:`kldwrm_fast.curvature.eigen.BatchedSolver`; None: ``torch.linalg.eigh``)."""
 
     backend: str
     factor_update: Callable
     precondition: Callable
     q_precondition: Callable
     ghat_recursion: Callable
+    eigh: Optional[Callable] = None
 
 
 def validate_backend(backend: str) -> str:
@@ -53,7 +56,22 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         return f"the 'cuda' backend runs on CUDA tensors only, and the parameters are on {device}"
     if importlib.util.find_spec("kldwrm_fast._C") is None:
         return "the CUDA extension kldwrm_fast._C was not built (see README, 'CUDA extension')"
-    return "this build of kldwrm_fast registers no CUDA kernels yet"
+    return _cuda_extension_fault(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_fault(device: str) -> Optional[str]:
+    """Why the built extension cannot run on ``device`` (it fails to load, or has no kernel for this GPU's
+    architecture), found once per device by loading it and running one tiny operation; None when it runs."""
+    try:
+        from kldwrm_fast.ops.cuda_ext import CUDA_OPS
+
+        one = torch.zeros(1, device=device)
+        CUDA_OPS["ghat_recursion"]([one], [one.clone()], [one.clone()], [one], 1.0)
+        torch.cuda.synchronize(device)
+    except (ImportError, OSError, RuntimeError) as error:
+        return f"the CUDA extension kldwrm_fast._C cannot run on {device}: {error}"
+    return None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -86,4 +104,8 @@ def operations(backend: str) -> Operations:
         from kldwrm_fast.ops.triton_kernels import TRITON_OPS
 
         return Operations(backend, **TRITON_OPS)
+    if backend == "cuda":
+        from kldwrm_fast.ops.cuda_ext import CUDA_OPS, eigh
+
+        return Operations(backend, **CUDA_OPS, eigh=eigh)
     raise RuntimeError(f"no operations are registered for backend {backend!r}")

@@ -2,7 +2,8 @@
 
 Each operation exists once per backend under the same schema: ``kldwrm_fast::<op>`` is the PyTorch
 reference (any device; the CPU path and the CUDA fallback), ``kldwrm_fast::<op>_triton`` the Triton kernels
-(:mod:`kldwrm_fast.ops.triton`), and ``kldwrm_fast::<op>_cuda`` the CUDA extension's. Every op has a fake
+(:mod:`kldwrm_fast.ops.triton_kernels`), and ``kldwrm_fast::<op>_cuda`` the CUDA extension's (defined in C++,
+``csrc/registration.cpp``; fakes added by :mod:`kldwrm_fast.ops.cuda_ext`). Every op has a fake
 implementation so ``torch.compile`` can trace through the optimizer step. :func:`register` defines one
 backend's four ops from its implementation functions.
 """
@@ -33,6 +34,15 @@ def _ghat_recursion_fake(v_new, g_hat, v_prev, m, coef):
     return None
 
 
+FAKES = {
+    "factor_update": _factor_update_fake,
+    "precondition": _precondition_fake,
+    "q_precondition": _q_precondition_fake,
+    "ghat_recursion": _ghat_recursion_fake,
+}
+"""Fake (meta) implementations by operation name, shared by every backend's registration."""
+
+
 def register(suffix: str, implementations: dict[str, Callable]) -> dict[str, Callable]:
     """Define ``kldwrm_fast::<op><suffix>`` for the four operations; return the registered ops by name.
 
@@ -61,15 +71,15 @@ def register(suffix: str, implementations: dict[str, Callable]) -> dict[str, Cal
         implementations["ghat_recursion"](v_new, g_hat, v_prev, m, coef)
 
     specs = [
-        (factor_update, ("ea", "reweighted"), _factor_update_fake),
-        (precondition, (), _precondition_fake),
-        (q_precondition, (), _q_precondition_fake),
-        (ghat_recursion, ("g_hat", "v_prev"), _ghat_recursion_fake),
+        (factor_update, ("ea", "reweighted")),
+        (precondition, ()),
+        (q_precondition, ()),
+        (ghat_recursion, ("g_hat", "v_prev")),
     ]
     ops = {}
-    for function, mutates, fake in specs:
+    for function, mutates in specs:
         op = torch.library.custom_op(f"kldwrm_fast::{function.__name__}{suffix}", mutates_args=mutates)(function)
-        op.register_fake(fake)
+        op.register_fake(FAKES[function.__name__])
         ops[function.__name__] = op
     return ops
 

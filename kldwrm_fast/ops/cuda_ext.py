@@ -1,0 +1,41 @@
+"""The CUDA extension's operations ``kldwrm_fast::<op>_cuda`` and its cuSOLVER eigensolver.
+
+Importing this module imports ``kldwrm_fast._C`` (built from ``csrc/`` by ``setup.py``), whose static
+initialisers define and register the ops for CUDA tensors, and adds their fake implementations. It raises
+``ImportError`` when the extension was not built or cannot be loaded; :mod:`kldwrm_fast.ops.dispatch` turns
+that into the reason the ``"cuda"`` backend is unavailable, so ``import kldwrm_fast`` never depends on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import kldwrm_fast._C  # noqa: F401  (registers the operations)
+from kldwrm_fast.ops.library import FAKES
+
+OPERATION_NAMES = ("factor_update", "precondition", "q_precondition", "ghat_recursion")
+
+for _name in OPERATION_NAMES:
+    torch.library.register_fake(f"kldwrm_fast::{_name}_cuda")(FAKES[_name])
+
+
+@torch.library.register_fake("kldwrm_fast::eigh_cuda")
+def _eigh_fake(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    vectors = matrix.new_empty(matrix.shape).mT
+    return matrix.new_empty(matrix.shape[:-1]), vectors, matrix.new_empty(matrix.shape[:-2], dtype=torch.int32)
+
+
+CUDA_OPS = {name: getattr(torch.ops.kldwrm_fast, f"{name}_cuda") for name in OPERATION_NAMES}
+"""The four fused operations by name (signatures of :mod:`kldwrm_fast.ops.reference`)."""
+
+
+def eigh(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """cuSOLVER eigendecomposition of a (..., n, n) symmetric float32/float64 CUDA tensor, no host sync.
+
+    Returns:
+        ``(values, vectors, info)``: ascending eigenvalues (..., n), eigenvectors as columns (..., n, n), and
+        cuSOLVER's info (...) int32 on the device, 0 where the matrix converged. A batch goes through
+        ``cusolverDnXsyevBatched`` in one call, a single matrix through ``cusolverDnXsyevd``.
+    """
+    return torch.ops.kldwrm_fast.eigh_cuda(matrix)
