@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import DEVICE, FULL, environment, synchronize
 
-from kldwrm_fast.curvature.eigen import symmetric_eig
+from kldwrm_fast.curvature.eigen import decompose_many
 from kldwrm_fast.ops import operations
 from kldwrm_fast.ops.dispatch import unavailable_reason
 
@@ -75,9 +75,15 @@ def test_ghat_recursion(benchmark, backend):
     report(benchmark, 4 * 6 * total, 4 * total)
 
 
+EIGEN_SOLVERS = ["torch"] + (["cusolver"] if "cuda" in BACKENDS else [])
+
+
+@pytest.mark.parametrize("solver", EIGEN_SOLVERS)
 @pytest.mark.parametrize("batch,n", [(64, 33), (16, 257), (1, 2049)] if FULL else [(16, 33), (4, 129), (1, 513)])
-def test_eigendecomposition(benchmark, batch, n):
-    matrices = spd(batch, n)
+def test_eigendecomposition(benchmark, solver, batch, n):
+    """What an inverse step does for ``batch`` due factors of size ``n``: grouped, batched, one host check."""
+    requests = [(matrix, None, "factor") for matrix in spd(batch, n)]
+    batched = operations("cuda").eigh if solver == "cusolver" else None
     benchmark.group = "eigendecomposition"
-    run(benchmark, lambda: symmetric_eig(matrices))
+    run(benchmark, lambda: decompose_many(requests, batched))
     report(benchmark, 4 * 2 * batch * n * n, 9 * batch * n**3)

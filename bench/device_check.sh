@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one run, most important first (each stage writes under $OUT, default
+# ./device-check): build the CUDA extension, the GPU tests (every CUDA op, the eigensolver and whole
+# trajectories against the reference), bench/gpu_check.py (accuracy and timing tables), then the step-time
+# suite on the paper CNN and the MLP at the 10/100 cadence (the issue's GPU targets).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-device-check}
+mkdir -p "$out"
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+{ time pip install --no-build-isolation --no-deps -e . ; } > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+python -m pytest -q -m gpu tests 2>&1 | tail -30 | tee "$out/gpu_tests.txt"
+python bench/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.txt"
+python -m pytest bench/test_step_time.py --benchmark-only -q -k "10/100 and (paper-cnn or mlp)" \
+  --benchmark-json "$out/step_time.json" 2>&1 | tail -60 | tee "$out/step_time.txt"
