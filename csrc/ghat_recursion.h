@@ -6,11 +6,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define KLD_HD __host__ __device__ __forceinline__
-#else
-#define KLD_HD inline
-#endif
+#include "host_device.h"
 
 namespace kldwrm {
 

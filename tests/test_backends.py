@@ -13,14 +13,21 @@ from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
 
 
-def model_and_batches():
+def model_and_batches(width=8, device="cpu", dtype=torch.float32):
+    """A small CNN (three equal hidden Linear layers of ``width``) and 7 batches, on ``device`` in ``dtype``."""
     torch.manual_seed(11)
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(27, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4),
-    )  # fmt: skip
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, width), nn.Tanh(),
+        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 4),
+    ).to(device=device, dtype=dtype)  # fmt: skip
     gen = torch.Generator().manual_seed(12)
-    batches = [(torch.randn(10, 1, 6, 6, generator=gen), torch.randint(0, 4, (10,), generator=gen)) for _ in range(7)]
+    batches = [
+        (
+            torch.randn(10, 1, 6, 6, generator=gen, dtype=dtype).to(device),
+            torch.randint(0, 4, (10,), generator=gen).to(device),
+        )
+        for _ in range(7)
+    ]
     return model, batches
 
 

@@ -13,8 +13,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from test_backends import model_and_batches, trajectory
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.curvature import eigen
@@ -210,40 +209,14 @@ def test_cusolver_reports_failure_on_the_device_and_the_ladder_recovers(cuda_ext
     torch.testing.assert_close(results[0][1], torch.full((6,), 2.0, device="cuda"))
 
 
-def _model_and_batches(dtype):
-    torch.manual_seed(11)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(27, 70), nn.Tanh(), nn.Linear(70, 70), nn.Tanh(), nn.Linear(70, 70), nn.Tanh(), nn.Linear(70, 4),
-    ).to(device="cuda", dtype=dtype)  # fmt: skip
-    gen = torch.Generator().manual_seed(12)
-    batches = [
-        (torch.randn(10, 1, 6, 6, generator=gen, dtype=dtype).cuda(), torch.randint(0, 4, (10,), generator=gen).cuda())
-        for _ in range(7)
-    ]
-    return model, batches
-
-
-def _trajectory(cls, backend, model, batches, **extra):
-    torch.manual_seed(13)
-    opt = cls(model, lr=0.05, stat_freq=2, inv_freq=4, backend=backend, **extra)
-    params = []
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    return params, opt
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_backend_follows_the_torch_trajectory(cuda_ext, cls, dtype):
     extra = dict(n_inner=2) if cls is QEKLDWRM else {}
-    model, batches = _model_and_batches(dtype)
-    reference_params, _ = _trajectory(cls, "torch", copy.deepcopy(model), batches, **extra)
-    ours, opt = _trajectory(cls, "cuda", model, batches, **extra)
+    model, batches = model_and_batches(width=70, device="cuda", dtype=dtype)  # 70 > one 64-wide kernel tile
+    reference_params, _ = trajectory(cls, "torch", copy.deepcopy(model), batches, **extra)
+    ours, opt = trajectory(cls, "cuda", model, batches, **extra)
     assert opt.backend == "cuda"
     tolerance = 1e-9 if dtype == torch.float64 else 1e-4
     for a, b in zip(ours, reference_params):
