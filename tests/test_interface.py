@@ -175,6 +175,20 @@ def test_sampled_fisher_costs_one_extra_backward_on_statistics_steps_only():
     assert calls == [2, 1, 1, 2, 1, 1]
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sampled_backward_stops_at_layer_outputs_and_computes_no_weight_gradients(inplace):
+    """The sampled pass differentiates to the layer outputs; only an output rewritten in place (here by
+    ReLU(inplace=True)) makes its layer's weight the target instead."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = KFAC(model, fisher="sampled", stat_freq=1, inv_freq=1)
+    weights = [model[0].weight, model[2].weight, model[4].weight]
+    counts = [0, 0, 0]
+    for i, weight in enumerate(weights):
+        weight.register_hook(lambda grad, i=i: counts.__setitem__(i, counts[i] + 1))
+    train(opt, model, 1, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    assert counts == ([2, 1, 1] if inplace else [1, 1, 1])
+
+
 def test_sampled_gaussian_regression_trains():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))

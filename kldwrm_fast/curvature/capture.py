@@ -52,7 +52,8 @@ class KroneckerCurvature(Curvature):
             )
         self._seed = seed
         self._generator: torch.Generator | None = None
-        self._pending: list[KroneckerBlock] = []
+        # (block, layer output, its version when produced) awaiting the sampled backward of this forward.
+        self._pending: list[tuple[KroneckerBlock, Tensor, int]] = []
         self._sampling = False
         self._paused = False
         self._passes = 0
@@ -81,7 +82,7 @@ class KroneckerCurvature(Curvature):
             # in-place op (ReLU(inplace=True)) rewrites that tensor.
             output.register_hook(lambda grad: self._record(block, grad))
             if self.fisher == "sampled":
-                self._pending.append(block)
+                self._pending.append((block, output, output._version))
 
         return hook
 
@@ -116,12 +117,17 @@ class KroneckerCurvature(Curvature):
                 f"{type(output).__name__}; return a tensor or use fisher='empirical'"
             )
         loss = sampled_loss(output, self.predictive, self._generator_for(output.device))
-        # Differentiating to the weights makes the backward pass through every layer output, where the
-        # tensor hooks record; autograd.grad leaves .grad alone.
-        weights = list({id(block.params[0]): block.params[0] for block in pending}.values())
+        # Differentiating to the layer outputs (where the tensor hooks record) stops the backward at the
+        # first layer and skips every weight-gradient product; an output rewritten in place since (its
+        # version moved) no longer stands for the layer's output, so its weight is the target instead.
+        # autograd.grad leaves .grad alone.
+        targets = {}
+        for block, output, version in pending:
+            target = output if output._version == version else block.params[0]
+            targets[id(target)] = target
         self._sampling = True
         try:
-            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, list(targets.values()), retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
 
