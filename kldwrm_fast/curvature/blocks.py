@@ -193,7 +193,8 @@ class KroneckerBlock(FactoredBlock):
                 f"{missing}: call the model in train mode with gradients enabled before step(), and do not "
                 "use the layer's weights outside its forward"
             )
-        a = torch.cat([layers.input_rows(self.module, x, self.has_bias).to(self.dtype) for x in self.inputs])
+        pieces = [layers.input_rows(self.module, x, self.has_bias, self.dtype) for x in self.inputs]
+        a = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return {"A": (a, 1.0 / a.shape[0]), "G": self._gradient_rows(grad_factor, grad_unscale)}
 
     def _gradient_rows(self, factor: float, grad_unscale: Optional[Tensor]) -> tuple[Tensor, float]:

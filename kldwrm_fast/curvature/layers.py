@@ -30,21 +30,29 @@ def _batched_image(module: nn.Module, x: Tensor) -> Tensor:
     return x.unsqueeze(0) if x.dim() == 3 else x
 
 
-def input_rows(module: nn.Module, x: Tensor, with_bias: bool) -> Tensor:
-    """Augmented input rows ``ā`` (rows, n_in[+1]) of a layer input ``x``, in ``x``'s dtype."""
+def input_rows(module: nn.Module, x: Tensor, with_bias: bool, dtype: torch.dtype | None = None) -> Tensor:
+    """Augmented input rows ``ā`` (rows, n_in[+1]) of a layer input ``x``, in ``dtype`` (default ``x``'s).
+
+    Written with at most one copy: the patches (or inputs) and the bias column of ones go straight into the
+    result, in its dtype.
+    """
     if isinstance(module, nn.Conv2d):
         x = _batched_image(module, x)
         pad = module._reversed_padding_repeated_twice
         if any(pad):
             mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
             x = F.pad(x, pad, mode=mode)
-        patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        source = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride).transpose(1, 2)
     else:
-        rows = x.reshape(-1, x.shape[-1])
-    if with_bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
+        source = x.reshape(-1, x.shape[-1])
+    dtype = dtype or x.dtype
+    n = source.shape[-1]
+    if not with_bias:
+        return source.reshape(-1, n).to(dtype)
+    rows = torch.empty(*source.shape[:-1], n + 1, dtype=dtype, device=x.device)
+    rows[..., :n].copy_(source)
+    rows[..., n].fill_(1.0)
+    return rows.view(-1, n + 1)
 
 
 def output_rows(module: nn.Module, e: Tensor) -> Tensor:
