@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kldwrm_fast import QKLDWRM
-from kldwrm_fast.ops import operations, resolve_backend
+from kldwrm_fast.ops import operations, reference, resolve_backend
 
 CPU = torch.device("cpu")
 
@@ -44,7 +44,13 @@ def test_invalid_environment_override_is_named(monkeypatch):
         resolve_backend("auto", CPU)
 
 
-def test_torch_operations_are_the_registered_reference_ops():
+def test_torch_operations_are_the_reference_functions_the_registered_ops_wrap():
     ops = operations("torch")
-    assert ops.precondition._opoverload is torch.ops.kldwrm_fast.precondition.default
-    assert ops.ghat_recursion._opoverload is torch.ops.kldwrm_fast.ghat_recursion.default
+    q, d, v = (
+        torch.eye(3, dtype=torch.float64),
+        torch.ones(3, dtype=torch.float64),
+        torch.randn(3, 3, dtype=torch.float64),
+    )
+    for name in ("factor_update", "precondition", "q_precondition", "ghat_recursion"):
+        assert getattr(ops, name) is getattr(reference, name)
+    assert torch.equal(ops.precondition(q, d, q, d, v, 0.5), torch.ops.kldwrm_fast.precondition(q, d, q, d, v, 0.5))
