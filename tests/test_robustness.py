@@ -159,7 +159,7 @@ def test_ghat_growth_guard_keeps_an_adversarial_recursion_finite():
     assert guarded.ghat_resets > 0
     assert torch.isfinite(guarded.block_states()[0]["g_hat"]).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    with pytest.warns(RuntimeWarning, match="recursion restarts from V"):
+    with pytest.warns(RuntimeWarning, match="recursion restarted from V"):
         run_growing_loss_once_warning()
 
 
@@ -293,3 +293,29 @@ def test_a_cpu_checkpoint_loads_onto_a_cuda_model_and_continues(cls):
         step(cuda_opt, cuda_model, x.cuda(), y.cuda())
     for a, b in zip(model.parameters(), cuda_model.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
+
+
+class _HostSyncError(AssertionError):
+    pass
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM])
+def test_steps_between_inverse_steps_never_read_device_values_on_the_host(cls, monkeypatch):
+    """With ``check_numerics=False`` a step that decomposes nothing (statistics due or not) reads no tensor
+    value on the host: on a GPU it queues its work without waiting. Every Python-level way to read a value
+    (bool, item, tolist, float/int conversion, nonzero) is made to raise."""
+    model = small_model()
+    extra = dict(n_inner=2) if cls is QEKLDWRM else {}
+    opt = cls(model, lr=0.05, stat_freq=2, inv_freq=100, **extra)
+    opt.check_numerics = False
+    step(opt, model, *batch(0))  # the first step decomposes (and syncs)
+
+    def forbidden(*args, **kwargs):
+        raise _HostSyncError("a step read a tensor value on the host")
+
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for k in (1, 2, 3):  # steps 1 and 3 take no statistics, step 2 does
+        step(opt, model, *batch(k))
+    monkeypatch.undo()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -15,7 +15,7 @@ from kldwrm_fast.optim.base import CurvatureOptimizer, validate_positive_or_none
 
 class QKLDWRM(CurvatureOptimizer):
     ghat_growth_limit: Optional[float] = 100.0
-    ghat_resets: int = 0  # per-instance count once a reset happens
+    ghat_report_every: int = 100
 
     """Quadratic KLD-WRM.
 
@@ -30,8 +30,10 @@ class QKLDWRM(CurvatureOptimizer):
 
     Growth guard: the paper (Sec. 4.3) bounds ``Ĝ`` when ``ρ‖I − M̂_k‖ ≤ δ < 1``. As a cheap proxy, a block
     whose ``‖Ĝ_k‖ > ghat_growth_limit · ‖V_k‖`` (or is not finite) restarts its recursion from
-    ``Ĝ_k = V_k`` with a warning, counted in :attr:`ghat_resets` (``ghat_growth_limit = None`` disables it;
-    the check costs one host synchronisation per step).
+    ``Ĝ_k = V_k``, counted in :attr:`ghat_resets` (``ghat_growth_limit = None`` disables it). The check and
+    the restart run on the device without a host synchronisation; resets are counted there and reported
+    (a warning naming the blocks) on inverse steps, which wait for the eigensolver anyway, at least every
+    ``ghat_report_every`` steps, and whenever :attr:`ghat_resets` is read.
 
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``
     and ``kl_clip``; paper default ``rho=0.5``.
@@ -58,21 +60,40 @@ class QKLDWRM(CurvatureOptimizer):
         )  # fmt: skip
         super().__init__(model, defaults, fisher, predictive, backend)
 
-    def _guard_recursion(self, blocks, states: list[dict], grads) -> None:
-        """Restart the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring)."""
-        limit = self.ghat_growth_limit
-        g_norms = torch.stack([torch.linalg.vector_norm(s["g_hat"]) for s in states])
-        v_norms = torch.stack([torch.linalg.vector_norm(v) for v in grads])
-        violated = ~(g_norms <= limit * v_norms)
-        if not bool(violated.any()):
+    @property
+    def ghat_resets(self) -> int:
+        """How many times a block's recursion restarted (reads the device-side counts: a host sync)."""
+        self._report_resets()
+        return self._ghat_resets_reported
+
+    def _guard_recursion(self, states: list[dict], grads) -> None:
+        """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring)."""
+        g_hats = [s["g_hat"] for s in states]
+        g_norms = torch.stack(torch._foreach_norm(g_hats))
+        v_norms = torch.stack(torch._foreach_norm(grads))
+        violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
+        for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
+            g_hat.copy_(torch.where(violated[index], v, g_hat))
+        counts = getattr(self, "_ghat_reset_counts", None)
+        self._ghat_reset_counts = violated.to(torch.int64) if counts is None else counts + violated
+
+    def _report_resets(self) -> None:
+        """Warn about restarts counted since the last report (one host transfer)."""
+        counts = getattr(self, "_ghat_reset_counts", None)
+        reported = getattr(self, "_ghat_reported_counts", None)
+        self._ghat_resets_reported = getattr(self, "_ghat_resets_reported", 0)
+        if counts is None:
             return
-        names = []
-        for index in violated.nonzero().flatten().tolist():
-            states[index]["g_hat"].copy_(grads[index])
-            names.append(blocks[index].name)
-        self.ghat_resets += len(names)
+        counts = counts.tolist()
+        new = [c - r for c, r in zip(counts, reported or [0] * len(counts))]
+        self._ghat_reported_counts = counts
+        if not any(new):
+            return
+        self._ghat_resets_reported += sum(new)
+        names = [f"{block.name} ({n}×)" for block, n in zip(self.curvature.blocks, new) if n]
         warnings.warn(
-            f"{type(self).__name__}: Ĝ grew past {limit}·‖V‖ in {', '.join(names)}; its recursion restarts from V",
+            f"{type(self).__name__}: Ĝ grew past {self.ghat_growth_limit}·‖V‖ (or was not finite) in "
+            f"{', '.join(names)}; the recursion restarted from V",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -92,7 +113,9 @@ class QKLDWRM(CurvatureOptimizer):
                 rho * lr_prev / lr,
             )  # fmt: skip
             if self.ghat_growth_limit is not None:
-                self._guard_recursion(blocks, states, grads)
+                self._guard_recursion(states, grads)
+                if info.inverse_due or self.global_state["step"] % self.ghat_report_every == 0:
+                    self._report_resets()
         steps, products = self._batches.q_steps(self._ops, states, [s["g_hat"] for s in states], group["damping"], lr)
         for state, product in zip(states, products):
             state["m"] = product
