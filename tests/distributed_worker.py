@@ -55,8 +55,13 @@ def data_parallel(rank, world, port, name, extra, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     calls = []
-    original = base.symmetric_eig
-    base.symmetric_eig = lambda matrix, previous=None, name="": calls.append(name) or original(matrix, previous, name)
+    original = base.decompose_many
+
+    def recording(requests, solver=None):
+        calls.extend(name for _, _, name in requests)
+        return original(requests, solver)
+
+    base.decompose_many = recording
     model = DistributedDataParallel(build_model())
     opt = make_optimizer(name, model, extra)
     train(model, opt, rank, world, shard=True)

@@ -26,7 +26,7 @@ from kldwrm_fast import distributed
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
-from kldwrm_fast.curvature.eigen import decompose_many, symmetric_eig
+from kldwrm_fast.curvature.eigen import decompose_many
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
 from kldwrm_fast.ops import Operations, operations, reference, resolve_backend, validate_backend
 
@@ -289,11 +289,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         owners = distributed.assign_by_cost(
             [matrix.shape[0] for _, _, matrix in factors], self.data_parallel.world_size
         )
-        for (block, side, matrix), owner in zip(factors, owners):
+        rank = self.data_parallel.rank
+        mine = [i for i, owner in enumerate(owners) if owner == rank]
+        # This rank's share in one grouped call (batched solver, one host check), as on a single process.
+        decomposed = dict(zip(mine, decompose_many([self._eigen_request(*factors[i]) for i in mine], self._ops.eigh)))
+        for index, ((block, side, matrix), owner) in enumerate(zip(factors, owners)):
             state = self.block_state(block)
             keys = (f"Q{side}", f"d{side}")
-            if owner == self.data_parallel.rank:
-                vectors, values = symmetric_eig(*self._eigen_request(block, side, matrix))
+            if owner == rank:
+                vectors, values = decomposed[index]
             else:
                 vectors, values = torch.empty_like(matrix), matrix.new_empty(matrix.shape[0])
             vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
