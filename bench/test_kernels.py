@@ -1,4 +1,4 @@
-"""Microbenchmarks of the fused operations and the eigendecomposition, with GB/s and TFLOP/s.
+"""Microbenchmarks of the fused operations and the eigendecomposition, with GB/s, TFLOP/s and (CUDA) peak memory.
 
 Run: ``python -m pytest bench/test_kernels.py --benchmark-only``
 """
@@ -34,8 +34,12 @@ def run(benchmark, fn):
         fn()
         synchronize()
 
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     timed()
     benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
+    if DEVICE.type == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
