@@ -16,6 +16,8 @@ from kldwrm_fast.optim.base import CurvatureOptimizer, validate_positive_or_none
 class QKLDWRM(CurvatureOptimizer):
     ghat_growth_limit: Optional[float] = 100.0
     ghat_report_every: int = 100
+    _ghat_reset_counts: Optional[torch.Tensor] = None  # per block, on the device
+    _ghat_reported_counts: tuple = ()  # the counts last reported, on the host
 
     """Quadratic KLD-WRM.
 
@@ -64,7 +66,7 @@ class QKLDWRM(CurvatureOptimizer):
     def ghat_resets(self) -> int:
         """How many times a block's recursion restarted (reads the device-side counts: a host sync)."""
         self._report_resets()
-        return self._ghat_resets_reported
+        return sum(self._ghat_reported_counts)
 
     def _guard_recursion(self, states: list[dict], grads) -> None:
         """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring)."""
@@ -74,22 +76,18 @@ class QKLDWRM(CurvatureOptimizer):
         violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
         for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
             g_hat.copy_(torch.where(violated[index], v, g_hat))
-        counts = getattr(self, "_ghat_reset_counts", None)
+        counts = self._ghat_reset_counts
         self._ghat_reset_counts = violated.to(torch.int64) if counts is None else counts + violated
 
     def _report_resets(self) -> None:
         """Warn about restarts counted since the last report (one host transfer)."""
-        counts = getattr(self, "_ghat_reset_counts", None)
-        reported = getattr(self, "_ghat_reported_counts", None)
-        self._ghat_resets_reported = getattr(self, "_ghat_resets_reported", 0)
-        if counts is None:
+        if self._ghat_reset_counts is None:
             return
-        counts = counts.tolist()
-        new = [c - r for c, r in zip(counts, reported or [0] * len(counts))]
+        counts = tuple(self._ghat_reset_counts.tolist())
+        new = [c - r for c, r in zip(counts, self._ghat_reported_counts or (0,) * len(counts))]
         self._ghat_reported_counts = counts
         if not any(new):
             return
-        self._ghat_resets_reported += sum(new)
         names = [f"{block.name} ({n}×)" for block, n in zip(self.curvature.blocks, new) if n]
         warnings.warn(
             f"{type(self).__name__}: Ĝ grew past {self.ghat_growth_limit}·‖V‖ (or was not finite) in "
