@@ -108,6 +108,23 @@ def test_non_finite_gradient_or_statistic_skips_the_step_and_training_continues(
     assert opt.global_state["step"] == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_large_finite_gradients_are_not_taken_for_overflow(dtype):
+    # Absolute sums beyond float16's 65504 (and, for float64, beyond float32's range per entry) are finite.
+    model = small_model(dtype)
+    opt = KFAC(model, lr=1e-12, kl_clip=None, stat_freq=1, inv_freq=1)
+    x, y = batch(0, dtype)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    big = 60000.0 if dtype != torch.float64 else 1e300
+    for param in model.parameters():
+        param.grad.fill_(big)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert opt.skipped_steps == 0 and opt.global_state["step"] == 1
+
+
 def test_a_deep_copy_of_the_model_does_not_feed_the_optimizer():
     model = small_model()
     opt = KFAC(model, fisher="empirical", stat_freq=1, inv_freq=1)

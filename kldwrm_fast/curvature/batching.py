@@ -3,7 +3,9 @@
 Per-block state tensors that a batched call reads (eigendecompositions, averages) are re-bound to views of
 one stacked tensor, so later steps pass the stacked tensor without copying. A group is restacked (one copy)
 only when some member's tensor was replaced, i.e. after an inverse step or ``load_state_dict``; in-place
-updates of the averages write through the views.
+updates of the averages write through the views. A block alone in its group goes to a backend that takes
+unbatched blocks as it is: on the host-bound paths (small models, CPU) the batch-of-one views and batched
+matmuls cost more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -45,19 +47,22 @@ class BlockBatches:
             states[i][key] = view
         return stacked
 
-    def _run(self, group, states, keys, per_block: list[Tensor]):
+    def _run(self, ops: Operations, group, states, keys, per_block: list[Tensor]):
+        """``(shared state tensors, stacked per-block tensors, per-member results of an output)``."""
+        if len(group) == 1 and ops.takes_unbatched:
+            (index,) = group
+            return [states[index][key] for key in keys], per_block[index], lambda result: [result]
         shared = [self._shared(group, states, key) for key in keys]
         batch = per_block[group[0]].unsqueeze(0) if len(group) == 1 else torch.stack([per_block[i] for i in group])
-        return shared, batch
+        return shared, batch, lambda result: result.unbind(0)
 
     def precondition(self, ops: Operations, states: list[dict], vs: list[Tensor], damping: float) -> list[Tensor]:
         """``P(V)`` for every block with its cached eigendecomposition."""
         out: list = [None] * len(vs)
         for group in self.groups:
-            shared, batch = self._run(group, states, EIGEN_KEYS, vs)
-            result = ops.precondition(*shared, batch, damping)
-            for j, i in enumerate(group):
-                out[i] = result[j]
+            shared, batch, members = self._run(ops, group, states, EIGEN_KEYS, vs)
+            for i, result in zip(group, members(ops.precondition(*shared, batch, damping))):
+                out[i] = result
         return out
 
     def q_steps(
@@ -67,9 +72,9 @@ class BlockBatches:
         steps: list = [None] * len(g_hats)
         products: list = [None] * len(g_hats)
         for group in self.groups:
-            shared, batch = self._run(group, states, EIGEN_KEYS + AVERAGE_KEYS, g_hats)
+            shared, batch, members = self._run(ops, group, states, EIGEN_KEYS + AVERAGE_KEYS, g_hats)
             q_out, d_out, q_in, d_in, ea_out, ea_in = shared
             step, product = ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
-            for j, i in enumerate(group):
-                steps[i], products[i] = step[j], product[j]
+            for i, block_step, block_product in zip(group, members(step), members(product)):
+                steps[i], products[i] = block_step, block_product
         return steps, products

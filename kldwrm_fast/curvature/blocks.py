@@ -51,8 +51,14 @@ class FactoredBlock:
         raise NotImplementedError
 
     def matrix(self, tensors: list[Tensor]) -> Tensor:
-        """Block-form matrix (n_out, n_in) of parameter-shaped ``tensors`` (aligned with ``params``)."""
+        """Block-form matrix (n_out, n_in) of parameter-shaped ``tensors`` (aligned with ``params``); a new
+        tensor when :attr:`matrix_copies`, else possibly a view of ``tensors[0]``."""
         raise NotImplementedError
+
+    @property
+    def matrix_copies(self) -> bool:
+        """Whether :meth:`matrix` always returns a new tensor (then :meth:`gradient` need not copy it)."""
+        return False
 
     def unflatten(self, matrix: Tensor) -> list[Tensor]:
         """Parameter-shaped views of a block-form matrix (inverse of :meth:`matrix`)."""
@@ -115,7 +121,7 @@ class FactoredBlock:
         ``grad_unscale`` multiplies the raw gradients first (a loss scaler's ``1/scale``).
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        v = self.matrix(grads).to(self.dtype, copy=True)
+        v = self.matrix(grads).to(self.dtype, copy=not self.matrix_copies)
         if grad_unscale is not None:
             v.mul_(grad_unscale)
         if weight_decay:
@@ -161,6 +167,10 @@ class KroneckerBlock(FactoredBlock):
     def shape(self) -> tuple[int, int]:
         weight = self.params[0]
         return weight.shape[0], weight[0].numel() + int(self.has_bias)
+
+    @property
+    def matrix_copies(self) -> bool:
+        return self.has_bias  # the bias column is joined by a concatenation
 
     def matrix(self, tensors: list[Tensor]) -> Tensor:
         weight = layers.weight_matrix(self.module, tensors[0])
@@ -234,6 +244,10 @@ class DenseBlock(FactoredBlock):
     @property
     def shape(self) -> tuple[int, int]:
         return 1, sum(p.numel() for p in self.params)
+
+    @property
+    def matrix_copies(self) -> bool:
+        return True
 
     def matrix(self, tensors: list[Tensor]) -> Tensor:
         return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)

@@ -26,7 +26,11 @@ ENV_OVERRIDE = "KLDWRM_BACKEND"
 @dataclass(frozen=True)
 class Operations:
     """The four fused operations of one backend (signatures of :mod:`kldwrm_fast.ops.reference`) and its
-    batched eigensolver (:data:`kldwrm_fast.curvature.eigen.BatchedSolver`; None: ``torch.linalg.eigh``)."""
+    batched eigensolver (:data:`kldwrm_fast.curvature.eigen.BatchedSolver`; None: ``torch.linalg.eigh``).
+
+    ``takes_unbatched``: the matrix operations also accept single blocks without a leading batch dimension
+    (the PyTorch reference does; the kernels take a stacked batch).
+    """
 
     backend: str
     factor_update: Callable
@@ -34,6 +38,7 @@ class Operations:
     q_precondition: Callable
     ghat_recursion: Callable
     eigh: Optional[Callable] = None
+    takes_unbatched: bool = False
 
 
 def validate_backend(backend: str) -> str:
@@ -103,7 +108,7 @@ def operations(backend: str) -> Operations:
         # The reference functions themselves: the registered kldwrm_fast::<op> wraps the same code, and its
         # custom-op dispatch costs ~65 µs a call on CPU (measured), several per step; plain PyTorch code
         # needs no opaque op to be traced by torch.compile.
-        return Operations(backend, **{name: getattr(reference, name) for name in REFERENCE_OPS})
+        return Operations(backend, **{name: getattr(reference, name) for name in REFERENCE_OPS}, takes_unbatched=True)
     if backend == "triton":
         from kldwrm_fast.ops.triton_kernels import TRITON_OPS
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from kldwrm_fast import distributed
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
-from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
 from kldwrm_fast.curvature.eigen import decompose_many
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
 from kldwrm_fast.ops import Operations, operations, reference, resolve_backend, validate_backend
@@ -219,19 +219,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _all_finite(self, stats_due: bool) -> bool:
         """One host sync: are all gradients (and, on statistics steps, captured statistics) finite?
 
-        A float32 sum per tensor is one pass (``isfinite().all()`` takes three) and is non-finite whenever
-        any entry is; only sums beyond 3e38 of finite entries would be flagged in error.
+        The L1 norms of all tensors come from one multi-tensor op per precision (one pass each;
+        ``isfinite().all()`` takes three passes and a launch per tensor); their sum is non-finite whenever any
+        entry is. Only finite entries whose absolute sum overflows (3e38 in float32) would be flagged in error.
         """
         tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if stats_due:
             tensors += [t for block in self.curvature.blocks for t in block.captured()]
-        sums = [t.sum(dtype=torch.float32) for t in tensors]
+        halves = [t for t in tensors if t.dtype in HALF_DTYPES]
+        others = [t for t in tensors if t.dtype not in HALF_DTYPES]
+        # Half-precision sums would overflow at 65504: those are summed in float32.
+        totals = [
+            torch.stack(torch._foreach_norm(group, 1, dtype=dtype)).sum()
+            for group, dtype in ((others, None), (halves, torch.float32))
+            if group
+        ]
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
-            sums.append(torch.where(found_inf.reshape(()) > 0, math.inf, 0.0).to(torch.float32))
-        if not sums:
+            totals.append(torch.where(found_inf.reshape(()) > 0, math.inf, 0.0))
+        if not totals:
             return True
-        finite = torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all().to(torch.float32)
+        finite = torch.isfinite(sum(t.to(totals[0].device) for t in totals)).to(torch.float32)
         if self.data_parallel.active:
             # Local statistics differ between ranks: all must agree to skip, or their collectives would part.
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

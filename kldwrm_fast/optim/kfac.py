@@ -68,7 +68,9 @@ class KFAC(CurvatureOptimizer):
                 d.mul_(nu)
             if momentum:
                 state = self.block_state(block)
-                buf = state.setdefault("momentum_buffer", torch.zeros_like(d))
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(d)
                 buf.mul_(momentum).add_(d)
                 d = buf
             block.add_(d * (-lr * (1.0 - momentum)))

@@ -120,12 +120,17 @@ class QKLDWRM(CurvatureOptimizer):
         return steps
 
     def _apply_clipped(self, group, blocks, steps, lr) -> None:
+        """``W̄ ← W̄ + clip(S)``, with all blocks' scales ``min(1, τ/r)`` computed at once on the device."""
         tau = group["clip"]
-        for block, step in zip(blocks, steps):
-            if tau is not None:
-                rms = torch.linalg.vector_norm(step) / (lr * math.sqrt(step.numel()))
-                step = step * (tau / rms).clamp(max=1.0)
-            block.add_(step)
+        if tau is None:
+            for block, step in zip(blocks, steps):
+                block.add_(step)
+            return
+        # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r).
+        ratios = torch._foreach_div(torch._foreach_norm(steps), [tau * lr * math.sqrt(s.numel()) for s in steps])
+        scales = torch.stack(ratios).reciprocal_().clamp_(max=1.0)
+        for block, step, scale in zip(blocks, steps, scales.unbind()):
+            block.add_(step.mul_(scale))
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
