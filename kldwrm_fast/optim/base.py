@@ -239,10 +239,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             totals.append(torch.where(found_inf.reshape(()) > 0, math.inf, 0.0))
         if not totals:
             return True
-        finite = torch.isfinite(sum(t.to(totals[0].device) for t in totals)).to(torch.float32)
-        if self.data_parallel.active:
-            # Local statistics differ between ranks: all must agree to skip, or their collectives would part.
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        total = sum(t.to(totals[0].device) for t in totals)
+        if not self.data_parallel.active:
+            return math.isfinite(total.item())
+        # Local statistics differ between ranks: all must agree to skip, or their collectives would part.
+        finite = torch.isfinite(total).to(torch.float32)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         return bool(finite)
 
     def _refresh_curvature(self, group: dict, blocks, info: StepInfo, reweight: Optional[float]):

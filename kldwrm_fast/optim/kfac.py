@@ -73,4 +73,4 @@ class KFAC(CurvatureOptimizer):
                     buf = state["momentum_buffer"] = torch.zeros_like(d)
                 buf.mul_(momentum).add_(d)
                 d = buf
-            block.add_(d * (-lr * (1.0 - momentum)))
+            block.add_(d, alpha=-lr * (1.0 - momentum))

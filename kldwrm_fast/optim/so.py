@@ -53,4 +53,4 @@ class SOKLDWRM(CurvatureOptimizer):
         directions = self._batches.precondition(self._ops, states, differences, group["damping"])
         nu = kl_clip_factor(directions, differences, lr, group["kl_clip"])
         for block, d in zip(blocks, directions):
-            block.add_(d * (-lr) if nu is None else d * (-lr * nu))
+            block.add_(d if nu is None else d.mul_(nu), alpha=-lr)
