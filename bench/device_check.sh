@@ -2,7 +2,8 @@
 # Everything a GPU session checks, in one run, most important first (each stage writes under $OUT, default
 # ./device-check): build the CUDA extension, the GPU tests (every CUDA op, the eigensolver and whole
 # trajectories against the reference), bench/gpu_check.py (accuracy and timing tables), then the step-time
-# suite on the paper CNN and the MLP at the 10/100 cadence (the issue's GPU targets).
+# suite on the paper CNN and the MLP at the 10/100 cadence (the issue's GPU targets), and the host time and
+# operation count of a plain step (what bounds a launch-bound small model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-check}
@@ -14,3 +15,5 @@ python -m pytest -q -m gpu tests 2>&1 | tail -30 | tee "$out/gpu_tests.txt"
 python bench/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.txt"
 python -m pytest bench/test_step_time.py --benchmark-only -q -k "10/100 and (paper-cnn or mlp)" \
   --benchmark-json "$out/step_time.json" 2>&1 | tail -60 | tee "$out/step_time.txt"
+python -m pytest bench/test_host_overhead.py --benchmark-only -q --benchmark-json "$out/host_overhead.json" 2>&1 \
+  | tail -25 | tee "$out/host_overhead.txt"
