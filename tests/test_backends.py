@@ -1,6 +1,7 @@
 """Whole optimizers on every available backend follow the PyTorch reference trajectory."""
 
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+from kldwrm_fast.ops import reference
 
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
 
@@ -76,3 +78,23 @@ def test_equal_shape_blocks_are_preconditioned_in_one_batch():
         reference_opt.step()
         actual = torch.cat([p.detach().reshape(-1) for p in per_block.parameters()])
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("backend, lone_dims", [("torch", {2}), ("triton", {3})])
+def test_a_lone_block_is_passed_unbatched_only_to_a_backend_that_takes_it(backend, lone_dims):
+    # The batch-of-one views and batched matmuls cost more host time than a small block's arithmetic.
+    model, batches = model_and_batches()
+    opt = KFAC(model, stat_freq=1, inv_freq=1, backend="torch")
+    seen = {}
+
+    def spy(q_out, d_out, q_in, d_in, v, damping):
+        seen.setdefault(v.shape[-2:], set()).add(v.dim())
+        return reference.precondition(q_out, d_out, q_in, d_in, v, damping)
+
+    opt._ops = dataclasses.replace(opt._ops, precondition=spy, takes_unbatched=backend == "torch")
+    x, y = batches[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt._batches.groups == [[0], [1], [2, 3], [4]]
+    assert seen[(8, 9)] == {3}  # two blocks of one shape: always one batched call
+    assert seen[(3, 10)] == seen[(8, 28)] == seen[(4, 9)] == lone_dims
