@@ -60,14 +60,18 @@ def make_step(entry, model, x, y, cadence):
 
 
 def state_bytes(opt) -> int:
+    """Bytes of every tensor storage the optimizer state keeps alive (tensors inside tuples included)."""
     seen, total = set(), 0
-    for state in opt.state.values():
-        for value in state.values() if isinstance(state, dict) else []:
-            if torch.is_tensor(value):
-                storage = value.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
+    pending = [value for state in opt.state.values() if isinstance(state, dict) for value in state.values()]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, (tuple, list)):
+            pending.extend(value)
+        elif torch.is_tensor(value):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
     return total
 
 

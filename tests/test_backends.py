@@ -98,3 +98,19 @@ def test_a_lone_block_is_passed_unbatched_only_to_a_backend_that_takes_it(backen
     assert opt._batches.groups == [[0], [1], [2, 3], [4]]
     assert seen[(8, 9)] == {3}  # two blocks of one shape: always one batched call
     assert seen[(3, 10)] == seen[(8, 28)] == seen[(4, 9)] == lone_dims
+
+
+def test_eigendecompositions_keep_no_larger_tensor_alive():
+    # Factor sizes group the eigensolver's calls (input factors of blocks 2, 3, 4 are all 9×9; output factors
+    # of blocks 1, 2, 3 are 8×8) differently from block shapes; state must not pin the solver's stacks.
+    model, batches = model_and_batches()
+    opt = KFAC(model, stat_freq=1, inv_freq=1)
+    for x, y in batches[:2]:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    group_of = {i: group for group in opt._batches.groups for i in group}
+    for index, state in enumerate(opt.block_states()):
+        for key in ("QA", "dA", "QG", "dG"):
+            tensor = state[key]
+            assert tensor.untyped_storage().nbytes() == len(group_of[index]) * tensor.numel() * tensor.element_size()

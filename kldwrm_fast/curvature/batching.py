@@ -47,6 +47,22 @@ class BlockBatches:
             states[i][key] = view
         return stacked
 
+    def compact(self, states: list[dict], keys: tuple = EIGEN_KEYS) -> None:
+        """Re-bind ``keys`` after an inverse step so that no state tensor keeps a larger one alive.
+
+        The eigensolver groups factors by size, not blocks by shape, so a block's eigenvectors can be a view
+        of a stack that other groups no longer use: members of a batch group become views of their own
+        stack, and a lone block's view gets its own storage.
+        """
+        for group in self.groups:
+            for key in keys:
+                if len(group) > 1:
+                    self._shared(group, states, key)
+                    continue
+                tensor = states[group[0]][key]
+                if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+                    states[group[0]][key] = tensor.clone()
+
     def _run(self, ops: Operations, group, states, keys, per_block: list[Tensor]):
         """``(shared state tensors, stacked per-block tensors, per-member results of an output)``."""
         if len(group) == 1 and ops.takes_unbatched:

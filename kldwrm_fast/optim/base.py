@@ -272,6 +272,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             requests = [self._eigen_request(block, side, matrix) for block, side, matrix in factors]
             for (block, side, _), result in zip(factors, decompose_many(requests, self._ops.eigh)):
                 self.block_state(block)[f"Q{side}"], self.block_state(block)[f"d{side}"] = result
+            self._batches.compact(self.block_states())
 
     def _eigen_request(self, block, side: str, matrix: Tensor) -> tuple:
         """``(matrix, previous decomposition or None, name)`` for the eigendecomposition of one factor."""
