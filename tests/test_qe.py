@@ -339,3 +339,18 @@ def test_classification_trains():
         F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
         opt.step()
     assert held_out() < 0.25 * start
+
+
+@pytest.mark.parametrize("predictive, shape", [("categorical", (7, 4)), ("gaussian", (7, 2, 3)), ("gaussian", (7,))])
+def test_stored_divergences_equal_one_symmetric_kl_per_stored_output(predictive, shape):
+    gen = torch.Generator().manual_seed(3)
+    stored = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
+    output = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    expected = torch.stack([wake.symmetric_kl(target, output, predictive) for target in stored])
+    torch.testing.assert_close(wake.stored_divergences(stored, output, predictive), expected, rtol=1e-14, atol=0)
+    assert expected.shape == (3,) and (expected > 0).all()
+
+
+def test_categorical_divergence_names_outputs_that_are_not_logits():
+    with pytest.raises(ValueError, match=r"predictive='categorical'.*\(batch, classes\).*\(3, 7, 4\)"):
+        wake.stored_divergences(torch.zeros(2, 3, 7, 4), torch.zeros(3, 7, 4), "categorical")

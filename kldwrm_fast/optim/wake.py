@@ -14,27 +14,48 @@ from torch.func import functional_call
 
 
 def symmetric_kl_categorical(logits_a: Tensor, logits_b: Tensor) -> Tensor:
-    """Per-sample ``½ KL(p_a‖p_b) + ½ KL(p_b‖p_a)`` of softmax distributions, (batch, classes) → (batch,)."""
+    """Per-sample ``½ KL(p_a‖p_b) + ½ KL(p_b‖p_a)`` of softmax distributions, (batch, classes) → (batch,).
+
+    Leading dimensions broadcast: a stack (n, batch, classes) against (batch, classes) gives (n, batch).
+    """
     log_a = torch.log_softmax(logits_a, dim=-1)
     log_b = torch.log_softmax(logits_b, dim=-1)
     return 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(dim=-1)
 
 
 def symmetric_kl_gaussian(mean_a: Tensor, mean_b: Tensor) -> Tensor:
-    """Per-sample ``½ ‖h_a − h_b‖²`` (both KLs of unit-variance Gaussians agree), (batch, ...) → (batch,)."""
-    return 0.5 * (mean_a - mean_b).pow(2).reshape(mean_a.shape[0], -1).sum(dim=-1)
+    """Per-sample ``½ ‖h_a − h_b‖²`` (both KLs of unit-variance Gaussians agree), (batch, ...) → (batch,).
+
+    A stack ``mean_a`` (n, batch, ...) against ``mean_b`` (batch, ...) gives (n, batch).
+    """
+    difference = mean_a - mean_b
+    per_sample = difference.shape[: difference.dim() - mean_b.dim() + 1]
+    return 0.5 * difference.pow(2).reshape(*per_sample, -1).sum(dim=-1)
+
+
+def _check_logits(output: Tensor, predictive: str) -> None:
+    if predictive == "categorical" and output.dim() != 2:
+        raise ValueError(
+            "QEKLDWRM with predictive='categorical' needs model outputs of shape (batch, classes) "
+            f"(logits); got shape {tuple(output.shape)}"
+        )
 
 
 def symmetric_kl(output_a: Tensor, output_b: Tensor, predictive: str) -> Tensor:
     """Mean over the batch of the per-sample symmetric KL for ``predictive``."""
+    return stored_divergences(output_a.unsqueeze(0), output_b, predictive)[0]
+
+
+def stored_divergences(stored: Tensor, output: Tensor, predictive: str) -> Tensor:
+    """Batch-mean symmetric KL of each of a stack of outputs (n, batch, ...) against ``output`` → (n,).
+
+    One pass over the stack (a handful of operations whatever n is), the same per-element arithmetic as
+    one :func:`symmetric_kl` per stored output.
+    """
+    _check_logits(output, predictive)
     if predictive == "categorical":
-        if output_a.dim() != 2:
-            raise ValueError(
-                "QEKLDWRM with predictive='categorical' needs model outputs of shape (batch, classes) "
-                f"(logits); got shape {tuple(output_a.shape)}"
-            )
-        return symmetric_kl_categorical(output_a, output_b).mean()
-    return symmetric_kl_gaussian(output_a, output_b).mean()
+        return symmetric_kl_categorical(stored, output).mean(dim=-1)
+    return symmetric_kl_gaussian(stored, output).mean(dim=-1)
 
 
 class WakeObjective:
@@ -46,7 +67,7 @@ class WakeObjective:
         names: parameter name of every tensor in ``blocks[*].params`` (by identity).
         gradients: ``V_k`` per block, (n_out, n_in).
         local_factors: ``(A_k, Γ_k)`` per block, the most recent local factors.
-        targets: outputs of the stored networks ``h(θ_i)`` on the batch, detached.
+        targets: outputs of the stored networks ``h(θ_i)`` on the batch, detached (stacked here once).
         weights: ``λ_k ζ(i) ρ^{k−i}`` per stored network.
         inputs: ``(args, kwargs)`` of the model call that produced the current mini-batch.
         predictive: ``"categorical"`` or ``"gaussian"``.
@@ -58,7 +79,8 @@ class WakeObjective:
     ):
         self.model, self.blocks, self.names = model, blocks, names
         self.gradients, self.local_factors = gradients, local_factors
-        self.targets, self.weights = targets, weights
+        self.stored = torch.stack(targets) if targets else None
+        self.weights = torch.tensor(weights, dtype=self.stored.dtype, device=self.stored.device) if targets else None
         self.args, self.kwargs = inputs
         self.predictive = predictive
         self.reduce = reduce
@@ -77,8 +99,8 @@ class WakeObjective:
         for v, s, (a, g) in zip(self.gradients, steps, self.local_factors):
             total = total + (v * s).sum() + 0.5 * (s * (g @ s @ a)).sum()
         output = self.output_at(steps)
-        for target, weight in zip(self.targets, self.weights):
-            total = total + weight * symmetric_kl(target, output, self.predictive)
+        if self.stored is not None:
+            total = total + (stored_divergences(self.stored, output, self.predictive) * self.weights).sum()
         return total
 
     def gradient(self, steps: list[Tensor]) -> list[Tensor]:
