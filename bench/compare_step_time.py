@@ -68,15 +68,15 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
         result = measure(args.workload, args.cadence, entries, args.repeats, args.min_steps)
-    device = conftest.environment()["device"]
-    print(f"{args.workload} {args.cadence} on {device}, torch {conftest.environment()['torch']}, "
+    env = conftest.environment()
+    print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, "
           f"{args.repeats} rounds; ratio to {entries[0]}: median [min, max]")  # fmt: skip
     for entry, r in result.items():
         ratios = r["ratio"]
         print(f"  {entry:18s} {statistics.median(r['ms']):9.2f} ms   "
               f"{statistics.median(ratios):5.2f} [{min(ratios):.2f}, {max(ratios):.2f}]")  # fmt: skip
     if args.json:
-        meta = dict(conftest.environment(), workload=args.workload, cadence=args.cadence, repeats=args.repeats)
+        meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats)
         args.json.write_text(json.dumps({"environment": meta, "entries": result}, indent=1))
 
 
