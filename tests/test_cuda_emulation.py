@@ -41,6 +41,8 @@ def lib(tmp_path_factory):
     )
     library.ghat_f64.argtypes = [ctypes.c_int, PTR, PTR, PTR, PTR, PTR, ctypes.c_double, ctypes.c_int]
     library.ghat_chunk_size.restype = I64
+    library.syev_batched_capacity_of.restype = I64
+    library.syev_batched_capacity_of.argtypes = [I64]
     return library
 
 
@@ -168,3 +170,15 @@ def test_ghat_chunk_table_covers_every_element_once(lib, width):
     for got, want, prev, new in zip(g_hat, g_hat_expected, v_prev, v_new):
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
         assert torch.equal(prev, new)
+
+
+@pytest.mark.parametrize("n", [1, 32, 4096, 4097, 46340, 46341, 100000])
+def test_batched_eigensolver_chunks_stay_within_cusolvers_documented_limit(lib, n):
+    """cusolverDnXsyevBatched needs n · lda · batch ≤ INT32_MAX: eigh.cpp takes at most this many per call."""
+    capacity = lib.syev_batched_capacity_of(n)
+    limit = 2**31 - 1
+    assert capacity * n * n <= limit < (capacity + 1) * n * n
+    if n == 4097:
+        assert capacity == 127  # 128 factors of 4097² (the audit's case) take two calls
+    if n > 46340:
+        assert capacity == 0  # not even one matrix: every one goes through cusolverDnXsyevd

@@ -131,3 +131,18 @@ def test_a_failing_member_sends_only_its_group_down_the_ladder():
     assert results[1] is previous
     for matrix, (q, d) in zip(good, (results[0], results[2])):
         torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)
+
+
+def test_a_solver_error_sends_its_group_down_the_ladder():
+    """The CUDA extension raises RuntimeError (not LinAlgError) for argument or launch errors: not fatal."""
+
+    def solver(stack):
+        if stack.shape[-1] == 4:
+            raise RuntimeError("eigh_cuda: cusolverDnXsyevBatched failed with cuSOLVER status 7")
+        values, vectors = torch.linalg.eigh(stack)
+        return values, vectors, torch.zeros(stack.shape[0], dtype=torch.int32)
+
+    matrices = [spd(4), spd(3), spd(4)]
+    results = eigen.decompose_many([(m, None, f"m{i}") for i, m in enumerate(matrices)], solver=solver)
+    for matrix, (q, d) in zip(matrices, results):
+        torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)

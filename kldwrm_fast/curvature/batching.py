@@ -20,6 +20,22 @@ EIGEN_KEYS = ("QG", "dG", "QA", "dA")
 AVERAGE_KEYS = ("G_ea", "A_ea")
 
 
+def _stacks(base: Tensor, members: list[Tensor]) -> bool:
+    """Whether ``base[j]`` *is* ``members[j]`` for every j: same storage, and each member's sizes, strides and
+    storage offset those of ``base[j]``. Sharing a storage is not enough: a solver may return its vectors as a
+    transposed view of a buffer, whose ``_base`` then holds every matrix transposed."""
+    if base.dim() != members[0].dim() + 1 or base.shape[0] != len(members):
+        return False
+    storage = base.untyped_storage().data_ptr()
+    return all(
+        m.untyped_storage().data_ptr() == storage
+        and m.shape == base.shape[1:]
+        and m.stride() == base.stride()[1:]
+        and m.storage_offset() == base.storage_offset() + j * base.stride(0)
+        for j, m in enumerate(members)
+    )
+
+
 class BlockBatches:
     """Groups of block indices with equal ``(shape, dtype, device)``, in first-appearance order."""
 
@@ -36,11 +52,7 @@ class BlockBatches:
         if len(group) == 1:
             return members[0].unsqueeze(0)
         base = members[0]._base
-        if (
-            base is not None
-            and base.shape[0] == len(group)
-            and all(m._base is base and m.data_ptr() == base[j].data_ptr() for j, m in enumerate(members))
-        ):
+        if base is not None and _stacks(base, members):
             return base
         stacked = torch.stack(members)
         for i, view in zip(group, stacked.unbind(0)):

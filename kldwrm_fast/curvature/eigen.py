@@ -25,8 +25,12 @@ measured, on an H200 machine, 0.03 ms on the host vs 0.16 ms on the GPU at n=16 
 batches stay on the GPU (64 matrices of n=32: 0.20 ms batched cuSOLVER vs 5.3 ms on the host)."""
 
 BatchedSolver = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
-"""``solver(stack) -> (values, vectors, info)`` for a (batch, n, n) stack; ``info`` (batch,) int, 0 where the
-matrix converged, left on the device (the CUDA extension's ``eigh_cuda``)."""
+"""``solver(stack) -> (values, vectors, info)`` for a (batch, n, n) stack: ascending eigenvalues (batch, n),
+eigenvectors (batch, n, n) with ``vectors[b, :, j]`` the eigenvector of ``values[b, j]`` (as
+``torch.linalg.eigh``; any strides, possibly a view of a larger buffer: consumers must not infer a layout from
+``_base``), and ``info`` (batch,) int, 0 where the matrix converged, left on the device (the CUDA extension's
+``eigh_cuda``). Errors raise ``RuntimeError`` (``torch.linalg.LinAlgError`` is one); the group's members then
+go down the ladder one by one."""
 
 
 def _torch_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,7 +83,8 @@ def symmetric_eig(
 def _eigh_batched(stack: Tensor, solver: Optional[BatchedSolver]) -> tuple[Tensor, Tensor, Tensor]:
     """``(values, vectors, ok)`` of a (batch, n, n) stack without a host sync; ``ok`` (batch,) bool on the device.
 
-    Raises ``torch.linalg.LinAlgError`` when ``torch.linalg.eigh`` rejects the batch as a whole.
+    Raises ``RuntimeError`` when the solver (or ``torch.linalg.eigh``, with ``LinAlgError``) rejects the batch
+    as a whole.
     """
     if solver is not None:
         values, vectors, info = solver(stack)
@@ -121,7 +126,7 @@ def decompose_many(
         stack = torch.stack([requests[i][0] for i in indices])
         try:
             values, vectors, ok = _eigh_batched(stack, solver)
-        except torch.linalg.LinAlgError:
+        except RuntimeError:  # LinAlgError from torch, any error of the extension's solver: ladder per member
             continue
         ok = ok & torch.isfinite(stack.sum((-2, -1)))  # a false alarm (overflow) only costs a ladder run
         launched.append((indices, values.clamp_min_(0.0), vectors, ok))

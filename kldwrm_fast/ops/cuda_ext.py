@@ -22,8 +22,19 @@ for _name in OPERATION_NAMES:
 
 @torch.library.register_fake("kldwrm_fast::eigh_cuda")
 def _eigh_fake(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    vectors = matrix.new_empty(matrix.shape).mT
+    strides = column_major_strides(matrix.shape)
+    vectors = torch.empty_strided(matrix.shape, strides, dtype=matrix.dtype, device=matrix.device)
     return matrix.new_empty(matrix.shape[:-1]), vectors, matrix.new_empty(matrix.shape[:-2], dtype=torch.int32)
+
+
+def column_major_strides(shape: torch.Size) -> tuple[int, ...]:
+    """Strides of a dense (..., n, n) tensor stored column-major per matrix (torch.linalg.eigh's eigenvectors)."""
+    n = shape[-1]
+    strides, step = [1, n], n * n
+    for size in reversed(shape[:-2]):
+        strides.insert(0, step)
+        step *= size
+    return tuple(strides)
 
 
 CUDA_OPS = {name: getattr(torch.ops.kldwrm_fast, f"{name}_cuda") for name in OPERATION_NAMES}
@@ -34,8 +45,10 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """cuSOLVER eigendecomposition of a (..., n, n) symmetric float32/float64 CUDA tensor, no host sync.
 
     Returns:
-        ``(values, vectors, info)``: ascending eigenvalues (..., n), eigenvectors as columns (..., n, n), and
-        cuSOLVER's info (...) int32 on the device, 0 where the matrix converged. A batch goes through
-        ``cusolverDnXsyevBatched`` in one call, a single matrix through ``cusolverDnXsyevd``.
+        ``(values, vectors, info)``: ascending eigenvalues (..., n); eigenvectors as columns (..., n, n) in the
+        layout ``torch.linalg.eigh`` uses (column-major per matrix, :func:`column_major_strides`; a tensor of
+        its own, not a view); cuSOLVER's info (...) int32 on the device, 0 where the matrix converged. Batches
+        go through ``cusolverDnXsyevBatched`` in chunks within its documented limit (n²·batch ≤ 2³¹−1), single
+        matrices and larger sizes through ``cusolverDnXsyevd``.
     """
     return torch.ops.kldwrm_fast.eigh_cuda(matrix)

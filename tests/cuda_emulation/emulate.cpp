@@ -1,4 +1,4 @@
-// Runs the CUDA kernels' block phases (csrc/tiled_gemm.h, csrc/ghat_recursion.h) on the CPU, thread by thread
+// Runs the CUDA kernels' block phases (csrc/tiled_gemm.h, csrc/ghat_recursion.h; and exposes csrc/solver_limits.h) on the CPU, thread by thread
 // and barrier by barrier, exactly as csrc/kernels.cu sequences them; built with g++ by
 // tests/test_cuda_emulation.py, which compares the results with NumPy. It checks tiling, masking, strides,
 // triangular tile enumeration, epilogues and chunking without a GPU (not races or memory-model effects).
@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "ghat_recursion.h"
+#include "solver_limits.h"
 #include "tiled_gemm.h"
 
 using namespace kldwrm;
@@ -127,4 +128,5 @@ void ghat_f64(int count, double** g_hat, double** v_prev, double** v_new, double
 
 int64_t ghat_chunk_size() { return kGhatChunk; }
 int ghat_table_size() { return kGhatTableSize; }
+int64_t syev_batched_capacity_of(int64_t n) { return syev_batched_capacity(n); }
 }
