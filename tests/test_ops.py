@@ -124,3 +124,52 @@ def test_reference_ops_are_the_python_reference():
         REFERENCE_OPS["precondition"](*inputs, 0.1), reference.precondition(*inputs, 0.1), rtol=0, atol=0
     )
     assert operations("triton").precondition is TRITON_OPS["precondition"]
+
+
+def test_batches_beyond_the_grid_limit_take_several_launches(monkeypatch):
+    """Grid axis 2 (the batch) holds at most 65,535 programs on CUDA; beyond that the launcher splits."""
+    from kldwrm_fast.ops.triton_kernels import gemm
+
+    monkeypatch.setattr(gemm, "MAX_GRID_YZ", 2)
+    launches = []
+    real = gemm._bmm_kernel.run
+    monkeypatch.setattr(gemm._bmm_kernel, "run", lambda *a, **k: launches.append(k["grid"]) or real(*a, **k))
+    inputs = preconditioner_inputs(3, 5, torch.float64, (5,))
+    expected = REFERENCE_OPS["precondition"](*inputs, 0.01)
+    torch.testing.assert_close(TRITON_OPS["precondition"](*inputs, 0.01), expected, **TOLERANCE[torch.float64])
+    assert [grid[2] for grid in launches] == [2, 2, 1] * 4  # four GEMMs of P, each in three launches
+
+
+SIXTY_FOUR_BIT_OFFSETS = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from kldwrm_fast.ops import reference
+from kldwrm_fast.ops.triton_kernels.factor_update import factor_update
+from kldwrm_fast.ops.triton_kernels.gemm import bmm
+
+# 8 GiB of address space, of which the kernel touches three rows: untouched pages cost no memory.
+stride = 2**30
+storage = torch.empty(2 * stride + 4, dtype=torch.float32)
+x = storage.as_strided((3, 4), (stride, 1))
+x.copy_(torch.arange(1.0, 13.0).view(3, 4))
+ea, ea_reference = torch.eye(4), torch.eye(4)
+local = factor_update(x, ea, torch.empty(0), 1 / 3, 0.5, 0.0, False, False)
+expected = reference.factor_update(x.clone(), ea_reference, torch.empty(0), 1 / 3, 0.5, 0.0, False, False)
+assert torch.allclose(local, expected) and torch.allclose(ea, ea_reference), (local, expected)
+a = storage.as_strided((1, 3, 4), (0, stride, 1))  # row 2 starts 2^31 elements in
+product = bmm(a, torch.eye(4).unsqueeze(0))
+assert torch.equal(product[0], x), product
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's addressing; on a GPU see tests/test_gpu_audit.py")
+def test_offsets_past_two_to_the_31_elements_address_the_right_rows():
+    """Index × stride products ≥ 2³¹ (large im2col inputs, wide layers) must be formed in 64 bits; in 32 bits
+    they wrap and the kernel reads far outside the tensor (a crash or garbage). In a child process, so that a
+    crash fails this test rather than the run."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", SIXTY_FOUR_BIT_OFFSETS], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
