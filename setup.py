@@ -1,7 +1,9 @@
 """Build script: the pure-Python package always; the CUDA extension ``kldwrm_fast._C`` when it can be built.
 
 Environment variables: ``KLDWRM_SKIP_CUDA_BUILD=1`` skips the extension; ``CUDA_HOME`` names the toolkit;
-``TORCH_CUDA_ARCH_LIST`` (default ``9.0+PTX``) and ``MAX_JOBS`` are honoured by torch's build helpers.
+``TORCH_CUDA_ARCH_LIST`` (default ``9.0+PTX``) and ``MAX_JOBS`` are honoured by torch's build helpers;
+``KLDWRM_PTXAS_VERBOSE=1`` passes ``-Xptxas -v`` to nvcc (registers and spills per kernel in the build log,
+which ``tools/cuda_build_gate.py`` reads in CI).
 cuSOLVER's header and library are taken from the toolkit when it has them, else from the ``nvidia`` wheels
 that the CUDA build of torch installs (``site-packages/nvidia/cu13/{include,lib}`` and the like).
 The extension needs torch at build time, so build it with ``pip install --no-build-isolation -e .``;
@@ -90,12 +92,13 @@ def cuda_extension_or_reason():
     os.environ["CUDA_HOME"] = root
     cpp_extension.CUDA_HOME = root
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
+    verbose_ptxas = ["-Xptxas", "-v"] if os.environ.get("KLDWRM_PTXAS_VERBOSE") == "1" else []
     extension = cpp_extension.CUDAExtension(
         "kldwrm_fast._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         # After the toolkit's include folder, so only what it lacks (cuSOLVER, used by eigh.cpp) comes from here.
-        extra_compile_args={"cxx": ["-O3", "-isystem", include], "nvcc": ["-O3", "-isystem", include]},
+        extra_compile_args={"cxx": ["-O3", "-isystem", include], "nvcc": ["-O3", "-isystem", include, *verbose_ptxas]},
         extra_link_args=[library, f"-Wl,-rpath,{os.path.dirname(library)}"],
     )
     return [extension], {

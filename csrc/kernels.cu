@@ -19,7 +19,8 @@ namespace {
 
 template <typename T, typename Epilogue>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(Operand<T> a, Operand<T> b, GemmShape shape,
-                                                        Epilogue epilogue, int64_t tiles_n, bool upper) {
+                                                        Epilogue epilogue, int64_t tiles_n, bool upper,
+                                                        int64_t batch_offset) {
   __shared__ SharedTiles<T> tiles;
   int64_t tile_m, tile_n;
   if (upper) {
@@ -28,7 +29,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(Operand<T> a, Operand<T>
     tile_m = blockIdx.x / tiles_n;
     tile_n = blockIdx.x % tiles_n;
   }
-  const int64_t batch = blockIdx.y;
+  const int64_t batch = batch_offset + blockIdx.y;
   const int tid = threadIdx.x;
   T acc[kMicro][kMicro] = {};
   for (int64_t k0 = 0; k0 < shape.k; k0 += kDepth) {
@@ -46,10 +47,14 @@ void launch_gemm(const Operand<T>& a, const Operand<T>& b, const GemmShape& shap
   const int64_t tiles_m = (shape.m + kTile - 1) / kTile, tiles_n = (shape.n + kTile - 1) / kTile;
   const int64_t blocks = upper ? tiles_n * (tiles_n + 1) / 2 : tiles_m * tiles_n;
   if (blocks == 0 || batch == 0) return;
-  TORCH_CHECK(batch <= 65535, "kldwrm_fast CUDA GEMM: at most 65535 blocks per batched call, got ", batch);
-  gemm_kernel<T, Epilogue><<<dim3(blocks, batch), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      a, b, shape, epilogue, tiles_n, upper);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(blocks <= kMaxGridX, "kldwrm_fast CUDA GEMM: ", blocks, " tiles exceed one launch's grid");
+  // Grid axis y is the batch and holds at most kMaxGridY blocks: larger batches take several launches.
+  for (int64_t offset = 0; offset < batch; offset += kMaxGridY) {
+    const int64_t count = batch - offset < kMaxGridY ? batch - offset : kMaxGridY;
+    gemm_kernel<T, Epilogue><<<dim3(blocks, count), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        a, b, shape, epilogue, tiles_n, upper, offset);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Operand view of a (batch, rows, cols) tensor, or of its transpose.

@@ -18,6 +18,8 @@ constexpr int kDepth = 16;      // K slice staged in shared memory per iteration
 constexpr int kThreads = 256;   // 16 x 16 threads, each owning a 4 x 4 strided micro-tile
 constexpr int kMicro = 4;
 constexpr int kLanes = kTile / kMicro;  // 16 threads along each tile edge
+constexpr int64_t kMaxGridX = 2147483647;  // CUDA's grid limits (axis x; axes y and z)
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 struct Operand {

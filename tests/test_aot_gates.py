@@ -1,0 +1,76 @@
+"""The ahead-of-time gates of ``.ci/run`` (tools/triton_aot.py, tools/cuda_build_gate.py) judge correctly:
+each check is shown to fire on a report that should fail it, so a gate that passes means something."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tools"))
+
+import cuda_build_gate  # noqa: E402
+import triton_aot  # noqa: E402
+
+PTX_ENTRY = """
+.visible .entry _kernel(
+	.param .u64 .ptr .global .align 1 _kernel_param_0,
+	.param .u32 _kernel_param_1,
+	.param .f32 _kernel_param_2,
+	.param .f64 _kernel_param_3
+)
+"""
+
+
+def test_scalar_parameter_types_are_read_from_the_ptx_entry():
+    assert triton_aot.scalar_params(PTX_ENTRY) == ["u32", "f32", "f64"]
+
+
+PTXAS_LOG = """
+ptxas info    : Compiling entry function '_ZN6kldwrm4gemmIdEEv' for 'sm_90'
+ptxas info    : Used 128 registers, used 1 barriers, 17664 bytes smem
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_ZN6kldwrm4ghatIfEEv' for 'sm_90'
+    24 bytes stack frame, 20 bytes spill stores, 16 bytes spill loads
+"""
+
+
+def test_ptxas_spills_are_found_in_the_build_log():
+    reports = cuda_build_gate.ptxas_reports(PTXAS_LOG)
+    assert [(r[0], r[2], r[3]) for r in reports] == [("_ZN6kldwrm4gemmIdEEv", 0, 0), ("_ZN6kldwrm4ghatIfEEv", 20, 16)]
+
+
+COMPILE_ONE = """
+import sys
+sys.path.insert(0, {tools!r})
+import torch
+import triton
+import triton.language as tl
+import triton_aot
+
+@triton.jit
+def scale(pointer, plain, wide: tl.float64):
+    tl.store(pointer, tl.load(pointer) * plain * wide)
+
+sink = []
+with triton_aot.compile_only(90, sink):
+    scale[(1,)](torch.ones(1, dtype=torch.float64), 0.5, 0.5)
+kernel = sink[0][1]
+print(triton_aot.scalar_params(kernel.asm["ptx"]), triton_aot.resources(kernel.asm["cubin"])[1:])
+"""
+
+
+def test_a_kernel_compiles_for_sm90_without_a_gpu_and_its_scalar_widths_show(tmp_path):
+    """The gate's stand-in driver compiles for sm_90 here; an unannotated Python float arrives as ``.f32``
+    (the defect the gate catches), an annotated one as ``.f64``. Run without the interpreter, in a child."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = COMPILE_ONE.format(tools=str(pathlib.Path(triton_aot.__file__).parent))
+    (tmp_path / "compile_one.py").write_text(script)  # Triton reads a kernel's source from its file
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "compile_one.py")], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["['f32',", "'f64']", "(0,", "0)"]
