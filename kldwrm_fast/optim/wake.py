@@ -80,7 +80,7 @@ class WakeObjective:
         self.model, self.blocks, self.names = model, blocks, names
         self.gradients, self.local_factors = gradients, local_factors
         self.stored = torch.stack(targets) if targets else None
-        self.weights = torch.tensor(weights, dtype=self.stored.dtype, device=self.stored.device) if targets else None
+        self.weights = _beside(weights, self.stored) if targets else None
         self.args, self.kwargs = inputs
         self.predictive = predictive
         self.reduce = reduce
@@ -119,6 +119,12 @@ class WakeObjective:
             for s, g in zip(current, gradients):
                 s.sub_(g, alpha=lr)
         return current
+
+
+def _beside(values: list[float], like: Tensor) -> Tensor:
+    """``values`` as a tensor of ``like``'s dtype and device without stalling the host: on CUDA through pinned
+    memory and an asynchronous copy (a plain ``torch.tensor(..., device=...)`` waits for the stream)."""
+    return torch.tensor(values, dtype=like.dtype, pin_memory=like.is_cuda).to(like.device, non_blocking=True)
 
 
 def stored_outputs(model: nn.Module, names: list[str], snapshots: list[list[Tensor]], inputs) -> list[Tensor]:
