@@ -59,6 +59,7 @@ class ExplicitOptimizer:
         self.k, self.lr_prev = 0, None
         self.clip_engaged = False
         self.ea, self.local, self.precond = [None, None], [None, None], [None, None]
+        self.snapshot = [None, None]  # Q: (Ā_j, Γ̄_j) of the last inverse step j
         self.g_hat, self.v_prev, self.m, self.buf = [None] * 2, [None] * 2, [None] * 2, [None] * 2
 
     def step(self, x, y, lr):
@@ -74,9 +75,15 @@ class ExplicitOptimizer:
                     if self.kind == "q":
                         c = (1 - rho) + lr
                         x_f, y_f = rho * old[0] + c * a, rho * old[1] + c * g
+                        self.snapshot[layer] = self.ea[layer]
                     else:
                         x_f, y_f = self.ea[layer]
                     self.precond[layer] = preconditioner(x_f, y_f, self.damping)
+        if self.kind == "q" and self.k % self.inv_freq != 0:
+            # SPEC §2, eq. (20): Â_k = (1 + lr_k) Ā_j, Γ̂_k = (1 + lr_k) Γ̄_j with the last inverse step's averages.
+            for layer in range(2):
+                a_bar, g_bar = self.snapshot[layer]
+                self.precond[layer] = preconditioner((1 + lr) * a_bar, (1 + lr) * g_bar, self.damping)
         getattr(self, f"_{self.kind}")(v, lr)
         self.k, self.lr_prev = self.k + 1, lr
 
@@ -115,7 +122,7 @@ class ExplicitOptimizer:
                 self.g_hat[layer] = v[layer] + ratio * self.rho * residual
             self.v_prev[layer] = v[layer]
             s = -lr * apply(self.precond[layer], self.g_hat[layer])
-            a_bar, g_bar = self.ea[layer]
+            a_bar, g_bar = self.ea[layer] if self.k % self.inv_freq == 0 else self.snapshot[layer]
             self.m[layer] = -(1 / lr) * (torch.kron(g_bar, a_bar) @ s.reshape(-1)).reshape(s.shape)
             if self.clip is not None:
                 rms = s.norm() / (lr * math.sqrt(s.numel()))

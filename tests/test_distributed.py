@@ -35,7 +35,8 @@ def test_ranks_with_local_batches_equal_one_process_with_the_concatenated_batch(
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     for result in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(result["params"], results[0]["params"]))  # no drift
-    n_factors, inverse_steps = 2 * 4, len(range(0, worker.STEPS, 4))
+    # Q decomposes its reweighted factors and the averages (for the steps up to the next inverse step).
+    n_factors, inverse_steps = 2 * 4 * (2 if name == "QKLDWRM" else 1), len(range(0, worker.STEPS, 4))
     calls = [name for result in results for name in result["eig_calls"]]
     assert len(calls) == n_factors * inverse_steps and len(set(calls)) == n_factors  # each factor once per inverse step
     assert all(len(result["eig_calls"]) > 0 for result in results[:2])

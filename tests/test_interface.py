@@ -243,11 +243,13 @@ def test_sampled_fisher_requires_a_tensor_output():
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
-def test_state_dict_round_trip_continues_identically(cls):
+@pytest.mark.parametrize("before", [2, 3, 4], ids=["next-fresh", "next-cached", "next-inverse"])
+def test_state_dict_round_trip_continues_identically(cls, before):
+    """Saved before a step with new statistics, an inverse step, and a step without either (cadence 2/4)."""
     x, y = batch()
     model = small_cnn()
     opt = cls(model, lr=0.05, stat_freq=2, inv_freq=4)
-    train(opt, model, 3, x, y)
+    train(opt, model, before, x, y)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train(opt, model, 5, x, y)
     expected = parameters(model)

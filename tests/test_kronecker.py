@@ -132,7 +132,8 @@ def test_reweighted_factors_and_q_products_match_s82_to_s87():
         (QKLDWRM, "q", dict(clip=0.5)),
     ],
 )
-def test_optimizer_trajectory_equals_explicit_kronecker_reimplementation(cls, kind, extra):
+@pytest.mark.parametrize("stat_freq,inv_freq", [(2, 4), (2, 2), (4, 4)])
+def test_optimizer_trajectory_equals_explicit_kronecker_reimplementation(cls, kind, extra, stat_freq, inv_freq):
     net = mlp()
     gen = torch.Generator().manual_seed(1)
     batches = [
@@ -140,7 +141,7 @@ def test_optimizer_trajectory_equals_explicit_kronecker_reimplementation(cls, ki
         for _ in range(9)
     ]
     lrs = [0.3 * 0.9**k for k in range(9)]
-    hyper = dict(rho=0.7, damping=0.02, weight_decay=0.01, stat_freq=2, inv_freq=4)
+    hyper = dict(rho=0.7, damping=0.02, weight_decay=0.01, stat_freq=stat_freq, inv_freq=inv_freq)
     opt = cls(net, lr=lrs[0], fisher="empirical", **hyper, **extra)
     clip = extra.get("kl_clip", extra.get("clip"))
     explicit = ExplicitOptimizer(kind, augmented_weights(net), lrs[0], hyper["rho"], hyper["damping"],

@@ -60,3 +60,24 @@ def test_held_out_loss_falls_well_below_its_start(digits, cls, hyper):
     end, accuracy = held_out()
     assert end < 0.2 * start, (start, end)
     assert accuracy > 0.85
+
+
+def test_q_with_statistics_every_step_and_inverses_every_30_trains_without_a_recursion_restart(digits):
+    """With stat_freq < inv_freq the steps between inverse steps use the last inverse step's decomposition and
+    pair M with the same averages (SPEC §2, eq. (20)); pairing M with the moving averages made Ĝ diverge
+    (the growth guard restarted it 43 times in such a run)."""
+    (x_train, y_train), (x_test, y_test) = digits
+    torch.manual_seed(0)
+    model = cnn()
+    opt = QKLDWRM(model, lr=0.03, rho=0.5, damping=0.01, weight_decay=1e-4, stat_freq=1, inv_freq=30)
+    assert opt.ghat_growth_limit is not None
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        idx = torch.randint(0, len(y_train), (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+        opt.step()
+    assert opt.ghat_resets == 0
+    model.eval()
+    with torch.no_grad():
+        assert (model(x_test).argmax(1) == y_test).float().mean().item() > 0.85

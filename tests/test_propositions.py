@@ -143,12 +143,13 @@ def test_prop_4_1_so_kld_wrm_solves_its_wake_objective(lrs, stat_freq):
 
 
 @pytest.mark.parametrize("lrs", [[0.05] * N_STEPS, [0.05 * 1.15**k for k in range(N_STEPS)]], ids=["4.2", "A.1"])
-def test_prop_4_2_and_a_1_q_kld_wrm_solves_its_wake_objective(lrs):
+@pytest.mark.parametrize("stat_freq", [1, 3])
+def test_prop_4_2_and_a_1_q_kld_wrm_solves_its_wake_objective(lrs, stat_freq):
     rho = 0.5
-    history = run(QKLDWRM, lrs, rho=rho, clip=None)
-    fishers = [h[1] for h in history]
+    history = run(QKLDWRM, lrs, stat_freq=stat_freq, rho=rho, clip=None)
+    fishers = effective_fishers(history, rho)
 
-    def objective(k, s, steps):  # (28) / (100) with B_k = F_k
+    def objective(k, s, steps):  # (28) / (100) with B_k = F_k, eq. (20) on steps without new statistics
         g_k, b_k, lr_k = history[k][0], fishers[k], history[k][3]
         return g_k @ s + 0.5 * s @ b_k @ s + kl_wake(k, s, steps, fishers, rho, 1.0 / lr_k)
 

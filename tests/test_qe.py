@@ -165,8 +165,11 @@ def test_phi_gradient_matches_finite_differences(captured_objectives):
         assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric))
 
 
-def test_phi_equals_its_literal_definition(captured_objectives):
-    """Weights λ_k κ(i) kl_scale ρ^{k−i}, the B_k s term and D against fresh copies of the stored networks."""
+@pytest.mark.parametrize("cadence", [1, 3])
+def test_phi_equals_its_literal_definition(captured_objectives, cadence):
+    """Weights λ_k κ(i) kl_scale ρ^{k−i}, the B_k s term and D against fresh copies of the stored networks.
+    B_k is the step's local curvature in the sense of eq. (20): the local factors on a step with new
+    statistics, the averages Γ̄_q, Ā_q on one without."""
     seen, check = captured_objectives
     rho, lr, kl_scale, n_cap = 0.6, 0.1, 0.3, 3
     history = []
@@ -179,9 +182,11 @@ def test_phi_equals_its_literal_definition(captured_objectives):
         history.append(current)
         s = [torch.randn_like(t) * 0.01 for t in steps]
         total = 0.0
+        fresh = k % cadence == 0
         for block, v, si in zip(opt.curvature.blocks, objective.gradients, s):
             state = opt.state[block.key]
-            total += (v * si).sum() + 0.5 * (si * (state["G"] @ si @ state["A"])).sum()
+            g, a = (state["G"], state["A"]) if fresh else (state["G_ea"], state["A_ea"])
+            total += (v * si).sum() + 0.5 * (si * (g @ si @ a)).sum()
         moved = copy.deepcopy(model)
         with torch.no_grad():
             for block, si in zip(opt.curvature.blocks, s):
@@ -203,7 +208,9 @@ def test_phi_equals_its_literal_definition(captured_objectives):
 
     check.append(literal)
     model = double_model()
-    opt = QEKLDWRM(model, lr=lr, rho=rho, stat_freq=1, inv_freq=1, n_inner=1, n_cap=n_cap, kl_scale=kl_scale)
+    opt = QEKLDWRM(
+        model, lr=lr, rho=rho, stat_freq=cadence, inv_freq=cadence, n_inner=1, n_cap=n_cap, kl_scale=kl_scale
+    )
     history_model = (model, opt)
     run(opt, model, double_batches(6))
     assert len(seen) == 6

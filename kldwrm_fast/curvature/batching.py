@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from kldwrm_fast.curvature.blocks import FactoredBlock
-from kldwrm_fast.ops import Operations
+from kldwrm_fast.ops import Operations, reference
 
 EIGEN_KEYS = ("QG", "dG", "QA", "dA")
+HAT_EIGEN_KEYS = ("QG_hat", "dG_hat", "QA_hat", "dA_hat")
 AVERAGE_KEYS = ("G_ea", "A_ea")
 
 
@@ -94,15 +95,42 @@ class BlockBatches:
         return out
 
     def q_steps(
-        self, ops: Operations, states: list[dict], g_hats: list[Tensor], damping: float, lr: float
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """``(S, M)`` of Q-KLD-WRM for every block: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``."""
+        self, ops: Operations, states: list[dict], g_hats: list[Tensor], damping: float, lr: float,
+        eigen_keys: tuple = EIGEN_KEYS,
+    ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+        """``(S, M)`` of Q-KLD-WRM for every block: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``; the
+        decompositions of ``Â, Γ̂`` under ``eigen_keys``."""
         steps: list = [None] * len(g_hats)
         products: list = [None] * len(g_hats)
         for group in self.groups:
-            shared, batch, members = self._run(ops, group, states, EIGEN_KEYS + AVERAGE_KEYS, g_hats)
+            shared, batch, members = self._run(ops, group, states, eigen_keys + AVERAGE_KEYS, g_hats)
             q_out, d_out, q_in, d_in, ea_out, ea_in = shared
             step, product = ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
+            for i, block_step, block_product in zip(group, members(step), members(product)):
+                steps[i], products[i] = block_step, block_product
+        return steps, products
+
+    def rotate(self, ops: Operations, states: list[dict], vs: list[Tensor], inverse: bool = False) -> list[Tensor]:
+        """``Q_Yᵀ V Q_X`` per block with its cached eigenvectors (``inverse``: ``Q_Y V Q_Xᵀ``)."""
+        out: list = [None] * len(vs)
+        for group in self.groups:
+            (q_out, q_in), batch, members = self._run(ops, group, states, ("QG", "QA"), vs)
+            result = (reference.unrotate if inverse else reference.rotate)(q_out, q_in, batch)
+            for i, block_result in zip(group, members(result)):
+                out[i] = block_result
+        return out
+
+    def q_cached_steps(
+        self, ops: Operations, states: list[dict], rotated: list[Tensor], damping: float, lr: float,
+        scales: list[tuple[float, float]],
+    ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+        """``(S, M̃)`` per block on a step without new statistics (:func:`kldwrm_fast.ops.reference.q_cached_step`,
+        ``rotated`` = ``Q_Yᵀ Ĝ Q_X``; ``scales`` per block, equal within a group)."""
+        steps: list = [None] * len(rotated)
+        products: list = [None] * len(rotated)
+        for group in self.groups:
+            shared, batch, members = self._run(ops, group, states, EIGEN_KEYS, rotated)
+            step, product = reference.q_cached_step(*shared, batch, damping, lr, *scales[group[0]])
             for i, block_step, block_product in zip(group, members(step), members(product)):
                 steps[i], products[i] = block_step, block_product
         return steps, products

@@ -7,7 +7,9 @@ optimizer's per-block state. State keys written here:
 * ``"A"``, ``"G"``: the most recent local factors ``A_k``, ``Γ_k``.
 * ``"A_ea"``, ``"G_ea"``: the exponential averages ``Ā_k``, ``Γ̄_k`` (always current).
 * ``"QA"``, ``"dA"``, ``"QG"``, ``"dG"``: eigendecompositions from the most recent inverse step; stale
-  between inverse steps by design (``inv_freq``), of ``Ā, Γ̄`` for KFAC/SO and of ``Â, Γ̂`` for Q.
+  between inverse steps by design (``inv_freq``), of ``Ā, Γ̄`` (for Q with ``inv_freq == 1``: of ``Â, Γ̂``).
+* ``"QA_hat"``, ..., ``"dG_hat"``: Q's decompositions of ``Â, Γ̂`` during an inverse step followed by steps
+  without one (removed after the step).
 
 :class:`KroneckerBlock` is one Linear/Conv2d layer. :class:`DenseBlock` is the exact oracle: any set of
 parameters with an explicit curvature matrix as ``X`` and a constant ``Y = [[1]]``, so that the same
@@ -72,8 +74,14 @@ class FactoredBlock:
         """
         raise NotImplementedError
 
-    def _reweighted_pair(self, state: State, hats: dict) -> tuple[Tensor, Tensor]:
+    def reweighted_pair(self, state: State, hats: dict) -> tuple[Tensor, Tensor]:
+        """``(Â, Γ̂)`` from the reweighted factors ``hats`` by side."""
         return hats["A"], hats["G"]
+
+    def cached_reweight(self, lr: float) -> tuple[float, float]:
+        """``(output, input)`` factors by which a step without new statistics scales the averages' eigenvalues:
+        ``Γ̂_k = (1 + lr_k) Γ̄_q``, ``Â_k = (1 + lr_k) Ā_q`` (SPEC §2, eq. (20))."""
+        return 1.0 + lr, 1.0 + lr
 
     def update_statistics(
         self,
@@ -89,7 +97,7 @@ class FactoredBlock:
             side: self._fold(state, ops, side, rows, scale, rho, reweight)
             for side, (rows, scale) in self.statistics_rows(grad_factor, grad_unscale).items()
         }
-        return None if reweight is None else self._reweighted_pair(state, hats)
+        return None if reweight is None else self.reweighted_pair(state, hats)
 
     def fold_local(self, state: State, side: str, local: Tensor, rho: float, reweight: Optional[float]):
         """Fold an already computed (e.g. all-reduced) local factor of ``side``; return its ``X̂`` or None."""
@@ -156,7 +164,7 @@ class KroneckerBlock(FactoredBlock):
     """
 
     def __init__(self, name: str, module: nn.Module):
-        self.name = name
+        self.name = name or f"the model's own {type(module).__name__}"  # the root module's name is ""
         self.module = module
         self.has_bias = module.bias is not None and module.bias.requires_grad
         self.params = [module.weight] + ([module.bias] if self.has_bias else [])
@@ -269,8 +277,11 @@ class DenseBlock(FactoredBlock):
         rows, scale = self.curvature_rows()
         return {"A": (rows.detach(), scale)}
 
-    def _reweighted_pair(self, state, hats):
+    def reweighted_pair(self, state, hats):
         return hats["A"], state["G_ea"].clone()
+
+    def cached_reweight(self, lr):
+        return 1.0, 1.0 + lr  # the output factor is the constant [[1]]: only the curvature side is reweighted
 
     def update_statistics(self, state, ops, rho, reweight, grad_factor=1.0, grad_unscale=None):
         one = torch.ones(1, 1, dtype=self.dtype, device=self.params[0].device)

@@ -109,6 +109,37 @@ def q_precondition(
     return step, product
 
 
+def rotate(q_out: Tensor, q_in: Tensor, v: Tensor) -> Tensor:
+    """``Q_Yᵀ V Q_X``: a block-form matrix (..., n_out, n_in) in the eigenbasis of its factors."""
+    return torch.matmul(torch.matmul(q_out.transpose(-1, -2), v), q_in)
+
+
+def unrotate(q_out: Tensor, q_in: Tensor, r: Tensor) -> Tensor:
+    """``Q_Y R Q_Xᵀ``: the inverse of :func:`rotate` (the eigenvector matrices are orthogonal)."""
+    return torch.matmul(torch.matmul(q_out, r), q_in.transpose(-1, -2))
+
+
+def q_cached_step(
+    q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, rotated: Tensor, damping: float, lr: float,
+    scale_out: float, scale_in: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Q-KLD-WRM on a step without new statistics, with ``Ĝ`` carried in the averages' eigenbasis (SPEC §3).
+
+    Args:
+        q_out, d_out, q_in, d_in: eigendecompositions of the averages ``Γ̄_j``, ``Ā_j`` of the last inverse step.
+        rotated: (..., n_out, n_in) ``Q_Yᵀ Ĝ_k Q_X``.
+        scale_out, scale_in: the reweighting of the eigenvalues, ``Γ̂_k = scale_out Γ̄_j``, ``Â_k = scale_in Ā_j``.
+
+    Returns:
+        ``(S, M̃)``: the unclipped step ``S = −lr Q_Y [R ⊘ (s_Y s_X d_Y d_Xᵀ + δ)] Q_Xᵀ`` in the parameter
+        basis, and ``M̃ = Q_Yᵀ M Q_X = (d_Y d_Xᵀ) ⊙ R ⊘ (s_Y s_X d_Y d_Xᵀ + δ)`` (``M = −λ Γ̄_j S Ā_j`` is
+        diagonal there) in the eigenbasis. Two GEMMs, as for ``P`` without its rotation.
+    """
+    products = d_out.unsqueeze(-1) * d_in.unsqueeze(-2)
+    scaled = rotated / (products * (scale_out * scale_in) + damping)
+    return unrotate(q_out, q_in, scaled).mul_(-lr), products.mul_(scaled)
+
+
 def ghat_recursion(
     v_new: Sequence[Tensor], g_hat: Sequence[Tensor], v_prev: Sequence[Tensor], m: Sequence[Tensor], coef: float
 ) -> None:

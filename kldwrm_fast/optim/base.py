@@ -266,19 +266,34 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             hats = block.update_statistics(
                 state, self._ops, group["rho"], reweight if info.inverse_due else None, factor, unscale
             )
-            x, y = hats if hats is not None else (state["A_ea"], state["G_ea"])
-            factors += [(block, "A", x), (block, "G", y)]
+            factors += self._decomposition_targets(block, state, hats)
         if info.inverse_due:
-            requests = [self._eigen_request(block, side, matrix) for block, side, matrix in factors]
-            for (block, side, _), result in zip(factors, decompose_many(requests, self._ops.eigh)):
-                self.block_state(block)[f"Q{side}"], self.block_state(block)[f"d{side}"] = result
+            requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
+            for (block, key, _), result in zip(factors, decompose_many(requests, self._ops.eigh)):
+                self.block_state(block)[f"Q{key}"], self.block_state(block)[f"d{key}"] = result
             self._batches.compact(self.block_states())
 
-    def _eigen_request(self, block, side: str, matrix: Tensor) -> tuple:
+    def _decomposition_targets(self, block, state: dict, hats) -> list[tuple]:
+        """``(block, key, matrix)`` per factor to decompose on an inverse step, stored as ``Q{key}``, ``d{key}``.
+
+        KFAC, SO: the averages under ``"A"``, ``"G"``. Q, QE (``hats`` given): the reweighted factors, under
+        ``"A"``/``"G"`` when every step is an inverse step, else under ``"A_hat"``/``"G_hat"`` (this step only)
+        beside the averages under ``"A"``/``"G"`` for the steps that follow (SPEC §2, eq. (20)).
+        """
+        averages = [(block, "A", state["A_ea"]), (block, "G", state["G_ea"])]
+        if hats is None:
+            return averages
+        if self.param_groups[0]["inv_freq"] == 1:
+            return [(block, "A", hats[0]), (block, "G", hats[1])]
+        return [(block, "A_hat", hats[0]), (block, "G_hat", hats[1])] + averages
+
+    def _eigen_request(self, block, key: str, matrix: Tensor) -> tuple:
         """``(matrix, previous decomposition or None, name)`` for the eigendecomposition of one factor."""
         state = self.block_state(block)
-        previous = (state[f"Q{side}"], state[f"d{side}"]) if f"Q{side}" in state else None
-        return matrix, previous, f"{'input' if side == 'A' else 'output'} factor of {block.name}"
+        side = key[0]
+        previous = next(((state[f"Q{k}"], state[f"d{k}"]) for k in (key, side) if f"Q{k}" in state), None)
+        kind = f"{'reweighted ' if key.endswith('_hat') else ''}{'input' if side == 'A' else 'output'}"
+        return matrix, previous, f"{kind} factor of {block.name}"
 
     def _refresh_curvature_distributed(self, group, blocks, info, reweight, factor, unscale) -> None:
         """As :meth:`_refresh_curvature`, with local factors averaged over ranks and eigendecompositions
@@ -288,12 +303,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
                 locals_.append((block, side, reference.gram(rows, scale, block.dtype)))
         distributed.average_symmetric_([local for _, _, local in locals_], pack=self.pack_statistics)
-        factors = []
+        hats: dict = {}
         for block, side, local in locals_:
             state = self.block_state(block)
-            hat = block.fold_local(state, side, local, group["rho"], reweight if info.inverse_due else None)
-            factors.append((block, side, hat if hat is not None else state[f"{side}_ea"]))
+            hats.setdefault(block, {})[side] = block.fold_local(
+                state, side, local, group["rho"], reweight if info.inverse_due else None
+            )
         if info.inverse_due:
+            factors = []
+            for block in blocks:
+                pair = hats[block]
+                pair = block.reweighted_pair(self.block_state(block), pair) if reweight is not None else None
+                factors += self._decomposition_targets(block, self.block_state(block), pair)
             self._decompose_distributed(factors)
 
     def _decompose_distributed(self, factors: list) -> None:
@@ -304,9 +325,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         mine = [i for i, owner in enumerate(owners) if owner == rank]
         # This rank's share in one grouped call (batched solver, one host check), as on a single process.
         decomposed = dict(zip(mine, decompose_many([self._eigen_request(*factors[i]) for i in mine], self._ops.eigh)))
-        for index, ((block, side, matrix), owner) in enumerate(zip(factors, owners)):
+        for index, ((block, key, matrix), owner) in enumerate(zip(factors, owners)):
             state = self.block_state(block)
-            keys = (f"Q{side}", f"d{side}")
+            keys = (f"Q{key}", f"d{key}")
             if owner == rank:
                 vectors, values = decomposed[index]
             else:

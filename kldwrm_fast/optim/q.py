@@ -10,25 +10,33 @@ import torch
 from torch import nn
 
 from kldwrm_fast.curvature import Curvature
+from kldwrm_fast.curvature.batching import HAT_EIGEN_KEYS
 from kldwrm_fast.optim.base import CurvatureOptimizer, validate_positive_or_none
+
+BASIS = "ghat_basis"
+EIGENBASIS, PARAMETER_BASIS = "eigen", "parameter"
 
 
 class QKLDWRM(CurvatureOptimizer):
-    ghat_growth_limit: Optional[float] = 100.0
-    ghat_report_every: int = 100
-    _ghat_reset_counts: Optional[torch.Tensor] = None  # per block, on the device
-    _ghat_reported_counts: tuple = ()  # the counts last reported, on the host
-
     """Quadratic KLD-WRM.
 
     Per block, with ``λ_k = 1/lr_k`` and ``c_k = (1−ρ) + lr_k``::
 
-        Â_k = ρ Ā_{k−1} + c_k A_k,   Γ̂_k = ρ Γ̄_{k−1} + c_k Γ_k          (decomposed on inverse steps)
+        inverse step q:  Â_q = ρ Ā_{q−1} + c_q A_q,   Γ̂_q = ρ Γ̄_{q−1} + c_q Γ_q,   M uses Γ̄_q, Ā_q
+        other steps k:   Â_k = (1 + lr_k) Ā_j,   Γ̂_k = (1 + lr_k) Γ̄_j,   M uses Γ̄_j, Ā_j
+                         (j the last inverse step: eq. (20) when stat_freq == inv_freq)
         Ĝ_0 = V_0,   Ĝ_k = V_k + (λ_k/λ_{k−1}) ρ (Ĝ_{k−1} − V_{k−1} − M_{k−1})
-        S_k = −lr_k P_{Â,Γ̂}(Ĝ_k),   M_k = −λ_k Γ̄_k S_k Ā_k
+        S_k = −lr_k P_{Â,Γ̂}(Ĝ_k),   M_k = −λ_k Γ̄ S_k Ā
         W̄ ← W̄ + clip(S_k),  clip: scale by τ/r when r = ‖S_k‖/(lr_k √numel) > τ
 
     The recursion always uses the unclipped ``S_k``. State per block adds ``"g_hat"``, ``"v_prev"``, ``"m"``.
+
+    Cost: an inverse step followed by steps without one decomposes both ``Â_q, Γ̂_q`` (for itself) and
+    ``Ā_q, Γ̄_q`` (for the others) in one grouped call. On the other steps ``M`` is diagonal in the eigenbasis
+    of ``Ā_j, Γ̄_j``, so the recursion is carried in that basis (``global_state["ghat_basis"] == "eigen"``:
+    ``"g_hat"``, ``"v_prev"``, ``"m"`` hold ``Q_Yᵀ(·)Q_X``) and such a step costs KFAC's four GEMMs per block
+    (rotating ``V`` in, ``S`` out); moving the recursion into and out of the basis costs two GEMMs per block
+    at each inverse step. These products run as ``torch.matmul`` on every backend.
 
     Growth guard: the paper (Sec. 4.3) bounds ``Ĝ`` when ``ρ‖I − M̂_k‖ ≤ δ < 1``. As a cheap proxy, a block
     whose ``‖Ĝ_k‖ > ghat_growth_limit · ‖V_k‖`` (or is not finite) restarts its recursion from
@@ -40,6 +48,11 @@ class QKLDWRM(CurvatureOptimizer):
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``
     and ``kl_clip``; paper default ``rho=0.5``.
     """
+
+    ghat_growth_limit: Optional[float] = 100.0
+    ghat_report_every: int = 100
+    _ghat_reset_counts: Optional[torch.Tensor] = None  # per block, on the device
+    _ghat_reported_counts: tuple = ()  # the counts last reported, on the host
 
     def __init__(
         self,
@@ -97,27 +110,63 @@ class QKLDWRM(CurvatureOptimizer):
         )
 
     def _q_steps(self, group, blocks, grads, info):
-        """Advance the recursion to ``Ĝ_k`` and return the unclipped steps ``S_k`` (stores ``M_k``)."""
+        """Advance the recursion to ``Ĝ_k`` and return the unclipped steps ``S_k`` (stores ``M_k``).
+
+        Inverse steps precondition with ``Â_q, Γ̂_q`` and pair ``M`` with the current averages; the steps up to
+        the next inverse step follow eq. (20) with the decompositions of ``Ā_j, Γ̄_j`` (see the class docstring),
+        where ``M`` is diagonal: there the buffers are carried in that eigenbasis.
+        """
         rho, lr = group["rho"], info.lr
-        self._refresh_curvature(group, blocks, info, reweight=(1.0 - rho) + lr)
         states = [self.block_state(block) for block in blocks]
+        if info.inverse_due and self.global_state.get(BASIS) == EIGENBASIS:
+            self._change_basis(states, PARAMETER_BASIS)  # before its decomposition is replaced
+        self._refresh_curvature(group, blocks, info, reweight=(1.0 - rho) + lr)
+        in_eigenbasis = self.global_state.get(BASIS) == EIGENBASIS
+        vs = self._batches.rotate(self._ops, states, grads) if in_eigenbasis else grads
         lr_prev = self.global_state["lr_prev"]
         if lr_prev is None:
-            for state, v in zip(states, grads):
+            for state, v in zip(states, vs):
                 state["g_hat"], state["v_prev"] = v.clone(), v.clone()
         else:
             self._ops.ghat_recursion(
-                grads, [s["g_hat"] for s in states], [s["v_prev"] for s in states], [s["m"] for s in states],
+                vs, [s["g_hat"] for s in states], [s["v_prev"] for s in states], [s["m"] for s in states],
                 rho * lr_prev / lr,
             )  # fmt: skip
             if self.ghat_growth_limit is not None:
-                self._guard_recursion(states, grads)
+                self._guard_recursion(states, vs)  # norms are the same in either basis
                 if info.inverse_due or self.global_state["step"] % self.ghat_report_every == 0:
                     self._report_resets()
-        steps, products = self._batches.q_steps(self._ops, states, [s["g_hat"] for s in states], group["damping"], lr)
+        g_hats = [s["g_hat"] for s in states]
+        damping = group["damping"]
+        if in_eigenbasis:
+            scales = [block.cached_reweight(lr) for block in blocks]
+            steps, products = self._batches.q_cached_steps(self._ops, states, g_hats, damping, lr, scales)
+        elif group["inv_freq"] == 1:
+            steps, products = self._batches.q_steps(self._ops, states, g_hats, damping, lr)
+        else:
+            steps, products = self._batches.q_steps(self._ops, states, g_hats, damping, lr, HAT_EIGEN_KEYS)
+            for state in states:
+                for key in HAT_EIGEN_KEYS:
+                    del state[key]
         for state, product in zip(states, products):
             state["m"] = product
+        if info.inverse_due and group["inv_freq"] > 1:
+            self._change_basis(states, EIGENBASIS)
         return steps
+
+    def _change_basis(self, states: list[dict], basis: str) -> None:
+        """Move the recursion into the eigenbasis of the current ``Ā_j, Γ̄_j`` (``EIGENBASIS``, after an inverse
+        step followed by steps without one) or back out of it (``PARAMETER_BASIS``, before the next inverse
+        step replaces the decomposition). Only ``Ĝ − V_prev − M`` reaches the next step, so it alone is
+        rotated (two GEMMs per block), into ``"g_hat"``; ``"v_prev"`` and ``"m"`` are zeroed."""
+        carry = torch._foreach_sub([s["g_hat"] for s in states], [s["v_prev"] for s in states])
+        torch._foreach_sub_(carry, [s["m"] for s in states])
+        inverse = basis == PARAMETER_BASIS
+        for state, moved in zip(states, self._batches.rotate(self._ops, states, carry, inverse=inverse)):
+            state["g_hat"] = moved.contiguous()
+            state["v_prev"] = torch.zeros_like(state["g_hat"])
+            state["m"] = torch.zeros_like(state["g_hat"])
+        self.global_state[BASIS] = basis
 
     def _apply_clipped(self, group, blocks, steps, lr) -> None:
         """``W̄ ← W̄ + clip(S)``, with all blocks' scales ``min(1, τ/r)`` computed at once on the device."""

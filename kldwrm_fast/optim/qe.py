@@ -137,14 +137,19 @@ class QEKLDWRM(QKLDWRM):
             entries.append((ring["steps"][slot], views))
         return entries
 
-    def wake_objective(self, grads: list[Tensor], lr: float) -> WakeObjective:
-        """Φ of the current step (requires the stored snapshot of θ_k and the recorded mini-batch)."""
+    def wake_objective(self, grads: list[Tensor], lr: float, fresh: bool = True) -> WakeObjective:
+        """Φ of the current step (requires the stored snapshot of θ_k and the recorded mini-batch).
+
+        ``B_k`` is the step's local curvature in the sense of eq. (20): the local factors on a step with new
+        statistics (``fresh``), the unchanged averages ``Γ̄_q``, ``Ā_q`` on one without.
+        """
         group, k = self.param_groups[0], self.global_state["step"]
         rho = group["rho"]
         entries = self.snapshots()
         weights = [(1.0 / lr) * group["kl_scale"] * (1.0 if i == 0 else 1.0 - rho) * rho ** (k - i) for i, _ in entries]
         targets = stored_outputs(self._network, self._snapshot_names, [values for _, values in entries], self._inputs)
-        factors = [(self.block_state(b)["A"], self.block_state(b)["G"]) for b in self.curvature.blocks]
+        keys = ("A", "G") if fresh else ("A_ea", "G_ea")
+        factors = [(self.block_state(b)[keys[0]], self.block_state(b)[keys[1]]) for b in self.curvature.blocks]
         reduce = distributed.average_ if self.data_parallel.active else None
         return WakeObjective(
             self._network, self.curvature.blocks, self._names_by_id, grads, factors, targets, weights, self._inputs,
@@ -161,7 +166,7 @@ class QEKLDWRM(QKLDWRM):
         self._push_snapshot(self.global_state["step"])
         if group["n_inner"] > 0:
             with evaluation_mode(self._network), self.curvature.paused():
-                objective = self.wake_objective(grads, lr)
+                objective = self.wake_objective(grads, lr, info.stats_due)
                 steps = objective.minimise(steps, group["n_inner"], group["inner_lr_ratio"] * lr)
         self._inputs = None
         self._apply_clipped(group, blocks, steps, lr)

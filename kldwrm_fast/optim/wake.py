@@ -66,7 +66,7 @@ class WakeObjective:
         blocks: the curvature blocks whose parameters ``s`` moves (block form, one matrix per block).
         names: parameter name of every tensor in ``blocks[*].params`` (by identity).
         gradients: ``V_k`` per block, (n_out, n_in).
-        local_factors: ``(A_k, Γ_k)`` per block, the most recent local factors.
+        local_factors: ``(A_k, Γ_k)`` per block, the step's local factors in the sense of eq. (20).
         targets: outputs of the stored networks ``h(θ_i)`` on the batch, detached (stacked here once).
         weights: ``λ_k ζ(i) ρ^{k−i}`` per stored network.
         inputs: ``(args, kwargs)`` of the model call that produced the current mini-batch.
