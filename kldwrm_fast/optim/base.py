@@ -303,18 +303,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
                 locals_.append((block, side, reference.gram(rows, scale, block.dtype)))
         distributed.average_symmetric_([local for _, _, local in locals_], pack=self.pack_statistics)
-        hats: dict = {}
+        reweighted: dict = {}  # block -> {side: X̂ or None}
         for block, side, local in locals_:
             state = self.block_state(block)
-            hats.setdefault(block, {})[side] = block.fold_local(
+            reweighted.setdefault(block, {})[side] = block.fold_local(
                 state, side, local, group["rho"], reweight if info.inverse_due else None
             )
         if info.inverse_due:
             factors = []
             for block in blocks:
-                pair = hats[block]
-                pair = block.reweighted_pair(self.block_state(block), pair) if reweight is not None else None
-                factors += self._decomposition_targets(block, self.block_state(block), pair)
+                state = self.block_state(block)
+                hats = block.reweighted_pair(state, reweighted[block]) if reweight is not None else None
+                factors += self._decomposition_targets(block, state, hats)
             self._decompose_distributed(factors)
 
     def _decompose_distributed(self, factors: list) -> None:
