@@ -27,6 +27,25 @@ def cnn():
     )  # fmt: skip
 
 
+def held_out(model, x_test, y_test):
+    """``(loss, accuracy)`` on the held-out images, in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(x_test)
+    model.train()
+    return F.cross_entropy(logits, y_test).item(), (logits.argmax(1) == y_test).float().mean().item()
+
+
+def train(model, opt, x_train, y_train, steps=300):
+    """``steps`` optimizer steps on random mini-batches of 64."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y_train), (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize(
     "cls,hyper",
     [
@@ -41,23 +60,9 @@ def test_held_out_loss_falls_well_below_its_start(digits, cls, hyper):
     torch.manual_seed(0)
     model = cnn()
     opt = cls(model, lr=0.03, damping=0.01, weight_decay=1e-4, stat_freq=10, inv_freq=10, **hyper)
-    gen = torch.Generator().manual_seed(1)
-
-    def held_out():
-        model.eval()
-        with torch.no_grad():
-            loss = F.cross_entropy(model(x_test), y_test).item()
-            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-        model.train()
-        return loss, accuracy
-
-    start, _ = held_out()
-    for _ in range(300):
-        idx = torch.randint(0, len(y_train), (64,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-        opt.step()
-    end, accuracy = held_out()
+    start, _ = held_out(model, x_test, y_test)
+    train(model, opt, x_train, y_train)
+    end, accuracy = held_out(model, x_test, y_test)
     assert end < 0.2 * start, (start, end)
     assert accuracy > 0.85
 
@@ -71,13 +76,6 @@ def test_q_with_statistics_every_step_and_inverses_every_30_trains_without_a_rec
     model = cnn()
     opt = QKLDWRM(model, lr=0.03, rho=0.5, damping=0.01, weight_decay=1e-4, stat_freq=1, inv_freq=30)
     assert opt.ghat_growth_limit is not None
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        idx = torch.randint(0, len(y_train), (64,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-        opt.step()
+    train(model, opt, x_train, y_train)
     assert opt.ghat_resets == 0
-    model.eval()
-    with torch.no_grad():
-        assert (model(x_test).argmax(1) == y_test).float().mean().item() > 0.85
+    assert held_out(model, x_test, y_test)[1] > 0.85
