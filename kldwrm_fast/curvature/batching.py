@@ -85,13 +85,24 @@ class BlockBatches:
         batch = per_block[group[0]].unsqueeze(0) if len(group) == 1 else torch.stack([per_block[i] for i in group])
         return shared, batch, lambda result: result.unbind(0)
 
+    def _per_group(self, ops: Operations, states, keys: tuple, per_block: list[Tensor], compute) -> list[list]:
+        """``compute(group, *shared state tensors of keys, stacked per_block)`` for each group; its outputs (a
+        tensor or a tuple of tensors) handed back per block: one list per output, aligned with the blocks."""
+        outputs: list = []
+        for group in self.groups:
+            shared, batch, members = self._run(ops, group, states, keys, per_block)
+            results = compute(group, *shared, batch)
+            results = results if isinstance(results, tuple) else (results,)
+            if not outputs:
+                outputs = [[None] * len(per_block) for _ in results]
+            for out, result in zip(outputs, results):
+                for i, block_result in zip(group, members(result)):
+                    out[i] = block_result
+        return outputs
+
     def precondition(self, ops: Operations, states: list[dict], vs: list[Tensor], damping: float) -> list[Tensor]:
         """``P(V)`` for every block with its cached eigendecomposition."""
-        out: list = [None] * len(vs)
-        for group in self.groups:
-            shared, batch, members = self._run(ops, group, states, EIGEN_KEYS, vs)
-            for i, result in zip(group, members(ops.precondition(*shared, batch, damping))):
-                out[i] = result
+        (out,) = self._per_group(ops, states, EIGEN_KEYS, vs, lambda _, *args: ops.precondition(*args, damping))
         return out
 
     def q_steps(
@@ -100,24 +111,18 @@ class BlockBatches:
     ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
         """``(S, M)`` of Q-KLD-WRM for every block: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``; the
         decompositions of ``Â, Γ̂`` under ``eigen_keys``."""
-        steps: list = [None] * len(g_hats)
-        products: list = [None] * len(g_hats)
-        for group in self.groups:
-            shared, batch, members = self._run(ops, group, states, eigen_keys + AVERAGE_KEYS, g_hats)
-            q_out, d_out, q_in, d_in, ea_out, ea_in = shared
-            step, product = ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
-            for i, block_step, block_product in zip(group, members(step), members(product)):
-                steps[i], products[i] = block_step, block_product
+
+        def compute(_, q_out, d_out, q_in, d_in, ea_out, ea_in, batch):
+            return ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
+
+        steps, products = self._per_group(ops, states, eigen_keys + AVERAGE_KEYS, g_hats, compute)
         return steps, products
 
     def rotate(self, ops: Operations, states: list[dict], vs: list[Tensor], inverse: bool = False) -> list[Tensor]:
         """``Q_Yᵀ V Q_X`` per block with its cached eigenvectors (``inverse``: ``Q_Y V Q_Xᵀ``)."""
-        out: list = [None] * len(vs)
-        for group in self.groups:
-            (q_out, q_in), batch, members = self._run(ops, group, states, ("QG", "QA"), vs)
-            result = (reference.unrotate if inverse else reference.rotate)(q_out, q_in, batch)
-            for i, block_result in zip(group, members(result)):
-                out[i] = block_result
+        (out,) = self._per_group(
+            ops, states, ("QG", "QA"), vs, lambda _, *args: (reference.unrotate if inverse else reference.rotate)(*args)
+        )
         return out
 
     def q_cached_steps(
@@ -126,11 +131,9 @@ class BlockBatches:
     ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
         """``(S, M̃)`` per block on a step without new statistics (:func:`kldwrm_fast.ops.reference.q_cached_step`,
         ``rotated`` = ``Q_Yᵀ Ĝ Q_X``; ``scales`` per block, equal within a group)."""
-        steps: list = [None] * len(rotated)
-        products: list = [None] * len(rotated)
-        for group in self.groups:
-            shared, batch, members = self._run(ops, group, states, EIGEN_KEYS, rotated)
-            step, product = reference.q_cached_step(*shared, batch, damping, lr, *scales[group[0]])
-            for i, block_step, block_product in zip(group, members(step), members(product)):
-                steps[i], products[i] = block_step, block_product
+
+        def compute(group, *args):
+            return reference.q_cached_step(*args, damping, lr, *scales[group[0]])
+
+        steps, products = self._per_group(ops, states, EIGEN_KEYS, rotated, compute)
         return steps, products

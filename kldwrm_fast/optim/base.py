@@ -283,9 +283,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         averages = [(block, "A", state["A_ea"]), (block, "G", state["G_ea"])]
         if hats is None:
             return averages
-        if self.param_groups[0]["inv_freq"] == 1:
+        if not self.steps_without_inverse():
             return [(block, "A", hats[0]), (block, "G", hats[1])]
         return [(block, "A_hat", hats[0]), (block, "G_hat", hats[1])] + averages
+
+    def steps_without_inverse(self) -> bool:
+        """Whether steps without an eigendecomposition follow an inverse step (``inv_freq > 1``)."""
+        return self.param_groups[0]["inv_freq"] > 1
 
     def _eigen_request(self, block, key: str, matrix: Tensor) -> tuple:
         """``(matrix, previous decomposition or None, name)`` for the eigendecomposition of one factor."""

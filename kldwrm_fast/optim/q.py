@@ -141,7 +141,7 @@ class QKLDWRM(CurvatureOptimizer):
         if in_eigenbasis:
             scales = [block.cached_reweight(lr) for block in blocks]
             steps, products = self._batches.q_cached_steps(self._ops, states, g_hats, damping, lr, scales)
-        elif group["inv_freq"] == 1:
+        elif not self.steps_without_inverse():
             steps, products = self._batches.q_steps(self._ops, states, g_hats, damping, lr)
         else:
             steps, products = self._batches.q_steps(self._ops, states, g_hats, damping, lr, HAT_EIGEN_KEYS)
@@ -150,7 +150,7 @@ class QKLDWRM(CurvatureOptimizer):
                     del state[key]
         for state, product in zip(states, products):
             state["m"] = product
-        if info.inverse_due and group["inv_freq"] > 1:
+        if info.inverse_due and self.steps_without_inverse():
             self._change_basis(states, EIGENBASIS)
         return steps
 
