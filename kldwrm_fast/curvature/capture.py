@@ -20,12 +20,48 @@ from kldwrm_fast.curvature.fisher import sampled_loss
 from kldwrm_fast.curvature.layers import is_supported
 
 
+def _attention_projections(model: nn.Module) -> set[int]:
+    """Linear modules whose weights ``nn.MultiheadAttention`` uses without calling them (its ``out_proj``)."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _same_layer(first: nn.Module, second: nn.Module) -> bool:
+    """Whether two modules with one weight compute the same function of their inputs (so one block fits both)."""
+    if type(first) is not type(second) or first.bias is not second.bias:
+        return False
+    if isinstance(first, nn.Conv2d):
+        settings = ("stride", "padding", "dilation", "padding_mode")
+        return all(getattr(first, name) == getattr(second, name) for name in settings)
+    return True
+
+
 def _discover(model: nn.Module) -> tuple[list[KroneckerBlock], list[tuple[str, Tensor]]]:
-    blocks = [
-        KroneckerBlock(name, module)
-        for name, module in model.named_modules()
-        if is_supported(module) and module.weight.requires_grad
-    ]
+    """One block per trainable weight of the supported layers; layers that share their weight and bias (and, for
+    convolutions, their settings) share one block, which pools their statistics."""
+    skipped = _attention_projections(model)
+    by_weight: dict[int, KroneckerBlock] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not is_supported(module) or not module.weight.requires_grad or id(module) in skipped:
+            continue
+        block = by_weight.get(id(module.weight))
+        if block is None:
+            by_weight[id(module.weight)] = KroneckerBlock(name, module)
+        elif all(module is not m for m in block.modules):
+            if not _same_layer(block.module, module):
+                raise ValueError(
+                    f"Invalid model: layers {block.name!r} and {name!r} share their weight but not their bias or "
+                    "settings; share both (one block pools their statistics) or neither"
+                )
+            block.modules.append(module)
+    blocks = list(by_weight.values())
+    owners: dict[int, str] = {}
+    for block in blocks:
+        for param in block.params[1:]:
+            if owners.setdefault(id(param), block.name) != block.name:
+                raise ValueError(
+                    f"Invalid model: layers {owners[id(param)]!r} and {block.name!r} share their bias but not their "
+                    "weight; share both (one block pools their statistics) or neither"
+                )
     covered = {id(p) for block in blocks for p in block.params}
     others = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     return blocks, others
@@ -56,8 +92,13 @@ class KroneckerCurvature(Curvature):
         self._pending: list[tuple[KroneckerBlock, Tensor, int]] = []
         self._sampling = False
         self._paused = False
-        self._passes = 0
-        self._handles = [block.module.register_forward_hook(self._layer_hook(block)) for block in self.blocks]
+        self._forwards = 0  # root forward calls so far: the id of the pass in progress
+        self._passes: set[int] = set()  # ids of the passes whose output gradients were recorded
+        self._handles = [
+            module.register_forward_hook(self._layer_hook(block, module))
+            for block in self.blocks
+            for module in block.modules
+        ]
         # Hooks are plain closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's
         # owner (this object) into the copy.
         self._handles.append(model.register_forward_hook(lambda *args: self._root_hook(*args)))
@@ -72,24 +113,28 @@ class KroneckerCurvature(Curvature):
             and self.capture_due()
         )
 
-    def _layer_hook(self, block: KroneckerBlock):
+    def _layer_hook(self, block: KroneckerBlock, layer: nn.Module):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             # A deep copy of the model carries this hook along; its calls are not ours.
-            if module is not block.module or not self._capturing(module, output):
+            if module is not layer or not self._capturing(module, output):
                 return
-            block.inputs.append(inputs[0].detach())
-            # A tensor hook sees the gradient of the output as the layer produced it, even if a later
-            # in-place op (ReLU(inplace=True)) rewrites that tensor.
-            output.register_hook(lambda grad: self._record(block, grad))
+            # The input is kept only once its output gradient arrives, so that a forward without a backward
+            # (a training metric, say) adds no unmatched rows. A tensor hook sees the gradient of the output as
+            # the layer produced it, even if a later in-place op (ReLU(inplace=True)) rewrites that tensor.
+            x, forward = inputs[0].detach(), self._forwards
+            output.register_hook(lambda grad: self._record(block, x, grad, forward))
             if self.fisher == "sampled":
                 self._pending.append((block, output, output._version))
 
         return hook
 
-    def _record(self, block: KroneckerBlock, grad: Tensor) -> None:
-        """Keep an output gradient from the right backward: the sampled one, or the training loss's."""
+    def _record(self, block: KroneckerBlock, x: Tensor, grad: Tensor, forward: int) -> None:
+        """Keep an input with its output gradient from the right backward: the sampled one, or the training
+        loss's."""
         if self._sampling == (self.fisher == "sampled"):
+            block.inputs.append(x)
             block.output_grads.append(grad.detach())
+            self._passes.add(forward)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -99,13 +144,13 @@ class KroneckerCurvature(Curvature):
     def _root_hook(self, module: nn.Module, inputs: tuple, output) -> None:
         if module is not self.model:
             return
-        if self._capturing(module, output) or self._pending:
-            self._passes += 1
         if self.fisher == "sampled":
             self._sample(output)
+        self._forwards += 1
 
     def forward_passes(self) -> int:
-        return max(self._passes, 1)
+        """Forward passes whose output gradients were recorded since the last step (at least 1)."""
+        return max(len(self._passes), 1)
 
     def _sample(self, output) -> None:
         pending, self._pending = self._pending, []
@@ -143,7 +188,7 @@ class KroneckerCurvature(Curvature):
     def clear(self) -> None:
         super().clear()
         self._pending = []
-        self._passes = 0
+        self._passes = set()
 
     def remove_hooks(self) -> None:
         for handle in self._handles:

@@ -10,6 +10,16 @@ FISHER_TYPES = ("sampled", "empirical")
 PREDICTIVES = ("categorical", "gaussian")
 
 
+def check_classes(output: Tensor, predictive: str) -> None:
+    """A categorical predictive needs at least two logits per sample (one class has a constant likelihood, so
+    its Fisher is 0)."""
+    if predictive == "categorical" and output.shape[-1] < 2:
+        raise ValueError(
+            f"predictive='categorical' needs at least two classes (logits of shape (batch, classes >= 2)), got "
+            f"shape {tuple(output.shape)}; for one output use predictive='gaussian' or two logits"
+        )
+
+
 def sampled_loss(output: Tensor, predictive: str, generator: torch.Generator) -> Tensor:
     """Mean negative log-likelihood of targets drawn from the model's own predictive distribution.
 
@@ -28,6 +38,7 @@ def sampled_loss(output: Tensor, predictive: str, generator: torch.Generator) ->
             f"(batch, {'classes' if predictive == 'categorical' else 'd'}),"
             f" got shape {tuple(output.shape)}"
         )
+    check_classes(output, predictive)
     rows = output.reshape(-1, output.shape[-1])
     with torch.no_grad():
         if predictive == "categorical":
