@@ -63,8 +63,9 @@ def test_previous_decomposition_is_kept_with_a_warning(monkeypatch):
     with pytest.warns(RuntimeWarning, match="keeping the previous one"):
         result = eigen.symmetric_eig(spd(3), previous, "input factor of fc")
     assert result is previous
-    with pytest.raises(torch.linalg.LinAlgError, match="no earlier one"):
-        eigen.symmetric_eig(spd(3))
+    with pytest.warns(RuntimeWarning, match="no earlier one exists; using the identity"):
+        vectors, values = eigen.symmetric_eig(spd(3))
+    assert torch.equal(vectors, torch.eye(3)) and torch.equal(values, torch.ones(3))
 
 
 def test_non_finite_factor_keeps_the_previous_decomposition():
@@ -105,16 +106,16 @@ def test_solver_flags_send_only_unconverged_members_down_the_ladder(monkeypatch)
         return values, vectors, info
 
     ladder = []
-    real_symmetric_eig = eigen.symmetric_eig
+    real_ladder = eigen._ladder
 
-    def recording_ladder(matrix, previous=None, name="factor"):
-        ladder.append(name)
-        return real_symmetric_eig(matrix, previous, name)
+    def recording_ladder(matrix):
+        ladder.append(matrix)
+        return real_ladder(matrix)
 
-    monkeypatch.setattr(eigen, "symmetric_eig", recording_ladder)
+    monkeypatch.setattr(eigen, "_ladder", recording_ladder)
     matrices = [spd(5), spd(5), spd(5)]
     results = eigen.decompose_many([(m, None, f"m{i}") for i, m in enumerate(matrices)], solver=solver)
-    assert calls == [(3, 5, 5)] and ladder == ["m1"]
+    assert calls == [(3, 5, 5)] and len(ladder) == 1 and ladder[0] is matrices[1]
     for matrix, (q, d) in zip(matrices, results):
         assert torch.isfinite(q).all()
         torch.testing.assert_close(q @ torch.diag(d) @ q.T, matrix, rtol=1e-4, atol=1e-4)

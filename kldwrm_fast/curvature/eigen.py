@@ -55,17 +55,8 @@ def _attempts(matrix: Tensor):
     yield wide + (JITTER * scale)[..., None, None] * eye
 
 
-def symmetric_eig(
-    matrix: Tensor, previous: Optional[tuple[Tensor, Tensor]] = None, name: str = "factor"
-) -> tuple[Tensor, Tensor]:
-    """Eigenvectors and clamped eigenvalues of a symmetric (..., n, n) matrix.
-
-    Returns:
-        ``(Q, d)``: (..., n, n) eigenvectors and (..., n) eigenvalues ≥ 0, both in ``matrix.dtype``.
-
-    Raises:
-        torch.linalg.LinAlgError: every rung failed and there is no ``previous`` decomposition to keep.
-    """
+def _ladder(matrix: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """``(Q, d)`` from the first rung that succeeds, or None when every rung fails."""
     for attempt in _attempts(matrix):
         if not torch.isfinite(attempt).all():
             break
@@ -74,10 +65,37 @@ def symmetric_eig(
         except torch.linalg.LinAlgError:
             continue
         return vectors.to(matrix.dtype), values.to(matrix.dtype).clamp_min_(0.0)
+    return None
+
+
+def _fallback(matrix: Tensor, previous: Optional[tuple[Tensor, Tensor]], name: str) -> tuple[Tensor, Tensor]:
+    """The previous decomposition, or the identity when there is none, with a warning."""
     if previous is None:
-        raise torch.linalg.LinAlgError(f"eigendecomposition of {name} failed and no earlier one exists")
-    warnings.warn(f"eigendecomposition of {name} failed; keeping the previous one", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"eigendecomposition of {name} failed and no earlier one exists; using the identity until one succeeds",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        n = matrix.shape[-1]
+        return torch.eye(n, dtype=matrix.dtype, device=matrix.device), matrix.new_ones(n)
+    warnings.warn(f"eigendecomposition of {name} failed; keeping the previous one", RuntimeWarning, stacklevel=4)
     return previous
+
+
+def symmetric_eig(
+    matrix: Tensor, previous: Optional[tuple[Tensor, Tensor]] = None, name: str = "factor"
+) -> tuple[Tensor, Tensor]:
+    """Eigenvectors and clamped eigenvalues of a symmetric (..., n, n) matrix.
+
+    Returns:
+        ``(Q, d)``: (..., n, n) eigenvectors and (..., n) eigenvalues ≥ 0, both in ``matrix.dtype``.
+
+    When every rung fails, ``previous`` is kept; when there is none (a factor that overflowed on its first
+    statistics, say), the identity stands in (``Q = I``, ``d = 1``: an unpreconditioned direction on that
+    side) until a later decomposition succeeds. Both with a warning.
+    """
+    result = _ladder(matrix)
+    return result if result is not None else _fallback(matrix, previous, name)
 
 
 def _eigh_batched(stack: Tensor, solver: Optional[BatchedSolver]) -> tuple[Tensor, Tensor, Tensor]:
@@ -102,7 +120,9 @@ def _eigh_batched(stack: Tensor, solver: Optional[BatchedSolver]) -> tuple[Tenso
 
 
 def decompose_many(
-    requests: list[tuple[Tensor, Optional[tuple[Tensor, Tensor]], str]], solver: Optional[BatchedSolver] = None
+    requests: list[tuple[Tensor, Optional[tuple[Tensor, Tensor]], str]],
+    solver: Optional[BatchedSolver] = None,
+    failed: Optional[list[int]] = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`symmetric_eig` for many factors, grouped by size, dtype and device into batched calls.
 
@@ -114,6 +134,7 @@ def decompose_many(
         requests: ``(matrix, previous, name)`` per factor, as for :func:`symmetric_eig`.
         solver: the batched solver (:data:`BatchedSolver`; the CUDA backend passes cuSOLVER's); None:
             ``torch.linalg.eigh``, on the host CPU for lone CUDA factors up to :data:`HOST_MAX_N`.
+        failed: if given, the indices of requests for which every rung failed are appended to it.
 
     Returns:
         ``(Q, d)`` per request, in order (members of a batched group are views of one tensor).
@@ -140,5 +161,9 @@ def decompose_many(
             position += 1
     for index, result in enumerate(results):
         if result is None:
-            results[index] = symmetric_eig(*requests[index])
+            results[index] = _ladder(requests[index][0])
+            if results[index] is None:
+                results[index] = _fallback(*requests[index])
+                if failed is not None:
+                    failed.append(index)
     return results
