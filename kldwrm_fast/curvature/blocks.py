@@ -99,6 +99,16 @@ class FactoredBlock:
         }
         return None if reweight is None else self.reweighted_pair(state, hats)
 
+    def repeat_statistics(self, state: State, rho: float, reweight: Optional[float]) -> Optional[tuple[Tensor, Tensor]]:
+        """A due step on which this block captured nothing: the averages stand in for the local factors, so they
+        stay as they are and ``X̂ = (ρ + c) X̄`` (eq. (20)); return ``(Â, Γ̂)`` when ``reweight`` is given."""
+        hats = {}
+        for side in ("A", "G"):
+            average = state[f"{side}_ea"]
+            state[side] = average.clone()
+            hats[side] = average * (rho + reweight) if reweight is not None else None
+        return None if reweight is None else self.reweighted_pair(state, hats)
+
     def fold_local(self, state: State, side: str, local: Tensor, rho: float, reweight: Optional[float]):
         """Fold an already computed (e.g. all-reduced) local factor of ``side``; return its ``X̂`` or None."""
         ea_key = f"{side}_ea"
@@ -160,12 +170,15 @@ class KroneckerBlock(FactoredBlock):
     """One ``nn.Linear`` or ``nn.Conv2d`` (groups=1) layer with its bias folded in (SPEC §1).
 
     The capture hooks append to :attr:`inputs` (layer inputs) and :attr:`output_grads` (gradients of the
-    mean loss with respect to the layer output); both are cleared after every optimizer step.
+    mean loss with respect to the layer output) in pairs; both are cleared after every optimizer step.
+    :attr:`modules` lists every layer that computes with these parameters (layers sharing one weight and bias
+    pool their statistics); :attr:`module` is the first.
     """
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name or f"the model's own {type(module).__name__}"  # the root module's name is ""
         self.module = module
+        self.modules = [module]
         self.has_bias = module.bias is not None and module.bias.requires_grad
         self.params = [module.weight] + ([module.bias] if self.has_bias else [])
         self.inputs: list[Tensor] = []
@@ -198,7 +211,7 @@ class KroneckerBlock(FactoredBlock):
         self.output_grads.clear()
 
     def has_statistics(self) -> bool:
-        return bool(self.inputs or self.output_grads)
+        return bool(self.output_grads)
 
     def captured(self) -> list[Tensor]:
         return self.inputs + self.output_grads

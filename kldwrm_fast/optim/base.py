@@ -9,7 +9,13 @@ Note [step cadence]
     the most recent eigendecomposition, while products with the averages (``M``) use the current ones.
     A due step (after the first) on which no layer captured anything — the model ran in eval mode or
     without gradients — is treated as a step without statistics. A layer that captured nothing while
-    others did raises an error naming it.
+    others did keeps its statistics (Note [which blocks take part]). The cadence is read from the first
+    param group only (the hooks and ``step`` alike), so a loaded ``state_dict``'s cadence governs.
+
+Note [zero learning rate]
+    A step with ``lr = 0`` moves no parameter (it still collects statistics and eigendecomposes on
+    schedule). The recursions' ratio ``λ_k/λ_{k−1} = lr_{k−1}/lr_k`` is taken as 0 when either side is 0,
+    so SO's and Q's recursions restart from ``V`` after such a step, as at step 0.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ GLOBAL = "global"
 
 @dataclass
 class StepInfo:
-    """What one step knows besides the gradients: lr, cadence, and a loss scaler's ``1/scale``."""
+    """What one step knows besides the gradients: lr, cadence, a loss scaler's ``1/scale``, and the blocks it
+    preconditions (``indices`` into ``curvature.blocks``, grouped for batched calls by ``batches``)."""
 
     lr: float
     stats_due: bool
     inverse_due: bool
-    grad_unscale: Optional[Tensor] = None
+    grad_unscale: Optional[Tensor]
+    indices: tuple[int, ...]
+    batches: BlockBatches
 
 
 def _check(condition: bool, message: str) -> None:
@@ -54,7 +63,7 @@ def _is_int(value) -> bool:
 
 def validate_common(lr, rho, damping, weight_decay, stat_freq, inv_freq, fisher, predictive, backend) -> None:
     """Raise ``ValueError`` naming the first argument outside its accepted range."""
-    _check(isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr), f"Invalid lr: {lr!r}; expected lr > 0")
+    _check(isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr), f"Invalid lr: {lr!r}; expected lr >= 0")
     _check(isinstance(rho, (int, float)) and 0 <= rho < 1, f"Invalid rho: {rho!r}; expected 0 <= rho < 1")
     _check(isinstance(damping, (int, float)) and damping >= 0, f"Invalid damping: {damping!r}; expected damping >= 0")
     _check(
@@ -88,8 +97,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     Numerical faults: a NaN or Inf in any gradient, or in the statistics captured for this step, skips the
     step — parameters and every piece of optimizer state stay as they were — with a warning, and counts it
-    in :attr:`skipped_steps`. The check costs one host synchronisation per step; set
-    ``check_numerics = False`` on the instance to trade it for speed.
+    in :attr:`skipped_steps`. An update that comes out non-finite all the same (damping 0 with a factor
+    that has a zero eigenvalue, an overflow) is not applied: the parameters stay, the statistics of the step
+    are kept, the recursions restart, with a warning, also counted. The checks cost two host
+    synchronisations per step; set ``check_numerics = False`` on the instance to trade them for speed.
+
+    Copies: the optimizer holds hooks on the model, so ``copy.copy``, ``copy.deepcopy`` and pickling are
+    refused; :meth:`state_dict` / :meth:`load_state_dict` carry everything. Loading checks that the state
+    was saved by the same class, from blocks of the same shapes, with the same world size.
 
     Mixed precision: half-precision parameters keep float32 factors and state. With
     ``torch.amp.GradScaler``, ``scaler.step(opt)`` hands the optimizer its scale (the optimizer unscales
@@ -125,28 +140,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.curvature = curvature
         self.fisher = fisher
         self.predictive = predictive
+        self._requested_backend = backend
         self.backend = resolve_backend(backend, self.curvature.blocks[0].key.device)
         self._ops: Operations = operations(self.backend)
-        self._batches = BlockBatches(curvature.blocks)
-        self.state[GLOBAL] = {"step": 0, "lr_prev": None, "world_size": self.data_parallel.world_size}
+        self._batches = BlockBatches(curvature.blocks)  # every block; subsets are cached in _batch_cache
+        self._batch_cache: dict[tuple[int, ...], BlockBatches] = {}
+        self._layout = self._parameter_layout()
+        self.state[GLOBAL] = {
+            "step": 0, "lr_prev": None, "world_size": self.data_parallel.world_size, "optimizer": type(self).__name__,
+        }  # fmt: skip
         self.skipped_steps = 0
+        self._restart = False
+        self._warned_plain: set[str] = set()
         curvature.capture_due = self._statistics_due
         if curvature.other_params:
             names = ", ".join(name for name, _ in curvature.other_params)
             warnings.warn(
-                f"{type(self).__name__}: parameters outside nn.Linear/nn.Conv2d(groups=1) layers get plain "
-                f"gradient descent with the same lr and weight decay: {names}",
+                f"{type(self).__name__}: parameters outside nn.Linear/nn.Conv2d(groups=1) layers (and attention "
+                f"projections that nn.MultiheadAttention uses without calling them) get plain gradient descent "
+                f"with the same lr and weight decay: {names}",
                 UserWarning,
                 stacklevel=3,
             )
 
     @property
     def global_state(self) -> dict:
-        """``{"step": k, "lr_prev": lr_{k−1} or None}``: steps taken and the previous step's lr."""
+        """``{"step": k, "lr_prev": lr_{k−1} or None, ...}``: steps taken and the previous step's lr."""
         return self.state[GLOBAL]
 
     def _statistics_due(self) -> bool:
-        return self.global_state["step"] % self.defaults["stat_freq"] == 0
+        # The param group is the one source of the cadence: load_state_dict replaces it, and step() reads it.
+        return self.global_state["step"] % self.param_groups[0]["stat_freq"] == 0
 
     def block_state(self, block: FactoredBlock) -> dict:
         """The per-block state (factors, eigendecomposition, recursion buffers)."""
@@ -160,16 +184,72 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Remove every hook the optimizer registered on the model."""
         self.curvature.remove_hooks()
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; parameters added after construction take plain gradient
+        descent with their group's ``lr`` and ``weight_decay`` (the curvature is built from the model once)."""
+        super().add_param_group(param_group)
+        if getattr(self, "curvature", None) is not None:
+            warnings.warn(
+                f"{type(self).__name__}: parameters added with add_param_group take plain gradient descent with "
+                "their group's lr and weight_decay; give the optimizer the whole model to precondition them",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def __getstate__(self):
+        raise TypeError(
+            f"{type(self).__name__} cannot be copied or pickled: it holds hooks on the model; save "
+            "opt.state_dict() and load it into a new optimizer built on the model (opt.load_state_dict)"
+        )
+
+    def _batches_for(self, indices: tuple[int, ...]) -> BlockBatches:
+        """Batched-call groups for the blocks ``indices`` (cached: the set changes only when layers start or stop
+        taking part in steps)."""
+        if len(indices) == len(self.curvature.blocks):
+            return self._batches
+        batches = self._batch_cache.get(indices)
+        if batches is None:
+            batches = self._batch_cache[indices] = BlockBatches([self.curvature.blocks[i] for i in indices])
+        return batches
+
+    def _parameter_layout(self) -> tuple:
+        return tuple((block.key.dtype, block.key.device) for block in self.curvature.blocks)
+
+    def _follow_parameters(self) -> None:
+        """After ``model.to(dtype or device)`` between steps: move the state along (factors and recursion buffers
+        to each block's state dtype, everything to its device) and choose the backend again for the device."""
+        layout = self._parameter_layout()
+        if layout == self._layout:
+            return
+        for block in self.curvature.blocks:
+            state = self.block_state(block)
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    dtype = block.dtype if value.is_floating_point() else value.dtype
+                    state[key] = value.to(device=block.key.device, dtype=dtype)
+        self._batches = BlockBatches(self.curvature.blocks)
+        self._batch_cache = {}
+        self.backend = resolve_backend(self._requested_backend, self.curvature.blocks[0].key.device)
+        self._ops = operations(self.backend)
+        self._layout = layout
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-        """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        See Note [which blocks take part]: a parameter whose ``.grad`` is None is not touched.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
         lr = group["lr"]
-        _check(isinstance(lr, (int, float)) and lr > 0, f"Invalid lr: {lr!r}; expected lr > 0 (set by a scheduler?)")
+        _check(
+            isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr),
+            f"Invalid lr: {lr!r}; expected lr >= 0 (set by a scheduler?)",
+        )
+        self._follow_parameters()
         k = self.global_state["step"]
         blocks = self.curvature.blocks
         stats_due = k % group["stat_freq"] == 0
@@ -177,27 +257,81 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if stats_due and k > 0 and not any(block.has_statistics() for block in blocks):
             # Nothing was captured (eval mode, no_grad forward): keep the averages and decompositions.
             stats_due = inverse_due = False
-        info = StepInfo(lr, stats_due, inverse_due, self._grad_unscale(stats_due))
-        if self.check_numerics and not self._all_finite(stats_due):
-            self.skipped_steps += 1
-            warnings.warn(
-                f"{type(self).__name__}: NaN or Inf in the gradients or statistics of step {k}; step skipped, "
-                f"parameters and state unchanged ({self.skipped_steps} skipped so far)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        unscale = self._grad_unscale(stats_due)
+        if self.check_numerics and not self._all_finite(self._checked_tensors(stats_due)):
+            self._skip(f"NaN or Inf in the gradients or statistics of step {k}")
             self.curvature.clear()
             return loss
-        grads = [block.gradient(group["weight_decay"], info.grad_unscale) for block in blocks]
-        self._update(group, blocks, grads, info)
+        indices, plain = self._participants(inverse_due)
+        info = StepInfo(lr, stats_due, inverse_due, unscale, indices, self._batches_for(indices))
+        self._restart = False
+        if indices:
+            grads = [blocks[i].gradient(group["weight_decay"], unscale) for i in indices]
+            self._update(group, [blocks[i] for i in indices], grads, info)
+        for block in plain:
+            block.add_(block.gradient(group["weight_decay"], unscale), alpha=-lr)
         for _, param in self.curvature.other_params:
-            if param.grad is not None:
-                grad = param.grad if info.grad_unscale is None else param.grad * info.grad_unscale
-                param.add_(torch.add(grad, param, alpha=group["weight_decay"]), alpha=-lr)
+            _gradient_descent(param, group, unscale)
+        for extra in self.param_groups[1:]:
+            for param in extra["params"]:
+                _gradient_descent(param, extra, unscale)
         self.curvature.clear()
         self.global_state["step"] = k + 1
-        self.global_state["lr_prev"] = lr
+        self.global_state["lr_prev"] = None if self._restart else lr
         return loss
+
+    def _participants(self, inverse_due: bool) -> tuple[tuple[int, ...], list[FactoredBlock]]:
+        """Note [which blocks take part]
+            A block whose parameters all have ``grad is None`` (frozen, or a branch the forward skipped) is not
+            touched: parameters and state stay as they are. A block with a gradient is preconditioned once it
+            has an eigendecomposition, or when this is an inverse step and it captured statistics; until then
+            it takes a plain gradient-descent step (with a warning, once). A preconditioned block that captured
+            nothing on a statistics step keeps its statistics: its averages stand in for the local factors.
+
+        Returns ``(indices of the preconditioned blocks, blocks taking plain gradient descent)``.
+        """
+        indices, plain = [], []
+        for index, block in enumerate(self.curvature.blocks):
+            if all(p.grad is None for p in block.params):
+                continue
+            if "QA" in self.block_state(block) or (inverse_due and block.has_statistics()):
+                indices.append(index)
+                continue
+            plain.append(block)
+            if block.name not in self._warned_plain:
+                self._warned_plain.add(block.name)
+                warnings.warn(
+                    f"{type(self).__name__}: layer {block.name!r} has no curvature yet (its forward has not run in "
+                    "train mode with gradients on an inverse step); it takes plain gradient descent until then",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return tuple(indices), plain
+
+    def _skip(self, reason: str) -> None:
+        self.skipped_steps += 1
+        warnings.warn(
+            f"{type(self).__name__}: {reason}; step skipped, parameters unchanged "
+            f"({self.skipped_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _update_is_finite(self, updates: list[Tensor], group: dict) -> bool:
+        """Whether the computed updates are finite (one host sync; skipped with ``check_numerics = False``).
+
+        A non-finite update (damping 0 with a factor that has a zero eigenvalue, or an overflow) skips the
+        parameter update with a warning, and the recursions across it restart (``lr_prev`` is dropped), so
+        nothing non-finite reaches the parameters or the next step.
+        """
+        if not self.check_numerics or self._all_finite(updates):
+            return True
+        self._restart = True
+        self._skip(
+            f"non-finite update at step {self.global_state['step']} (damping={group['damping']}: a factor with a "
+            "zero eigenvalue needs damping > 0)"
+        )
+        return False
 
     def _grad_unscale(self, stats_due: bool) -> Optional[Tensor]:
         """``1/scale`` when ``GradScaler.step`` passed a scale (gradients still scaled), else None."""
@@ -216,16 +350,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return None
         return 1.0 / scale
 
-    def _all_finite(self, stats_due: bool) -> bool:
-        """One host sync: are all gradients (and, on statistics steps, captured statistics) finite?
+    def _checked_tensors(self, stats_due: bool) -> list[Tensor]:
+        """Every gradient, and on statistics steps every captured statistic."""
+        tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if stats_due:
+            tensors += [t for block in self.curvature.blocks for t in block.captured()]
+        return tensors
+
+    def _all_finite(self, tensors: list[Tensor]) -> bool:
+        """One host sync: are all ``tensors`` (and a loss scaler's ``found_inf``) finite?
 
         The L1 norms of all tensors come from one multi-tensor op per precision (one pass each;
         ``isfinite().all()`` takes three passes and a launch per tensor); their sum is non-finite whenever any
         entry is. Only finite entries whose absolute sum overflows (3e38 in float32) would be flagged in error.
         """
-        tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if stats_due:
-            tensors += [t for block in self.curvature.blocks for t in block.captured()]
         halves = [t for t in tensors if t.dtype in HALF_DTYPES]
         others = [t for t in tensors if t.dtype not in HALF_DTYPES]
         # Half-precision sums would overflow at 65504: those are summed in float32.
@@ -263,15 +401,34 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         factors = []
         for block in blocks:
             state = self.block_state(block)
-            hats = block.update_statistics(
-                state, self._ops, group["rho"], reweight if info.inverse_due else None, factor, unscale
-            )
+            reweight_now = reweight if info.inverse_due else None
+            if block.has_statistics():
+                hats = block.update_statistics(state, self._ops, group["rho"], reweight_now, factor, unscale)
+            else:
+                hats = block.repeat_statistics(state, group["rho"], reweight_now)
             factors += self._decomposition_targets(block, state, hats)
         if info.inverse_due:
             requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
-            for (block, key, _), result in zip(factors, decompose_many(requests, self._ops.eigh)):
+            failed: list[int] = []
+            for (block, key, _), result in zip(factors, decompose_many(requests, self._ops.eigh, failed)):
                 self.block_state(block)[f"Q{key}"], self.block_state(block)[f"d{key}"] = result
-            self._batches.compact(self.block_states())
+            self._restart_non_finite_averages({factors[i][0] for i in failed})
+            info.batches.compact([self.block_state(block) for block in blocks])
+
+    def _restart_non_finite_averages(self, blocks) -> None:
+        """Zero the averages that overflowed (found only where a decomposition failed: no sync otherwise), so that
+        they grow again from the next statistics instead of staying infinite for good."""
+        for block in blocks:
+            state = self.block_state(block)
+            for key in ("A_ea", "G_ea"):
+                if not torch.isfinite(state[key]).all():
+                    state[key].zero_()
+                    warnings.warn(
+                        f"{type(self).__name__}: the {'input' if key[0] == 'A' else 'output'} factor average of "
+                        f"{block.name} overflowed; it restarts from zero with the next statistics",
+                        RuntimeWarning,
+                        stacklevel=5,
+                    )
 
     def _decomposition_targets(self, block, state: dict, hats) -> list[tuple]:
         """``(block, key, matrix)`` per factor to decompose on an inverse step, stored as ``Q{key}``, ``d{key}``.
@@ -304,6 +461,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         shared out by cost (each factor decomposed by one rank and broadcast)."""
         locals_ = []
         for block in blocks:
+            if not block.has_statistics():  # its averages stand in (Note [which blocks take part])
+                state = self.block_state(block)
+                locals_ += [(block, side, state[f"{side}_ea"].clone()) for side in ("A", "G")]
+                continue
             for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
                 locals_.append((block, side, reference.gram(rows, scale, block.dtype)))
         distributed.average_symmetric_([local for _, _, local in locals_], pack=self.pack_statistics)
@@ -345,6 +506,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Apply the step rule of SPEC §3 to the blocks (gradients ``grads`` in block form)."""
         raise NotImplementedError
 
+    def _check_saved_shapes(self, saved_id_of: dict[int, int], saved_state: dict) -> None:
+        """Raise one line when a saved block state does not fit this model's layer (a state_dict of another model)."""
+        for block in self.curvature.blocks:
+            allowed = _block_shapes(block)
+            for key, value in saved_state.get(saved_id_of.get(id(block.key)), {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) not in allowed:
+                    raise ValueError(
+                        f"Invalid state_dict: {key!r} of layer {block.name!r} has shape {tuple(value.shape)}, which "
+                        f"does not fit the layer's block (n_out, n_in) = {block.shape}; was it saved from another "
+                        "model?"
+                    )
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["curvature"] = self.curvature.state_dict()
@@ -363,15 +536,36 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"Invalid state_dict: saved with world size {saved_world}, loading into world size "
                 f"{self.data_parallel.world_size}; resume with the same number of processes"
             )
+        saved_by = state_dict["state"].get(GLOBAL, {}).get("optimizer", type(self).__name__)
+        if saved_by != type(self).__name__:
+            raise ValueError(
+                f"Invalid state_dict: saved by {saved_by}, loading into {type(self).__name__}; load it into the "
+                "optimizer class that saved it"
+            )
         curvature_state = state_dict.pop("curvature", {})
-        super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
+        super().load_state_dict(state_dict)
         for saved_id, param in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):
                     self.state[param][key] = value.to(param.device, copy=True)
         self.curvature.load_state_dict(curvature_state)
+
+
+def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
+    """The shapes a block's state tensors may have: factors, eigenvalues and block-form matrices."""
+    n_out, n_in = block.shape
+    return {(n_in, n_in), (n_out, n_out), (n_out, n_in), (n_in,), (n_out,)}
+
+
+def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor]) -> None:
+    """``p ← p − lr (∇p + wd · p)`` with the group's lr and weight decay; untouched when ``p.grad`` is None."""
+    if param.grad is None:
+        return
+    grad = param.grad if grad_unscale is None else param.grad * grad_unscale
+    param.add_(torch.add(grad, param, alpha=group["weight_decay"]), alpha=-group["lr"])
 
 
 def kl_clip_factor(

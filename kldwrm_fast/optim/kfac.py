@@ -60,14 +60,16 @@ class KFAC(CurvatureOptimizer):
     def _update(self, group, blocks, grads, info):
         lr = info.lr
         self._refresh_curvature(group, blocks, info, reweight=None)
-        directions = self._batches.precondition(self._ops, self.block_states(), grads, group["damping"])
+        states = [self.block_state(block) for block in blocks]
+        directions = info.batches.precondition(self._ops, states, grads, group["damping"])
         nu = kl_clip_factor(directions, grads, lr, group["kl_clip"])
+        if nu is not None:
+            torch._foreach_mul_(directions, nu)
+        if not self._update_is_finite(directions, group):
+            return
         momentum = group["momentum"]
-        for block, d in zip(blocks, directions):
-            if nu is not None:
-                d.mul_(nu)
+        for block, state, d in zip(blocks, states, directions):
             if momentum:
-                state = self.block_state(block)
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.zeros_like(d)

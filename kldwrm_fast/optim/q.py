@@ -81,16 +81,23 @@ class QKLDWRM(CurvatureOptimizer):
         self._report_resets()
         return sum(self._ghat_reported_counts)
 
-    def _guard_recursion(self, states: list[dict], grads) -> None:
-        """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring)."""
+    def _guard_recursion(self, states: list[dict], grads, indices: tuple[int, ...]) -> None:
+        """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring);
+        ``indices``: the blocks' positions in ``curvature.blocks``, where the counts are kept."""
         g_hats = [s["g_hat"] for s in states]
         g_norms = torch.stack(torch._foreach_norm(g_hats))
         v_norms = torch.stack(torch._foreach_norm(grads))
         violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
         for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
             g_hat.copy_(torch.where(violated[index], v, g_hat))
+        n_blocks = len(self.curvature.blocks)
+        if len(indices) == n_blocks:
+            counted = violated.to(torch.int64)
+        else:
+            counted = violated.new_zeros(n_blocks, dtype=torch.int64)
+            counted[list(indices)] = violated.to(torch.int64)
         counts = self._ghat_reset_counts
-        self._ghat_reset_counts = violated.to(torch.int64) if counts is None else counts + violated
+        self._ghat_reset_counts = counted if counts is None else counts + counted.to(counts.device)
 
     def _report_resets(self) -> None:
         """Warn about restarts counted since the last report (one host transfer)."""
@@ -115,61 +122,78 @@ class QKLDWRM(CurvatureOptimizer):
         Inverse steps precondition with ``Â_q, Γ̂_q`` and pair ``M`` with the current averages; the steps up to
         the next inverse step follow eq. (20) with the decompositions of ``Ā_j, Γ̄_j`` (see the class docstring),
         where ``M`` is diagonal: there the buffers are carried in that eigenbasis.
+
+        With ``lr_k = 0`` the step is zero, ``M_k`` its limit ``Γ̄ P(Ĝ) Ā``, and ``λ_k/λ_{k−1}`` (either side
+        zero) is taken as 0: the recursion restarts from ``V``.
         """
         rho, lr = group["rho"], info.lr
         states = [self.block_state(block) for block in blocks]
         if info.inverse_due and self.global_state.get(BASIS) == EIGENBASIS:
-            self._change_basis(states, PARAMETER_BASIS)  # before its decomposition is replaced
+            self._change_basis(PARAMETER_BASIS, info.indices)  # before its decomposition is replaced
         self._refresh_curvature(group, blocks, info, reweight=(1.0 - rho) + lr)
         in_eigenbasis = self.global_state.get(BASIS) == EIGENBASIS
-        vs = self._batches.rotate(self._ops, states, grads) if in_eigenbasis else grads
+        vs = info.batches.rotate(self._ops, states, grads) if in_eigenbasis else grads
         lr_prev = self.global_state["lr_prev"]
-        if lr_prev is None:
-            for state, v in zip(states, vs):
-                state["g_hat"], state["v_prev"] = v.clone(), v.clone()
-        else:
+        coef = rho * lr_prev / lr if lr_prev and lr else 0.0
+        carried = [i for i, state in enumerate(states) if lr_prev is not None and "g_hat" in state]
+        for i, (state, v) in enumerate(zip(states, vs)):
+            if lr_prev is None or "g_hat" not in state:
+                state["g_hat"], state["v_prev"], state["m"] = v.clone(), v.clone(), torch.zeros_like(v)
+        if carried:
             self._ops.ghat_recursion(
-                vs, [s["g_hat"] for s in states], [s["v_prev"] for s in states], [s["m"] for s in states],
-                rho * lr_prev / lr,
+                [vs[i] for i in carried], [states[i]["g_hat"] for i in carried],
+                [states[i]["v_prev"] for i in carried], [states[i]["m"] for i in carried], coef,
             )  # fmt: skip
             if self.ghat_growth_limit is not None:
-                self._guard_recursion(states, vs)  # norms are the same in either basis
+                self._guard_recursion(
+                    [states[i] for i in carried], [vs[i] for i in carried], tuple(info.indices[i] for i in carried)
+                )  # norms are the same in either basis
                 if info.inverse_due or self.global_state["step"] % self.ghat_report_every == 0:
                     self._report_resets()
         g_hats = [s["g_hat"] for s in states]
         damping = group["damping"]
+        step_lr = lr if lr > 0 else 1.0  # lr = 0: S/(−lr) and M are computed with lr 1; S is not applied
         if in_eigenbasis:
             scales = [block.cached_reweight(lr) for block in blocks]
-            steps, products = self._batches.q_cached_steps(self._ops, states, g_hats, damping, lr, scales)
+            steps, products = info.batches.q_cached_steps(self._ops, states, g_hats, damping, step_lr, scales)
         elif not self.steps_without_inverse():
-            steps, products = self._batches.q_steps(self._ops, states, g_hats, damping, lr)
+            steps, products = info.batches.q_steps(self._ops, states, g_hats, damping, step_lr)
         else:
-            steps, products = self._batches.q_steps(self._ops, states, g_hats, damping, lr, HAT_EIGEN_KEYS)
+            steps, products = info.batches.q_steps(self._ops, states, g_hats, damping, step_lr, HAT_EIGEN_KEYS)
             for state in states:
                 for key in HAT_EIGEN_KEYS:
                     del state[key]
         for state, product in zip(states, products):
             state["m"] = product
         if info.inverse_due and self.steps_without_inverse():
-            self._change_basis(states, EIGENBASIS)
+            self._change_basis(EIGENBASIS, info.indices)
         return steps
 
-    def _change_basis(self, states: list[dict], basis: str) -> None:
+    def _change_basis(self, basis: str, taking_part: tuple[int, ...]) -> None:
         """Move the recursion into the eigenbasis of the current ``Ā_j, Γ̄_j`` (``EIGENBASIS``, after an inverse
         step followed by steps without one) or back out of it (``PARAMETER_BASIS``, before the next inverse
-        step replaces the decomposition). Only ``Ĝ − V_prev − M`` reaches the next step, so it alone is
-        rotated (two GEMMs per block), into ``"g_hat"``; ``"v_prev"`` and ``"m"`` are zeroed."""
+        step replaces the decomposition), for the blocks ``taking_part`` in the step that carry one. Only
+        ``Ĝ − V_prev − M`` reaches the next step, so it alone is rotated (two GEMMs per block), into ``"g_hat"``;
+        ``"v_prev"`` and ``"m"`` are zeroed. A block not taking part keeps its decomposition, so its recursion
+        stays in that decomposition's eigenbasis, untouched."""
+        blocks = self.curvature.blocks
+        indices = tuple(i for i in taking_part if "g_hat" in self.block_state(blocks[i]))
+        states = [self.block_state(blocks[i]) for i in indices]
         carry = torch._foreach_sub([s["g_hat"] for s in states], [s["v_prev"] for s in states])
         torch._foreach_sub_(carry, [s["m"] for s in states])
         inverse = basis == PARAMETER_BASIS
-        for state, moved in zip(states, self._batches.rotate(self._ops, states, carry, inverse=inverse)):
-            state["g_hat"] = moved.contiguous()
+        moved = self._batches_for(indices).rotate(self._ops, states, carry, inverse=inverse)
+        for state, value in zip(states, moved):
+            state["g_hat"] = value.contiguous()
             state["v_prev"] = torch.zeros_like(state["g_hat"])
             state["m"] = torch.zeros_like(state["g_hat"])
         self.global_state[BASIS] = basis
 
     def _apply_clipped(self, group, blocks, steps, lr) -> None:
-        """``W̄ ← W̄ + clip(S)``, with all blocks' scales ``min(1, τ/r)`` computed at once on the device."""
+        """``W̄ ← W̄ + clip(S)``, with all blocks' scales ``min(1, τ/r)`` computed at once on the device; nothing
+        moves when ``lr = 0`` or when a step is not finite (see ``_update_is_finite``)."""
+        if lr == 0 or not self._update_is_finite(steps, group):
+            return
         tau = group["clip"]
         if tau is None:
             for block, step in zip(blocks, steps):

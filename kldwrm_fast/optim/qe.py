@@ -115,7 +115,7 @@ class QEKLDWRM(QKLDWRM):
     def _push_snapshot(self, k: int) -> None:
         """Store θ_k in slot ``k mod n_cap`` of the snapshot buffer."""
         flat = torch.cat([p.detach().reshape(-1) for p in self._snapshot_params])
-        n_cap = self.defaults["n_cap"]
+        n_cap = self.param_groups[0]["n_cap"]
         ring = self.state[SNAPSHOTS]
         if "buffer" not in ring:
             ring["buffer"] = flat.new_zeros(n_cap, flat.numel())
@@ -137,22 +137,26 @@ class QEKLDWRM(QKLDWRM):
             entries.append((ring["steps"][slot], views))
         return entries
 
-    def wake_objective(self, grads: list[Tensor], lr: float, fresh: bool = True) -> WakeObjective:
-        """Φ of the current step (requires the stored snapshot of θ_k and the recorded mini-batch).
+    def wake_objective(
+        self, grads: list[Tensor], lr: float, fresh: bool = True, blocks: Optional[list] = None
+    ) -> WakeObjective:
+        """Φ of the current step (requires the stored snapshot of θ_k and the recorded mini-batch) over ``blocks``
+        (default: all), with ``grads`` aligned with them.
 
         ``B_k`` is the step's local curvature in the sense of eq. (20): the local factors on a step with new
         statistics (``fresh``), the unchanged averages ``Γ̄_q``, ``Ā_q`` on one without.
         """
+        blocks = self.curvature.blocks if blocks is None else blocks
         group, k = self.param_groups[0], self.global_state["step"]
         rho = group["rho"]
         entries = self.snapshots()
         weights = [(1.0 / lr) * group["kl_scale"] * (1.0 if i == 0 else 1.0 - rho) * rho ** (k - i) for i, _ in entries]
         targets = stored_outputs(self._network, self._snapshot_names, [values for _, values in entries], self._inputs)
         keys = ("A", "G") if fresh else ("A_ea", "G_ea")
-        factors = [(self.block_state(b)[keys[0]], self.block_state(b)[keys[1]]) for b in self.curvature.blocks]
+        factors = [(self.block_state(b)[keys[0]], self.block_state(b)[keys[1]]) for b in blocks]
         reduce = distributed.average_ if self.data_parallel.active else None
         return WakeObjective(
-            self._network, self.curvature.blocks, self._names_by_id, grads, factors, targets, weights, self._inputs,
+            self._network, blocks, self._names_by_id, grads, factors, targets, weights, self._inputs,
             self.predictive, reduce,
         )  # fmt: skip
 
@@ -164,16 +168,32 @@ class QEKLDWRM(QKLDWRM):
             )
         steps = self._q_steps(group, blocks, grads, info)
         self._push_snapshot(self.global_state["step"])
-        if group["n_inner"] > 0:
+        if group["n_inner"] > 0 and lr > 0:  # with lr = 0 the step is zero whatever Φ is
             with evaluation_mode(self._network), self.curvature.paused():
-                objective = self.wake_objective(grads, lr, info.stats_due)
+                objective = self.wake_objective(grads, lr, info.stats_due, blocks)
                 steps = objective.minimise(steps, group["n_inner"], group["inner_lr_ratio"] * lr)
         self._inputs = None
         self._apply_clipped(group, blocks, steps, lr)
 
+    def _follow_parameters(self) -> None:
+        super()._follow_parameters()
+        self._place_snapshots()
+
+    def _place_snapshots(self) -> None:
+        """Keep the snapshot buffer in the parameters' dtype and on their device (after loading or moving)."""
+        ring = self.state[SNAPSHOTS]
+        reference = self._snapshot_params[0]
+        buffer = ring.get("buffer")
+        if buffer is not None and (buffer.dtype != reference.dtype or buffer.device != reference.device):
+            ring["buffer"] = buffer.to(device=reference.device, dtype=reference.dtype)
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        ring = self.state[SNAPSHOTS]
-        if "buffer" in ring:
-            reference = self._snapshot_params[0]
-            ring["buffer"] = ring["buffer"].to(device=reference.device, dtype=reference.dtype)
+        buffer = self.state[SNAPSHOTS].get("buffer")
+        numel = sum(p.numel() for p in self._snapshot_params)
+        if buffer is not None and buffer.shape[1] != numel:
+            raise ValueError(
+                f"Invalid state_dict: its snapshots hold {buffer.shape[1]} parameters, this model has {numel}; was it "
+                "saved from another model?"
+            )
+        self._place_snapshots()

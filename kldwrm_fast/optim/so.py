@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from kldwrm_fast.curvature import Curvature
@@ -44,13 +45,18 @@ class SOKLDWRM(CurvatureOptimizer):
         lr = info.lr
         self._refresh_curvature(group, blocks, info, reweight=None)
         lr_prev = self.global_state["lr_prev"]
-        coef = 0.0 if lr_prev is None else group["rho"] * lr_prev / lr
-        states = self.block_states()
-        differences = []
-        for state, v in zip(states, grads):
-            differences.append(v if lr_prev is None else v - coef * state["v_prev"])
-            state["v_prev"] = v
-        directions = self._batches.precondition(self._ops, states, differences, group["damping"])
+        states = [self.block_state(block) for block in blocks]
+        # λ_k/λ_{k−1} = lr_{k−1}/lr_k is taken as 0 across a zero lr on either side: the recursion restarts.
+        coef = group["rho"] * lr_prev / lr if lr_prev and lr else 0.0
+        differences = [
+            v - coef * state["v_prev"] if coef and "v_prev" in state else v for state, v in zip(states, grads)
+        ]
+        directions = info.batches.precondition(self._ops, states, differences, group["damping"])
         nu = kl_clip_factor(directions, differences, lr, group["kl_clip"])
-        for block, d in zip(blocks, directions):
-            block.add_(d if nu is None else d.mul_(nu), alpha=-lr)
+        if nu is not None:
+            torch._foreach_mul_(directions, nu)
+        if not self._update_is_finite(directions, group):
+            return
+        for block, state, v, d in zip(blocks, states, grads, directions):
+            state["v_prev"] = v
+            block.add_(d, alpha=-lr)

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from kldwrm_fast.curvature.fisher import check_classes
+
 
 def symmetric_kl_categorical(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     """Per-sample ``½ KL(p_a‖p_b) + ½ KL(p_b‖p_a)`` of softmax distributions, (batch, classes) → (batch,).
@@ -34,6 +36,7 @@ def symmetric_kl_gaussian(mean_a: Tensor, mean_b: Tensor) -> Tensor:
 
 
 def _check_logits(output: Tensor, predictive: str) -> None:
+    check_classes(output, predictive)
     if predictive == "categorical" and output.dim() != 2:
         raise ValueError(
             "QEKLDWRM with predictive='categorical' needs model outputs of shape (batch, classes) "
@@ -90,7 +93,9 @@ class WakeObjective:
         params = {}
         for block, step in zip(self.blocks, steps):
             for param, part in zip(block.params, block.unflatten(step)):
-                params[self.names[id(param)]] = param.detach() + part
+                # Half-precision parameters: the step (float32 state) is added in the parameter dtype, as the
+                # update itself will be, so that the forward runs in the model's own precision.
+                params[self.names[id(param)]] = param.detach() + part.to(param.dtype)
         return functional_call(self.model, params, self.args, self.kwargs)
 
     def value(self, steps: list[Tensor]) -> Tensor:

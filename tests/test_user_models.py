@@ -1,0 +1,375 @@
+"""The models and habits users actually have (issue 20): attention, branches, freezing, schedules that touch
+zero, extreme inputs, dtype moves, added parameter groups, shared weights, extra forwards, damping 0, resuming
+with other settings, and copies of the optimizer."""
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+
+OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
+CADENCES = [(1, 1), (1, 3), (2, 4)]
+
+
+def batch(k=0, n=16, features=5, classes=3, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(k)
+    return torch.randn(n, features, generator=gen).to(dtype), torch.randint(0, classes, (n,), generator=gen)
+
+
+def mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def train_step(opt, model, x, y, **forward):
+    opt.zero_grad()
+    F.cross_entropy(model(x, **forward), y).backward()
+    opt.step()
+
+
+def clones(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_transformer_layer_trains_with_its_attention_projections_on_gradient_descent(cls):
+    model = Attention()
+    with pytest.warns(UserWarning, match="self_attn.out_proj"):
+        opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    out_proj = model.encoder.self_attn.out_proj.weight
+    before = out_proj.detach().clone()
+    for _ in range(3):
+        train_step(opt, model, x, y)
+    assert finite(model)
+    assert not torch.equal(before, out_proj)
+    names = {block.name for block in opt.curvature.blocks}
+    assert "encoder.linear1" in names and "encoder.self_attn.out_proj" not in names
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(5, 6)
+        self.b1 = nn.Linear(6, 6)
+        self.b2 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x, branch=1):
+        h = torch.tanh(self.stem(x))
+        h = torch.tanh(self.b1(h) if branch == 1 else self.b2(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("cadence", CADENCES)
+def test_a_branch_skipped_in_a_forward_keeps_its_parameters_and_state(cls, cadence):
+    model = Branches()
+    opt = cls(model, lr=0.05, weight_decay=0.01, stat_freq=cadence[0], inv_freq=cadence[1])
+    branches = [1, 1, 2, 1, 2, 2, 1, 2]
+    for k, branch in enumerate(branches):
+        skipped = model.b2 if branch == 1 else model.b1
+        params = [skipped.weight.detach().clone(), skipped.bias.detach().clone()]
+        state = copy.deepcopy(opt.state.get(skipped.weight, {}))
+        train_step(opt, model, *batch(k, features=5), branch=branch)
+        assert torch.equal(params[0], skipped.weight) and torch.equal(params[1], skipped.bias), k
+        after = opt.state.get(skipped.weight, {})
+        assert state.keys() == after.keys(), k
+        for key, value in state.items():
+            assert torch.equal(value, after[key]), (k, key)
+    assert finite(model) and opt.global_state["step"] == len(branches)
+    # b2 takes plain gradient descent until it runs on an inverse step, and has curvature from then on.
+    joined = any(branch == 2 and k % cadence[1] == 0 for k, branch in enumerate(branches))
+    assert ("QA" in opt.state[model.b2.weight]) == joined
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_layer_that_never_ran_on_an_inverse_step_takes_plain_gradient_descent_with_a_warning(cls):
+    model = Branches()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=3)
+    train_step(opt, model, *batch(0), branch=1)
+    x, y = batch(1)
+    before = model.b2.weight.detach().clone()
+    opt.zero_grad()
+    F.cross_entropy(model(x, branch=2), y).backward()
+    gradient = model.b2.weight.grad.clone()
+    with pytest.warns(UserWarning, match="'b2'.*plain gradient descent"):
+        opt.step()
+    torch.testing.assert_close(model.b2.weight, before - 0.05 * gradient, rtol=0, atol=1e-7)
+    train_step(opt, model, *batch(2), branch=2)
+    train_step(opt, model, *batch(3), branch=2)  # an inverse step: b2 gets its curvature
+    assert "QA" in opt.state[model.b2.weight]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_freezing_a_layer_midway_freezes_it(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, weight_decay=0.1, stat_freq=1, inv_freq=2)
+    for k in range(3):
+        train_step(opt, model, *batch(k))
+    model[0].requires_grad_(False)
+    frozen = [model[0].weight.detach().clone(), model[0].bias.detach().clone()]
+    for k in range(3, 7):
+        train_step(opt, model, *batch(k))
+    assert torch.equal(frozen[0], model[0].weight) and torch.equal(frozen[1], model[0].bias)
+    assert finite(model)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_step_without_any_gradient_moves_nothing(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, weight_decay=0.1, stat_freq=1, inv_freq=1)
+    for k in range(2):
+        train_step(opt, model, *batch(k))
+    before = clones(model)
+    opt.zero_grad()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_warm_up_from_zero_leaves_the_first_step_in_place_and_trains_after(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(k / 3, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        before = clones(model)
+        train_step(opt, model, *batch(0))
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        schedule.step()
+        losses = []
+        for k in range(1, 12):
+            x, y = batch(k % 3)
+            losses.append(F.cross_entropy(model(x), y).item())
+            train_step(opt, model, x, y)
+            schedule.step()
+    assert finite(model) and losses[-1] < losses[0]
+
+
+def test_a_zero_lr_is_accepted_at_construction():
+    model = mlp()
+    for cls in OPTIMIZERS:
+        cls(model, lr=0.0).remove_hooks()
+    with pytest.raises(ValueError, match="lr"):
+        QKLDWRM(model, lr=-0.1)
+
+
+@pytest.mark.parametrize("cls", [SOKLDWRM, QKLDWRM])
+def test_the_recursion_restarts_across_a_zero_lr(cls):
+    """λ_k/λ_{k−1} across a zero lr (on either side) is defined as 0: the step after equals the first step of an
+    optimizer whose recursion starts there with the same curvature."""
+    model = mlp(torch.float64)
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=1)
+    for k, lr in enumerate([0.05, 0.05, 0.0]):
+        opt.param_groups[0]["lr"] = lr
+        train_step(opt, model, *batch(k, dtype=torch.float64))
+    opt.param_groups[0]["lr"] = 0.05
+    x, y = batch(3, dtype=torch.float64)
+    twin_model = copy.deepcopy(model)
+    twin = cls(twin_model, lr=0.05, stat_freq=1, inv_freq=1)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin.global_state["lr_prev"] = None  # a recursion that starts at this step
+    train_step(opt, model, x, y)
+    train_step(twin, twin_model, x, y)
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_inputs_beyond_the_float32_factor_range_do_not_crash(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=1)
+    x, y = batch(0)
+    with pytest.warns(RuntimeWarning, match="identity"):
+        train_step(opt, model, x * 1e20, y)
+    assert finite(model)
+    for k in range(1, 4):
+        train_step(opt, model, *batch(k))
+    assert finite(model)
+    # The overflowed average restarted from zero: the layer has its curvature back.
+    state = opt.block_states()[0]
+    assert torch.isfinite(state["A_ea"]).all() and not torch.equal(state["QA"], torch.eye(6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qe_trains_half_precision_parameters(dtype):
+    model = mlp(dtype)
+    opt = QEKLDWRM(model, lr=0.05, stat_freq=1, inv_freq=2, n_inner=2)
+    for k in range(3):
+        train_step(opt, model, *batch(k, dtype=dtype))
+    assert finite(model)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_moving_the_model_to_float64_midway_moves_the_state(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    for k in range(3):
+        train_step(opt, model, *batch(k))
+    model.to(torch.float64)
+    for k in range(3, 6):
+        train_step(opt, model, *batch(k, dtype=torch.float64))
+    assert finite(model)
+    for state in opt.block_states():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                assert value.dtype == torch.float64, key
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_parameters_added_with_add_param_group_take_gradient_descent_with_their_group(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=1)
+    scale = nn.Parameter(torch.ones(3))
+    with pytest.warns(UserWarning, match="add_param_group"):
+        opt.add_param_group({"params": [scale], "lr": 0.5, "weight_decay": 0.1})
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x) * scale, y).backward()
+    expected = scale.detach() - 0.5 * (scale.grad + 0.1 * scale.detach())
+    opt.step()
+    torch.testing.assert_close(scale.detach(), expected, rtol=0, atol=1e-7)
+
+
+class Tied(nn.Module):
+    def __init__(self, share_bias=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 6)
+        self.second.weight = self.first.weight
+        if share_bias:
+            self.second.bias = self.first.bias
+        self.stem = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(h)))))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_layers_sharing_their_parameters_form_one_block_with_pooled_statistics(cls):
+    model = Tied()
+    opt = cls(model, lr=0.05, fisher="empirical", stat_freq=1, inv_freq=1)
+    assert [block.name for block in opt.curvature.blocks] == ["first", "stem", "head"]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    assert len(params) == len({id(p) for p in params}) == 6
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    block = opt.curvature.blocks[0]
+    assert len(block.inputs) == len(block.output_grads) == 2  # both layers' statistics, pooled
+    opt.step()
+    assert finite(model)
+
+
+def test_layers_sharing_only_their_weight_are_refused_with_one_line():
+    with pytest.raises(ValueError, match="'first' and 'second' share their weight"):
+        KFAC(Tied(share_bias=False))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_an_extra_forward_without_backward_changes_no_statistics(cls):
+    factors = []
+    for extra in (False, True):
+        model = mlp()
+        opt = cls(model, lr=0.05, fisher="empirical", stat_freq=1, inv_freq=1)
+        x, y = batch(0)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if extra:
+            model(batch(1)[0]).argmax(dim=1)  # a training metric, computed in train mode
+        opt.step()
+        factors.append([s[key].clone() for s in opt.block_states() for key in ("A_ea", "G_ea")])
+    for a, b in zip(*factors):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_damping_zero_on_a_singular_factor_skips_the_step_and_says_why(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 3))
+    opt = cls(model, lr=0.05, damping=0.0, stat_freq=1, inv_freq=1)
+    x, y = batch(0, n=4, features=12)  # 4 samples: the 13×13 input factor has rank 4
+    before = clones(model)
+    with pytest.warns(RuntimeWarning, match="damping"):
+        train_step(opt, model, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.skipped_steps == 1
+    opt.param_groups[0]["damping"] = 1e-3
+    for k in range(1, 4):
+        train_step(opt, model, *batch(k, n=4, features=12))
+    assert finite(model) and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_the_loaded_cadence_governs_both_the_hooks_and_the_step(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, stat_freq=3, inv_freq=6)
+    for k in range(3):
+        train_step(opt, model, *batch(k))
+    saved = copy.deepcopy(opt.state_dict())
+    opt.remove_hooks()
+    resumed = cls(model, lr=0.05, stat_freq=5, inv_freq=10)
+    resumed.load_state_dict(saved)
+    x, y = batch(3)
+    resumed.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    assert all(block.has_statistics() for block in resumed.curvature.blocks)  # step 3 is a statistics step
+    resumed.step()
+    assert "A" in resumed.block_states()[0]
+
+
+def test_a_categorical_model_with_one_output_column_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = SOKLDWRM(model)
+    with pytest.raises(ValueError, match="at least two classes"):
+        model(batch(0)[0])
+    opt.remove_hooks()
+
+
+def test_a_state_dict_of_another_shape_or_optimizer_is_refused_at_loading():
+    wide = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3))
+    opt = QKLDWRM(wide, stat_freq=1, inv_freq=1)
+    train_step(opt, wide, *batch(0))
+    saved = opt.state_dict()
+    with pytest.raises(ValueError, match=r"'0'.*shape"):
+        QKLDWRM(mlp(), stat_freq=1, inv_freq=1).load_state_dict(copy.deepcopy(saved))
+    model = mlp()
+    q = QKLDWRM(model, stat_freq=1, inv_freq=1)
+    train_step(q, model, *batch(0))
+    with pytest.raises(ValueError, match="saved by QKLDWRM.*KFAC"):
+        KFAC(mlp()).load_state_dict(q.state_dict())
+
+
+@pytest.mark.parametrize("copier", [copy.deepcopy, copy.copy, pickle.dumps])
+def test_copying_or_pickling_the_optimizer_is_refused_with_a_pointer_to_state_dict(copier):
+    opt = KFAC(mlp())
+    with pytest.raises(TypeError, match="state_dict"):
+        copier(opt)
