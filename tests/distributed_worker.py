@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
-from kldwrm_fast.optim import base
+from kldwrm_fast.optim import refresh
 
 OPTIMIZERS = {"KFAC": KFAC, "SOKLDWRM": SOKLDWRM, "QKLDWRM": QKLDWRM, "QEKLDWRM": QEKLDWRM}
 LOCAL_BATCH, STEPS = 6, 7
@@ -55,13 +55,13 @@ def data_parallel(rank, world, port, name, extra, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     calls = []
-    original = base.decompose_many
+    original = refresh.decompose_many
 
-    def recording(requests, solver=None):
+    def recording(requests, *args):
         calls.extend(name for _, _, name in requests)
-        return original(requests, solver)
+        return original(requests, *args)
 
-    base.decompose_many = recording
+    refresh.decompose_many = recording
     model = DistributedDataParallel(build_model())
     opt = make_optimizer(name, model, extra)
     train(model, opt, rank, world, shard=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -32,63 +31,13 @@ from kldwrm_fast import distributed
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
-from kldwrm_fast.curvature.eigen import decompose_many
-from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
-from kldwrm_fast.ops import Operations, operations, reference, resolve_backend, validate_backend
-
-GLOBAL = "global"
-
-
-@dataclass
-class StepInfo:
-    """What one step knows besides the gradients: lr, cadence, a loss scaler's ``1/scale``, and the blocks it
-    preconditions (``indices`` into ``curvature.blocks``, grouped for batched calls by ``batches``)."""
-
-    lr: float
-    stats_due: bool
-    inverse_due: bool
-    grad_unscale: Optional[Tensor]
-    indices: tuple[int, ...]
-    batches: BlockBatches
+from kldwrm_fast.ops import Operations, operations, resolve_backend
+from kldwrm_fast.optim.arguments import _check, validate_common
+from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
+from kldwrm_fast.optim.refresh import CurvatureRefresh, StepInfo
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_common(lr, rho, damping, weight_decay, stat_freq, inv_freq, fisher, predictive, backend) -> None:
-    """Raise ``ValueError`` naming the first argument outside its accepted range."""
-    _check(isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr), f"Invalid lr: {lr!r}; expected lr >= 0")
-    _check(isinstance(rho, (int, float)) and 0 <= rho < 1, f"Invalid rho: {rho!r}; expected 0 <= rho < 1")
-    _check(isinstance(damping, (int, float)) and damping >= 0, f"Invalid damping: {damping!r}; expected damping >= 0")
-    _check(
-        isinstance(weight_decay, (int, float)) and weight_decay >= 0,
-        f"Invalid weight_decay: {weight_decay!r}; expected weight_decay >= 0",
-    )
-    _check(_is_int(stat_freq) and stat_freq >= 1, f"Invalid stat_freq: {stat_freq!r}; expected an integer >= 1")
-    _check(
-        _is_int(inv_freq) and inv_freq >= 1 and inv_freq % stat_freq == 0,
-        f"Invalid inv_freq: {inv_freq!r}; expected a positive multiple of stat_freq={stat_freq}",
-    )
-    _check(fisher in FISHER_TYPES, f"Invalid fisher: {fisher!r}; expected one of {FISHER_TYPES}")
-    _check(predictive in PREDICTIVES, f"Invalid predictive: {predictive!r}; expected one of {PREDICTIVES}")
-    validate_backend(backend)
-
-
-def validate_positive_or_none(name: str, value) -> None:
-    """A clip threshold: a positive finite number, or None to disable clipping."""
-    _check(
-        value is None or (isinstance(value, (int, float)) and 0 < value < math.inf),
-        f"Invalid {name}: {value!r}; expected {name} > 0 or None",
-    )
-
-
-class CurvatureOptimizer(torch.optim.Optimizer):
+class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer):
     """Base class: builds the curvature from a model, runs the cadence, and applies a subclass's rule.
 
     ``model`` is an ``nn.Module`` (Kronecker blocks with capture hooks for its Linear/Conv2d layers) or a
@@ -385,179 +334,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         return bool(finite)
 
-    def _refresh_curvature(self, group: dict, blocks, info: StepInfo, reweight: Optional[float]):
-        """Statistics and eigendecompositions due at this step.
-
-        With ``reweight = c_k`` the decomposed factors are ``Â, Γ̂`` (Q, QE); without, ``Ā, Γ̄`` (KFAC, SO).
-        """
-        if not info.stats_due:
-            return
-        empirical = self.fisher == "empirical"
-        factor = float(self.curvature.forward_passes()) if empirical else 1.0
-        unscale = info.grad_unscale if empirical else None
-        if self.data_parallel.active:
-            self._refresh_curvature_distributed(group, blocks, info, reweight, factor, unscale)
-            return
-        factors = []
-        for block in blocks:
-            state = self.block_state(block)
-            reweight_now = reweight if info.inverse_due else None
-            if block.has_statistics():
-                hats = block.update_statistics(state, self._ops, group["rho"], reweight_now, factor, unscale)
-            else:
-                hats = block.repeat_statistics(state, group["rho"], reweight_now)
-            factors += self._decomposition_targets(block, state, hats)
-        if info.inverse_due:
-            requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
-            failed: list[int] = []
-            for (block, key, _), result in zip(factors, decompose_many(requests, self._ops.eigh, failed)):
-                self.block_state(block)[f"Q{key}"], self.block_state(block)[f"d{key}"] = result
-            self._restart_non_finite_averages({factors[i][0] for i in failed})
-            info.batches.compact([self.block_state(block) for block in blocks])
-
-    def _restart_non_finite_averages(self, blocks) -> None:
-        """Zero the averages that overflowed (found only where a decomposition failed: no sync otherwise), so that
-        they grow again from the next statistics instead of staying infinite for good."""
-        for block in blocks:
-            state = self.block_state(block)
-            for key in ("A_ea", "G_ea"):
-                if not torch.isfinite(state[key]).all():
-                    state[key].zero_()
-                    warnings.warn(
-                        f"{type(self).__name__}: the {'input' if key[0] == 'A' else 'output'} factor average of "
-                        f"{block.name} overflowed; it restarts from zero with the next statistics",
-                        RuntimeWarning,
-                        stacklevel=5,
-                    )
-
-    def _decomposition_targets(self, block, state: dict, hats) -> list[tuple]:
-        """``(block, key, matrix)`` per factor to decompose on an inverse step, stored as ``Q{key}``, ``d{key}``.
-
-        KFAC, SO: the averages under ``"A"``, ``"G"``. Q, QE (``hats`` given): the reweighted factors, under
-        ``"A"``/``"G"`` when every step is an inverse step, else under ``"A_hat"``/``"G_hat"`` (this step only)
-        beside the averages under ``"A"``/``"G"`` for the steps that follow (SPEC §2, eq. (20)).
-        """
-        averages = [(block, "A", state["A_ea"]), (block, "G", state["G_ea"])]
-        if hats is None:
-            return averages
-        if not self.steps_without_inverse():
-            return [(block, "A", hats[0]), (block, "G", hats[1])]
-        return [(block, "A_hat", hats[0]), (block, "G_hat", hats[1])] + averages
-
-    def steps_without_inverse(self) -> bool:
-        """Whether steps without an eigendecomposition follow an inverse step (``inv_freq > 1``)."""
-        return self.param_groups[0]["inv_freq"] > 1
-
-    def _eigen_request(self, block, key: str, matrix: Tensor) -> tuple:
-        """``(matrix, previous decomposition or None, name)`` for the eigendecomposition of one factor."""
-        state = self.block_state(block)
-        side = key[0]
-        previous = next(((state[f"Q{k}"], state[f"d{k}"]) for k in (key, side) if f"Q{k}" in state), None)
-        kind = f"{'reweighted ' if key.endswith('_hat') else ''}{'input' if side == 'A' else 'output'}"
-        return matrix, previous, f"{kind} factor of {block.name}"
-
-    def _refresh_curvature_distributed(self, group, blocks, info, reweight, factor, unscale) -> None:
-        """As :meth:`_refresh_curvature`, with local factors averaged over ranks and eigendecompositions
-        shared out by cost (each factor decomposed by one rank and broadcast)."""
-        locals_ = []
-        for block in blocks:
-            if not block.has_statistics():  # its averages stand in (Note [which blocks take part])
-                state = self.block_state(block)
-                locals_ += [(block, side, state[f"{side}_ea"].clone()) for side in ("A", "G")]
-                continue
-            for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
-                locals_.append((block, side, reference.gram(rows, scale, block.dtype)))
-        distributed.average_symmetric_([local for _, _, local in locals_], pack=self.pack_statistics)
-        reweighted: dict = {}  # block -> {side: X̂ or None}
-        for block, side, local in locals_:
-            state = self.block_state(block)
-            reweighted.setdefault(block, {})[side] = block.fold_local(
-                state, side, local, group["rho"], reweight if info.inverse_due else None
-            )
-        if info.inverse_due:
-            factors = []
-            for block in blocks:
-                state = self.block_state(block)
-                hats = block.reweighted_pair(state, reweighted[block]) if reweight is not None else None
-                factors += self._decomposition_targets(block, state, hats)
-            self._decompose_distributed(factors)
-
-    def _decompose_distributed(self, factors: list) -> None:
-        owners = distributed.assign_by_cost(
-            [matrix.shape[0] for _, _, matrix in factors], self.data_parallel.world_size
-        )
-        rank = self.data_parallel.rank
-        mine = [i for i, owner in enumerate(owners) if owner == rank]
-        # This rank's share in one grouped call (batched solver, one host check), as on a single process.
-        decomposed = dict(zip(mine, decompose_many([self._eigen_request(*factors[i]) for i in mine], self._ops.eigh)))
-        for index, ((block, key, matrix), owner) in enumerate(zip(factors, owners)):
-            state = self.block_state(block)
-            keys = (f"Q{key}", f"d{key}")
-            if owner == rank:
-                vectors, values = decomposed[index]
-            else:
-                vectors, values = torch.empty_like(matrix), matrix.new_empty(matrix.shape[0])
-            vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
-            torch.distributed.broadcast(vectors, src=owner)
-            torch.distributed.broadcast(values, src=owner)
-            state[keys[0]], state[keys[1]] = vectors, values
-
     def _update(self, group: dict, blocks, grads: list[Tensor], info: StepInfo):
         """Apply the step rule of SPEC §3 to the blocks (gradients ``grads`` in block form)."""
         raise NotImplementedError
-
-    def _check_saved_shapes(self, saved_id_of: dict[int, int], saved_state: dict) -> None:
-        """Raise one line when a saved block state does not fit this model's layer (a state_dict of another model)."""
-        for block in self.curvature.blocks:
-            allowed = _block_shapes(block)
-            for key, value in saved_state.get(saved_id_of.get(id(block.key)), {}).items():
-                if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) not in allowed:
-                    raise ValueError(
-                        f"Invalid state_dict: {key!r} of layer {block.name!r} has shape {tuple(value.shape)}, which "
-                        f"does not fit the layer's block (n_out, n_in) = {block.shape}; was it saved from another "
-                        "model?"
-                    )
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["curvature"] = self.curvature.state_dict()
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict`; tensors keep their saved dtype and move to the parameters' device.
-
-        (``torch.optim.Optimizer`` would cast state to the parameter dtype, which would turn the float32
-        state of half-precision parameters into half precision.)
-        """
-        state_dict = dict(state_dict)
-        saved_world = state_dict["state"].get(GLOBAL, {}).get("world_size", 1)
-        if saved_world != self.data_parallel.world_size:
-            raise ValueError(
-                f"Invalid state_dict: saved with world size {saved_world}, loading into world size "
-                f"{self.data_parallel.world_size}; resume with the same number of processes"
-            )
-        saved_by = state_dict["state"].get(GLOBAL, {}).get("optimizer", type(self).__name__)
-        if saved_by != type(self).__name__:
-            raise ValueError(
-                f"Invalid state_dict: saved by {saved_by}, loading into {type(self).__name__}; load it into the "
-                "optimizer class that saved it"
-            )
-        curvature_state = state_dict.pop("curvature", {})
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
-        super().load_state_dict(state_dict)
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, Tensor):
-                    self.state[param][key] = value.to(param.device, copy=True)
-        self.curvature.load_state_dict(curvature_state)
-
-
-def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
-    """The shapes a block's state tensors may have: factors, eigenvalues and block-form matrices."""
-    n_out, n_in = block.shape
-    return {(n_in, n_in), (n_out, n_out), (n_out, n_in), (n_in,), (n_out,)}
 
 
 def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor]) -> None:

@@ -11,7 +11,8 @@ from torch import nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.batching import HAT_EIGEN_KEYS
-from kldwrm_fast.optim.base import CurvatureOptimizer, validate_positive_or_none
+from kldwrm_fast.optim.arguments import validate_positive_or_none
+from kldwrm_fast.optim.base import CurvatureOptimizer
 
 BASIS = "ghat_basis"
 EIGENBASIS, PARAMETER_BASIS = "eigen", "parameter"

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
 from kldwrm_fast import distributed
-from kldwrm_fast.optim.base import CurvatureOptimizer, _check, _is_int, validate_positive_or_none
+from kldwrm_fast.optim.arguments import _check, _is_int, validate_positive_or_none
+from kldwrm_fast.optim.base import CurvatureOptimizer
 from kldwrm_fast.optim.q import QKLDWRM
 from kldwrm_fast.optim.wake import WakeObjective, stored_outputs
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from kldwrm_fast.curvature import Curvature
-from kldwrm_fast.optim.base import CurvatureOptimizer, kl_clip_factor, validate_positive_or_none
+from kldwrm_fast.optim.arguments import validate_positive_or_none
+from kldwrm_fast.optim.base import CurvatureOptimizer, kl_clip_factor
 
 
 class SOKLDWRM(CurvatureOptimizer):

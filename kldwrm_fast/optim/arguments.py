@@ -1,0 +1,44 @@
+"""Validation of the optimizers' arguments: one ``ValueError`` line naming the argument and its accepted range."""
+
+from __future__ import annotations
+
+import math
+
+from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
+from kldwrm_fast.ops import validate_backend
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_common(lr, rho, damping, weight_decay, stat_freq, inv_freq, fisher, predictive, backend) -> None:
+    """Raise ``ValueError`` naming the first argument outside its accepted range."""
+    _check(isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr), f"Invalid lr: {lr!r}; expected lr >= 0")
+    _check(isinstance(rho, (int, float)) and 0 <= rho < 1, f"Invalid rho: {rho!r}; expected 0 <= rho < 1")
+    _check(isinstance(damping, (int, float)) and damping >= 0, f"Invalid damping: {damping!r}; expected damping >= 0")
+    _check(
+        isinstance(weight_decay, (int, float)) and weight_decay >= 0,
+        f"Invalid weight_decay: {weight_decay!r}; expected weight_decay >= 0",
+    )
+    _check(_is_int(stat_freq) and stat_freq >= 1, f"Invalid stat_freq: {stat_freq!r}; expected an integer >= 1")
+    _check(
+        _is_int(inv_freq) and inv_freq >= 1 and inv_freq % stat_freq == 0,
+        f"Invalid inv_freq: {inv_freq!r}; expected a positive multiple of stat_freq={stat_freq}",
+    )
+    _check(fisher in FISHER_TYPES, f"Invalid fisher: {fisher!r}; expected one of {FISHER_TYPES}")
+    _check(predictive in PREDICTIVES, f"Invalid predictive: {predictive!r}; expected one of {PREDICTIVES}")
+    validate_backend(backend)
+
+
+def validate_positive_or_none(name: str, value) -> None:
+    """A clip threshold: a positive finite number, or None to disable clipping."""
+    _check(
+        value is None or (isinstance(value, (int, float)) and 0 < value < math.inf),
+        f"Invalid {name}: {value!r}; expected {name} > 0 or None",
+    )

@@ -1,0 +1,72 @@
+"""``state_dict`` / ``load_state_dict`` of the optimizers, with the checks that make a wrong checkpoint fail at
+loading, in one line, rather than later.
+
+:class:`Checkpointing` is a mixin of :class:`~kldwrm_fast.optim.base.CurvatureOptimizer` placed before
+``torch.optim.Optimizer`` in its bases.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from kldwrm_fast.curvature.blocks import FactoredBlock
+
+GLOBAL = "global"
+"""The key of the optimizer-wide state (step count, previous lr, world size, optimizer class)."""
+
+
+def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
+    """The shapes a block's state tensors may have: factors, eigenvalues and block-form matrices."""
+    n_out, n_in = block.shape
+    return {(n_in, n_in), (n_out, n_out), (n_out, n_in), (n_in,), (n_out,)}
+
+
+class Checkpointing:
+    """Saving and loading (see the module docstring)."""
+
+    def _check_saved_shapes(self, saved_id_of: dict[int, int], saved_state: dict) -> None:
+        """Raise one line when a saved block state does not fit this model's layer (a state_dict of another model)."""
+        for block in self.curvature.blocks:
+            allowed = _block_shapes(block)
+            for key, value in saved_state.get(saved_id_of.get(id(block.key)), {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) not in allowed:
+                    raise ValueError(
+                        f"Invalid state_dict: {key!r} of layer {block.name!r} has shape {tuple(value.shape)}, which "
+                        f"does not fit the layer's block (n_out, n_in) = {block.shape}; was it saved from another "
+                        "model?"
+                    )
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["curvature"] = self.curvature.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`; tensors keep their saved dtype and move to the parameters' device.
+
+        (``torch.optim.Optimizer`` would cast state to the parameter dtype, which would turn the float32
+        state of half-precision parameters into half precision.)
+        """
+        state_dict = dict(state_dict)
+        saved_world = state_dict["state"].get(GLOBAL, {}).get("world_size", 1)
+        if saved_world != self.data_parallel.world_size:
+            raise ValueError(
+                f"Invalid state_dict: saved with world size {saved_world}, loading into world size "
+                f"{self.data_parallel.world_size}; resume with the same number of processes"
+            )
+        saved_by = state_dict["state"].get(GLOBAL, {}).get("optimizer", type(self).__name__)
+        if saved_by != type(self).__name__:
+            raise ValueError(
+                f"Invalid state_dict: saved by {saved_by}, loading into {type(self).__name__}; load it into the "
+                "optimizer class that saved it"
+            )
+        curvature_state = state_dict.pop("curvature", {})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
+        super().load_state_dict(state_dict)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[param][key] = value.to(param.device, copy=True)
+        self.curvature.load_state_dict(curvature_state)
