@@ -1,5 +1,6 @@
 """Worker processes for the data-parallel tests (gloo on CPU), started with torch.multiprocessing.spawn."""
 
+import datetime
 import os
 
 import torch
@@ -114,4 +115,34 @@ def nan_on_one_rank(rank, world, port, out):
         opt.step()
     params = [p.detach() for p in model.module.parameters()]
     torch.save({"params": params, "skipped": opt.skipped_steps}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.b1, self.b2, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x, branch):
+        h = torch.tanh(self.stem(x))
+        return self.head(torch.tanh(self.b1(h) if branch == 1 else self.b2(h)))
+
+
+def branch_on_one_rank(rank, world, port, name, out):
+    """On inverse step 2 only rank 0 runs the layer ``b2``, which has no curvature yet: the ranks must agree on
+    whether it joins (it does not: rank 1 has no statistics for it) and stay in step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    model = DistributedDataParallel(Branches().double(), find_unused_parameters=True)
+    opt = OPTIMIZERS[name](model, lr=0.05, stat_freq=1, inv_freq=2)
+    joined = []
+    for k, branches in enumerate([(1, 1), (1, 1), (2, 1), (2, 2), (2, 2)]):
+        gen = torch.Generator().manual_seed(10 * k + rank)
+        x, y = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x, branches[rank]), y).backward()
+        opt.step()
+        joined.append("QA" in opt.state[model.module.b2.weight])
+    torch.save({"params": [p.detach() for p in model.module.parameters()], "joined": joined}, f"{out}.{rank}")
     dist.destroy_process_group()

@@ -53,6 +53,16 @@ def test_qe_ranks_agree_and_follow_their_documented_semantics(tmp_path, extra, c
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["KFAC", "QKLDWRM"])
+def test_ranks_agree_on_which_layers_join_when_a_branch_ran_on_one_rank_only(tmp_path, name):
+    out = str(tmp_path / "params")
+    spawn(worker.branch_on_one_rank, 2, name, out)
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))
+    # b2 ran on rank 0 only at inverse step 2: it joins at inverse step 4, when both ranks ran it.
+    assert results[0]["joined"] == results[1]["joined"] == [False, False, False, False, True]
+
+
 def test_clear_errors_for_a_missing_process_group_and_a_mismatched_world_size(tmp_path):
     out = str(tmp_path / "messages")
     spawn(worker.errors, 2, out)

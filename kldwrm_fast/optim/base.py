@@ -233,17 +233,21 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
         """Note [which blocks take part]
             A block whose parameters all have ``grad is None`` (frozen, or a branch the forward skipped) is not
             touched: parameters and state stay as they are. A block with a gradient is preconditioned once it
-            has an eigendecomposition, or when this is an inverse step and it captured statistics; until then
-            it takes a plain gradient-descent step (with a warning, once). A preconditioned block that captured
-            nothing on a statistics step keeps its statistics: its averages stand in for the local factors.
+            has an eigendecomposition, or when this is an inverse step and it captured statistics (on every
+            rank, under data parallelism); until then it takes a plain gradient-descent step (with a warning,
+            once). A preconditioned block that captured nothing on a statistics step keeps its statistics: its
+            averages stand in for the local factors.
 
         Returns ``(indices of the preconditioned blocks, blocks taking plain gradient descent)``.
         """
+        blocks = self.curvature.blocks
+        with_grad = [i for i, block in enumerate(blocks) if any(p.grad is not None for p in block.params)]
+        new = [i for i in with_grad if inverse_due and "QA" not in self.block_state(blocks[i])]
+        joining = self._joining(new, blocks)
         indices, plain = [], []
-        for index, block in enumerate(self.curvature.blocks):
-            if all(p.grad is None for p in block.params):
-                continue
-            if "QA" in self.block_state(block) or (inverse_due and block.has_statistics()):
+        for index in with_grad:
+            block = blocks[index]
+            if index in joining or "QA" in self.block_state(block):
                 indices.append(index)
                 continue
             plain.append(block)
@@ -256,6 +260,16 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
                     stacklevel=3,
                 )
         return tuple(indices), plain
+
+    def _joining(self, candidates: list[int], blocks) -> set[int]:
+        """The ``candidates`` (blocks without curvature, on an inverse step) that captured statistics; under data
+        parallelism, those that did on every rank, so that all ranks agree (one small all-reduce, only while
+        some block has yet to join)."""
+        if not self.data_parallel.active or not candidates:
+            return {i for i in candidates if blocks[i].has_statistics()}
+        flags = torch.tensor([float(blocks[i].has_statistics()) for i in candidates], device=blocks[0].key.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        return {i for i, flag in zip(candidates, flags.tolist()) if flag}
 
     def _skip(self, reason: str) -> None:
         self.skipped_steps += 1
