@@ -16,22 +16,19 @@ import argparse
 import json
 import pathlib
 import statistics
-import sys
 import time
 import warnings
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-import conftest  # noqa: E402  (puts tests/ on the path for the baseline)
-from test_step_time import CADENCES, ENTRIES, make_step  # noqa: E402
-from workloads import WORKLOADS, build  # noqa: E402
+import machine
+from entries import CADENCES, ENTRIES, make_step
+from workloads import WORKLOADS, build
 
 
 def measure(workload: str, cadence: str, entries: list[str], repeats: int, min_steps: int) -> dict:
     """``{entry: {"ms": [per round], "ratio": [per round, to entries[0]]}}``."""
     steps = {}
     for entry in entries:
-        model, x, y = build(workload, conftest.FULL, conftest.DEVICE)
+        model, x, y = build(workload, machine.FULL, machine.DEVICE)
         _, step = make_step(entry, model, x, y, CADENCES[cadence])
         for _ in range(2):  # first statistics and decompositions, kernel compilation
             step()
@@ -40,11 +37,11 @@ def measure(workload: str, cadence: str, entries: list[str], repeats: int, min_s
     times: dict = {entry: [] for entry in entries}
     for _ in range(repeats):
         for entry, step in steps.items():
-            conftest.synchronize()
+            machine.synchronize()
             start = time.perf_counter()
             for _ in range(n_steps):
                 step()
-            conftest.synchronize()
+            machine.synchronize()
             times[entry].append((time.perf_counter() - start) / n_steps * 1e3)
     base = times[entries[0]]
     return {e: {"ms": t, "ratio": [a / b for a, b in zip(t, base)]} for e, t in times.items()}
@@ -68,7 +65,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
         result = measure(args.workload, args.cadence, entries, args.repeats, args.min_steps)
-    env = conftest.environment()
+    env = machine.environment()
     print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, "
           f"{args.repeats} rounds; ratio to {entries[0]}: median [min, max]")  # fmt: skip
     for entry, r in result.items():

@@ -12,8 +12,8 @@ ATen operations the step dispatches (``compute_ops``: kernels on a GPU; ``view_o
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, environment, synchronize
-from test_step_time import ENTRIES, make_step
+from entries import ENTRIES, make_step
+from machine import DEVICE, environment, synchronize
 from torch.utils._python_dispatch import TorchDispatchMode
 from workloads import WORKLOADS
 

@@ -5,7 +5,7 @@ Run: ``python -m pytest bench/test_kernels.py --benchmark-only``
 
 import pytest
 import torch
-from conftest import DEVICE, FULL, environment, synchronize
+from machine import DEVICE, FULL, environment, synchronize
 
 from kldwrm_fast.curvature.eigen import decompose_many
 from kldwrm_fast.ops import operations

@@ -1,4 +1,4 @@
-// CUDA kernels and host launchers of the fused operations (SPEC §6.1–6.3): factor update, eigen-
+// CUDA kernels and host launchers of the fused operations (docs/algorithms.md §6.1–6.3): factor update, eigen-
 // preconditioning with the damping division fused into the middle GEMM, and the multi-tensor Ĝ recursion.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

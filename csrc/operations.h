@@ -1,5 +1,5 @@
-// The CUDA implementations of the fused operations (SPEC §6), with the schemas of the PyTorch reference in
-// kldwrm_fast/ops/reference.py; registered as kldwrm_fast::<op>_cuda in registration.cpp.
+// The CUDA implementations of the fused operations (docs/algorithms.md §6), with the schemas of the PyTorch
+// reference in kldwrm_fast/ops/reference.py; registered as kldwrm_fast::<op>_cuda in registration.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

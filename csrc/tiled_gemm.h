@@ -4,7 +4,7 @@
 //
 // Shapes: C[b] (M x N) = op(A[b]) (M x K) @ op(B[b]) (K x N). Operands carry batch, row and column strides
 // in elements, so transposes and shared (batch stride 0) factors need no copies. Accumulation is in T
-// (float or double): plain FMA, never TF32, as SPEC §6 requires for products feeding eigenbases.
+// (float or double): plain FMA, never TF32, as docs/algorithms.md §6 requires for products feeding eigenbases.
 #pragma once
 
 #include <cstdint>
@@ -148,7 +148,7 @@ struct DampedDivideEpilogue {
   }
 };
 
-// Factor update (SPEC §6.1) for entry (i, j), i <= j, of S = scale * x^T x, written with its mirror:
+// Factor update (docs/algorithms.md §6.1) for entry (i, j), i <= j, of S = scale * x^T x, written with its mirror:
 // local = S, ea = rho * ea_old + (1 - rho) S and, when `reweighted` is set, reweighted = rho * ea_old + c S.
 // ea_old is S itself on the first statistic. Each unordered pair is owned by one thread, so the in-place
 // read-modify-write of ea needs no synchronisation. All matrices contiguous (n, n).

@@ -9,7 +9,7 @@ What crosses the network per step, with ``n_l`` the sizes of the Kronecker facto
   ``4 · Σ_l (n_l² + n_l)`` bytes in all;
 * QE-KLD-WRM: one all-reduce of the inner-solver gradient (one parameter copy) per inner step.
 
-Gradients themselves are averaged by DDP as usual. Because every exponential average of SPEC §2 is linear
+Gradients themselves are averaged by DDP as usual. Because every exponential average of docs/algorithms.md §2 is linear
 in the statistics, averaging the ranks' local factors equals the factors of the concatenated batch (for
 equal local batches), and every rank then computes identical steps.
 """

@@ -1,4 +1,4 @@
-"""An independent, explicit-Kronecker re-implementation of SPEC §1–§3 for a two-layer MLP (test oracle).
+"""An independent, explicit-Kronecker re-implementation of docs/algorithms.md §1–§3 for a two-layer MLP (test oracle).
 
 Factors come from per-sample quantities computed here by autograd, preconditioners are explicit inverses
 of ``Y ⊗ X + δI`` (torch.kron, row-major vec), and each optimizer rule is written out from the spec.
@@ -80,7 +80,8 @@ class ExplicitOptimizer:
                         x_f, y_f = self.ea[layer]
                     self.precond[layer] = preconditioner(x_f, y_f, self.damping)
         if self.kind == "q" and self.k % self.inv_freq != 0:
-            # SPEC §2, eq. (20): Â_k = (1 + lr_k) Ā_j, Γ̂_k = (1 + lr_k) Γ̄_j with the last inverse step's averages.
+            # docs/algorithms.md §2, eq. (20): Â_k = (1 + lr_k) Ā_j, Γ̂_k = (1 + lr_k) Γ̄_j with the last inverse
+            # step's averages.
             for layer in range(2):
                 a_bar, g_bar = self.snapshot[layer]
                 self.precond[layer] = preconditioner((1 + lr) * a_bar, (1 + lr) * g_bar, self.damping)

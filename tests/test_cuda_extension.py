@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from matrices import spd
 from test_backends import model_and_batches, trajectory
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
@@ -182,9 +183,7 @@ def test_argument_errors_name_the_tensor(cuda_ext):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch, n", [(1, 5), (1, 300), (16, 33), (40, 128), (3, 513)])
 def test_cusolver_eigh_is_accurate(cuda_ext, dtype, batch, n):
-    g = torch.Generator().manual_seed(batch + n)
-    a = torch.randn(batch, n, n, generator=g, dtype=torch.float64)
-    a = (a @ a.mT / n).to(dtype).cuda()
+    a = spd(n, dtype, (batch,), "cuda", torch.Generator().manual_seed(batch + n))
     values, vectors, info = cuda_ext.eigh(a)
     assert (info == 0).all()
     scale = torch.linalg.matrix_norm(a).double()

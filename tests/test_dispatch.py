@@ -1,4 +1,4 @@
-"""Backend choice (SPEC §5): one dispatch point, explicit requests that cannot run raise."""
+"""Backend choice (docs/algorithms.md §5): one dispatch point, explicit requests that cannot run raise."""
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""The eigendecomposition fallback ladder (SPEC §6), each rung reached by an injected failure."""
+"""The eigendecomposition fallback ladder (docs/algorithms.md §6), each rung reached by an injected failure."""
 
+import matrices
 import pytest
 import torch
 
@@ -7,8 +8,7 @@ from kldwrm_fast.curvature import eigen
 
 
 def spd(n=4, dtype=torch.float32):
-    root = torch.randn(n, n + 1, dtype=torch.float64)
-    return (root @ root.T).to(dtype)
+    return matrices.spd(n, dtype)
 
 
 def test_clean_decomposition_reconstructs_and_clamps():

@@ -1,4 +1,4 @@
-"""The public contract of SPEC §3–§5: plain loop, schedulers, closures, hooks, fallbacks, errors."""
+"""The public contract of docs/algorithms.md §3–§5: plain loop, schedulers, closures, hooks, fallbacks, errors."""
 
 import copy
 import warnings

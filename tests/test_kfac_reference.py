@@ -4,10 +4,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from kfac_reference import ReferenceKFAC
 from torch import nn
 
 from kldwrm_fast import KFAC
+from kldwrm_fast.baselines import ReferenceKFAC
 
 
 def test_reference_kfac_follows_the_kfac_trajectory():

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from explicit_kronecker import ExplicitOptimizer, explicit_factors
+from matrices import spd
 from torch import nn
 
 from kldwrm_fast import KFAC, QKLDWRM, SOKLDWRM
@@ -71,15 +72,10 @@ def test_conv_covering_its_whole_input_gives_the_linear_factors_and_steps(bias):
     torch.testing.assert_close(conv.weight.reshape(3, -1), linear.weight, rtol=1e-12, atol=1e-14)
 
 
-def random_spd(n, generator):
-    root = torch.randn(n, n + 2, dtype=torch.float64, generator=generator)
-    return root @ root.T / n
-
-
 @pytest.mark.parametrize("n_out,n_in", [(1, 1), (3, 5), (4, 2)])
 def test_preconditioning_equals_the_explicit_damped_kronecker_inverse(n_out, n_in):
     gen = torch.Generator().manual_seed(n_out * 10 + n_in)
-    x, yf = random_spd(n_in, gen), random_spd(n_out, gen)
+    x, yf = spd(n_in, generator=gen), spd(n_out, generator=gen)
     v = torch.randn(n_out, n_in, dtype=torch.float64, generator=gen)
     damping = 0.03
     d_x, q_x = torch.linalg.eigh(x)

@@ -69,7 +69,7 @@ def test_held_out_loss_falls_well_below_its_start(digits, cls, hyper):
 
 def test_q_with_statistics_every_step_and_inverses_every_30_trains_without_a_recursion_restart(digits):
     """With stat_freq < inv_freq the steps between inverse steps use the last inverse step's decomposition and
-    pair M with the same averages (SPEC §2, eq. (20)); pairing M with the moving averages made Ĝ diverge
+    pair M with the same averages (docs/algorithms.md §2, eq. (20)); pairing M with the moving averages made Ĝ diverge
     (the growth guard restarted it 43 times in such a run)."""
     (x_train, y_train), (x_test, y_test) = digits
     torch.manual_seed(0)

@@ -2,6 +2,7 @@
 
 import itertools
 
+import matrices
 import pytest
 import torch
 
@@ -27,9 +28,7 @@ TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol
 
 
 def spd(n, dtype, batch=()):
-    root = torch.randn(*batch, n, n + 2, dtype=torch.float64, device=DEVICE)
-    product = root @ root.mT / n
-    return (0.5 * (product + product.mT)).to(dtype)
+    return matrices.spd(n, dtype, batch, DEVICE)
 
 
 def eig(matrix):

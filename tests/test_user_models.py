@@ -345,6 +345,21 @@ def test_the_loaded_cadence_governs_both_the_hooks_and_the_step(cls):
     assert "A" in resumed.block_states()[0]
 
 
+def test_the_state_dict_records_the_fisher_and_refuses_another_at_loading():
+    model = mlp()
+    opt = QEKLDWRM(model, fisher="empirical", predictive="categorical", backend="torch")
+    saved = opt.state_dict()
+    assert [saved["param_groups"][0][key] for key in ("fisher", "predictive", "backend", "n_inner")] == [
+        "empirical", "categorical", "torch", 10,
+    ]  # fmt: skip
+    opt.remove_hooks()
+    with pytest.raises(ValueError, match="saved with fisher='empirical', loading into fisher='sampled'"):
+        QEKLDWRM(model).load_state_dict(copy.deepcopy(saved))
+    resumed = QEKLDWRM(model, fisher="empirical")
+    resumed.load_state_dict(copy.deepcopy(saved))
+    assert resumed.param_groups[0]["backend"] == "auto"  # this machine's choice, not the checkpoint's
+
+
 def test_a_categorical_model_with_one_output_column_is_refused():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1))

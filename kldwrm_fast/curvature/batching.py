@@ -1,4 +1,4 @@
-"""Batched preconditioning: blocks of equal shape, dtype and device share one op call (SPEC §6.2).
+"""Batched preconditioning: blocks of equal shape, dtype and device share one op call (docs/algorithms.md §6.2).
 
 Per-block state tensors that a batched call reads (eigendecompositions, averages) are re-bound to views of
 one stacked tensor, so later steps pass the stacked tensor without copying. A group is restacked (one copy)

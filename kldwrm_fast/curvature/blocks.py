@@ -1,4 +1,4 @@
-"""Curvature blocks: the unit on which the optimizers precondition (SPEC §1–§2).
+"""Curvature blocks: the unit on which the optimizers precondition (docs/algorithms.md §1–§2).
 
 A block owns some parameters, maps their gradients to a block-form matrix ``V`` (n_out × n_in) and holds
 Kronecker factors ``X`` (input side, n_in × n_in) and ``Y`` (output side, n_out × n_out) in the
@@ -80,7 +80,7 @@ class FactoredBlock:
 
     def cached_reweight(self, lr: float) -> tuple[float, float]:
         """``(output, input)`` factors by which a step without new statistics scales the averages' eigenvalues:
-        ``Γ̂_k = (1 + lr_k) Γ̄_q``, ``Â_k = (1 + lr_k) Ā_q`` (SPEC §2, eq. (20))."""
+        ``Γ̂_k = (1 + lr_k) Γ̄_q``, ``Â_k = (1 + lr_k) Ā_q`` (docs/algorithms.md §2, eq. (20))."""
         return 1.0 + lr, 1.0 + lr
 
     def update_statistics(
@@ -167,7 +167,7 @@ class FactoredBlock:
 
 
 class KroneckerBlock(FactoredBlock):
-    """One ``nn.Linear`` or ``nn.Conv2d`` (groups=1) layer with its bias folded in (SPEC §1).
+    """One ``nn.Linear`` or ``nn.Conv2d`` (groups=1) layer with its bias folded in (docs/algorithms.md §1).
 
     The capture hooks append to :attr:`inputs` (layer inputs) and :attr:`output_grads` (gradients of the
     mean loss with respect to the layer output) in pairs; both are cleared after every optimizer step.
@@ -248,7 +248,7 @@ class KroneckerBlock(FactoredBlock):
 
 
 class DenseBlock(FactoredBlock):
-    """Exact curvature over arbitrary parameters, for oracle tests (SPEC §1, "dense curvature block").
+    """Exact curvature over arbitrary parameters, for oracle tests (docs/algorithms.md §1, "dense curvature block").
 
     ``curvature_rows()`` returns ``(R, scale)`` with ``R`` (rows, n) such that the block's curvature is
     ``F = scale · RᵀR`` (e.g. stacked per-sample Jacobians of the network output and ``scale = 1/N`` for the

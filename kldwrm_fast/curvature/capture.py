@@ -1,4 +1,4 @@
-"""Capture of layer inputs and output gradients from an ``nn.Module`` with hooks (SPEC §1, §4).
+"""Capture of layer inputs and output gradients from an ``nn.Module`` with hooks (docs/algorithms.md §1, §4).
 
 Every supported layer gets a forward hook that, on statistics steps only (``capture_due()``), in train
 mode and with gradients enabled, keeps the layer input and puts a tensor hook on the layer output. The

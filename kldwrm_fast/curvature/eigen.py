@@ -1,4 +1,4 @@
-"""Symmetric eigendecomposition of Kronecker factors with the fallback ladder of SPEC §6.
+"""Symmetric eigendecomposition of Kronecker factors with the fallback ladder of docs/algorithms.md §6.
 
 Rungs, in order: the factor's own dtype; a float64 retry; float64 with ``ε·I`` added (ε relative to the
 factor's scale); finally the previous decomposition is kept with a warning. Eigenvalues are clamped at 0
@@ -20,7 +20,7 @@ from torch import Tensor
 JITTER = 1e-6
 
 HOST_MAX_N = 128
-"""A lone CUDA factor (no other of its size due) up to this size is decomposed on the host CPU. SPEC §6
+"""A lone CUDA factor (no other of its size due) up to this size is decomposed on the host CPU. docs/algorithms.md §6
 measured, on an H200 machine, 0.03 ms on the host vs 0.16 ms on the GPU at n=16 and 0.97 vs 1.8 ms at n=128;
 batches stay on the GPU (64 matrices of n=32: 0.20 ms batched cuSOLVER vs 5.3 ms on the host)."""
 

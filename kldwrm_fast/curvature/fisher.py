@@ -1,4 +1,4 @@
-"""Losses whose output-gradients give the sampled Fisher statistics (SPEC §4)."""
+"""Losses whose output-gradients give the sampled Fisher statistics (docs/algorithms.md §4)."""
 
 from __future__ import annotations
 

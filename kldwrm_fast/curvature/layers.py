@@ -1,4 +1,4 @@
-"""Rows of the Kronecker factors for the supported layers (SPEC §1).
+"""Rows of the Kronecker factors for the supported layers (docs/algorithms.md §1).
 
 Conventions (see Note [Conv2d normalisation]):
 

@@ -1,4 +1,4 @@
-"""The paper's 4,712-parameter MNIST network (SPEC §7)."""
+"""The paper's 4,712-parameter MNIST network (docs/algorithms.md §7)."""
 
 from torch import nn
 

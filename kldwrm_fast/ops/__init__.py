@@ -1,4 +1,4 @@
-"""Fused operations of SPEC §6 and the dispatch point that picks their implementation."""
+"""Fused operations of docs/algorithms.md §6 and the dispatch point that picks their implementation."""
 
 from kldwrm_fast.ops.dispatch import BACKENDS, Operations, operations, resolve_backend, validate_backend
 

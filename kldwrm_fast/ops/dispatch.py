@@ -1,4 +1,4 @@
-"""The one place where a backend for the fused operations is chosen (SPEC §5).
+"""The one place where a backend for the fused operations is chosen (docs/algorithms.md §5).
 
 ``backend="auto"`` takes the environment override ``KLDWRM_BACKEND`` when set; otherwise, on CUDA tensors,
 the fastest backend that can run (CUDA extension, then Triton, then PyTorch), and PyTorch on CPU tensors.

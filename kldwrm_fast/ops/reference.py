@@ -1,4 +1,4 @@
-"""PyTorch reference implementations of the fused operations of SPEC §6.
+"""PyTorch reference implementations of the fused operations of docs/algorithms.md §6.
 
 These functions are the executable specification: the CPU path, the fallback on CUDA tensors, and the
 oracle that every Triton or CUDA kernel is tested against. Each works on a single block (2-D tensors) or
@@ -41,7 +41,7 @@ def factor_update(
     first: bool,
     with_reweighted: bool,
 ) -> Tensor:
-    """Local Kronecker factor and its exponential averages from captured rows, in one pass (SPEC §2).
+    """Local Kronecker factor and its exponential averages from captured rows, in one pass (docs/algorithms.md §2).
 
     Args:
         x: (rows, n) captured rows (``ā`` or output gradients ``e``), any float dtype; cast to ``ea.dtype``.
@@ -64,7 +64,7 @@ def factor_update(
 
 
 def precondition(q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, v: Tensor, damping: float) -> Tensor:
-    """Eigen-preconditioning ``P_{X,Y}(V) = Q_Y [(Q_Yᵀ V Q_X) ⊘ (d_Y d_Xᵀ + δ)] Q_Xᵀ`` (SPEC §1).
+    """Eigen-preconditioning ``P_{X,Y}(V) = Q_Y [(Q_Yᵀ V Q_X) ⊘ (d_Y d_Xᵀ + δ)] Q_Xᵀ`` (docs/algorithms.md §1).
 
     Args:
         q_out, d_out: eigenvectors (..., n_out, n_out) and clamped eigenvalues (..., n_out) of the output
@@ -92,7 +92,7 @@ def q_precondition(
     ea_out: Tensor,
     ea_in: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Q-KLD-WRM step and its curvature product (SPEC §3, (S87)/(S89)).
+    """Q-KLD-WRM step and its curvature product (docs/algorithms.md §3, (S87)/(S89)).
 
     Args:
         q_out, d_out, q_in, d_in: eigendecompositions of the reweighted factors ``Γ̂``, ``Â``.
@@ -123,7 +123,8 @@ def q_cached_step(
     q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, rotated: Tensor, damping: float, lr: float,
     scale_out: float, scale_in: float,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Q-KLD-WRM on a step without new statistics, with ``Ĝ`` carried in the averages' eigenbasis (SPEC §3).
+    """Q-KLD-WRM on a step without new statistics, with ``Ĝ`` carried in the averages' eigenbasis
+    (docs/algorithms.md §3).
 
     Args:
         q_out, d_out, q_in, d_in: eigendecompositions of the averages ``Γ̄_j``, ``Ā_j`` of the last inverse step.

@@ -1,6 +1,6 @@
 """Shared machinery of the four optimizers: construction, cadence, λ bookkeeping, plain-GD fallback.
 
-Subclasses implement :meth:`CurvatureOptimizer._update`, the step rule of SPEC §3, and read like it.
+Subclasses implement :meth:`CurvatureOptimizer._update`, the step rule of docs/algorithms.md §3, and read like it.
 
 Note [step cadence]
     Step k (counted from 0) collects statistics iff ``k % stat_freq == 0`` and eigendecomposes iff
@@ -77,6 +77,8 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
             defaults["lr"], defaults["rho"], defaults["damping"], defaults["weight_decay"],
             defaults["stat_freq"], defaults["inv_freq"], fisher, predictive, backend,
         )  # fmt: skip
+        # Recorded in every param group, so that state_dict() says which Fisher and backend produced it.
+        defaults = dict(defaults, fisher=fisher, predictive=predictive, backend=backend)
         self.data_parallel = distributed.data_parallel_for(model)
         if isinstance(model, Curvature):
             curvature = model
@@ -349,7 +351,7 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
         return bool(finite)
 
     def _update(self, group: dict, blocks, grads: list[Tensor], info: StepInfo):
-        """Apply the step rule of SPEC §3 to the blocks (gradients ``grads`` in block form)."""
+        """Apply the step rule of docs/algorithms.md §3 to the blocks (gradients ``grads`` in block form)."""
         raise NotImplementedError
 
 

@@ -60,11 +60,20 @@ class Checkpointing:
                 f"Invalid state_dict: saved by {saved_by}, loading into {type(self).__name__}; load it into the "
                 "optimizer class that saved it"
             )
+        for group in state_dict["param_groups"]:
+            for key, ours in (("fisher", self.fisher), ("predictive", self.predictive)):
+                if group.get(key, ours) != ours:
+                    raise ValueError(
+                        f"Invalid state_dict: saved with {key}={group[key]!r}, loading into {key}={ours!r}; build "
+                        f"the optimizer with {key}={group[key]!r} to resume"
+                    )
         curvature_state = state_dict.pop("curvature", {})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the backend is this machine's choice, not the checkpoint's
+            group.update(fisher=self.fisher, predictive=self.predictive, backend=self._requested_backend)
         for saved_id, param in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):

@@ -1,4 +1,4 @@
-"""EA-KFAC, the paper's baseline, with the semantics of its reference code (SPEC §3 "KFAC")."""
+"""EA-KFAC, the paper's baseline, with the semantics of its reference code (docs/algorithms.md §3 "KFAC")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Q-KLD-WRM, Proposition 4.2 / A.1 with the reweighted-factor approximation (S82)–(S89) — SPEC §3."""
+"""Q-KLD-WRM, Proposition 4.2 / A.1 with the reweighted-factor approximation (S82)–(S89) — docs/algorithms.md §3."""
 
 from __future__ import annotations
 
@@ -72,9 +72,13 @@ class QKLDWRM(CurvatureOptimizer):
         validate_positive_or_none("clip", clip)
         defaults = dict(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay,
-            stat_freq=stat_freq, inv_freq=inv_freq,
+            stat_freq=stat_freq, inv_freq=inv_freq, **self._more_defaults(),
         )  # fmt: skip
         super().__init__(model, defaults, fisher, predictive, backend)
+
+    def _more_defaults(self) -> dict:
+        """Hyperparameters a subclass adds to the param groups (QE's inner solver), set before ``__init__``."""
+        return {}
 
     @property
     def ghat_resets(self) -> int:

@@ -1,4 +1,4 @@
-"""QE-KLD-WRM: the Q step refined on the exact symmetric-KL wake (SPEC §3 "QEKLDWRM")."""
+"""QE-KLD-WRM: the Q step refined on the exact symmetric-KL wake (docs/algorithms.md §3 "QEKLDWRM")."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
 from kldwrm_fast import distributed
-from kldwrm_fast.optim.arguments import _check, _is_int, validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer
+from kldwrm_fast.optim.arguments import _check, _is_int
 from kldwrm_fast.optim.q import QKLDWRM
 from kldwrm_fast.optim.wake import WakeObjective, stored_outputs
 
@@ -84,16 +83,12 @@ class QEKLDWRM(QKLDWRM):
             isinstance(kl_scale, (int, float)) and kl_scale >= 0,
             f"Invalid kl_scale: {kl_scale!r}; expected kl_scale >= 0",
         )
-        validate_positive_or_none("clip", clip)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}"
             )
-        defaults = dict(
-            lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
-            inv_freq=inv_freq, n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale,
-        )  # fmt: skip
-        CurvatureOptimizer.__init__(self, model, defaults, fisher, predictive, backend)
+        self._inner_solver = dict(n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale)
+        super().__init__(model, lr, rho, damping, clip, weight_decay, stat_freq, inv_freq, fisher, predictive, backend)
         self.model = model
         self._network = distributed.unwrap(model)  # evaluated functionally, outside any DDP wrapper
         self._snapshot_params = self.curvature.parameters()
@@ -104,6 +99,9 @@ class QEKLDWRM(QKLDWRM):
         self._input_hook = model.register_forward_pre_hook(
             lambda *args: self._remember_inputs(*args), with_kwargs=True
         )  # a closure, so that copy.deepcopy(model) does not deep-copy the optimizer
+
+    def _more_defaults(self) -> dict:
+        return self._inner_solver
 
     def _remember_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module is self.model and module.training and torch.is_grad_enabled():

@@ -1,4 +1,4 @@
-"""Statistics and eigendecompositions due at a step, for one process or many (SPEC §2, §6).
+"""Statistics and eigendecompositions due at a step, for one process or many (docs/algorithms.md §2, §6).
 
 :class:`CurvatureRefresh` is a mixin of :class:`~kldwrm_fast.optim.base.CurvatureOptimizer`: it reads the
 optimizer's ``curvature``, ``fisher``, ``data_parallel``, ``pack_statistics``, ``_ops`` and per-block state.
@@ -85,7 +85,7 @@ class CurvatureRefresh:
 
         KFAC, SO: the averages under ``"A"``, ``"G"``. Q, QE (``hats`` given): the reweighted factors, under
         ``"A"``/``"G"`` when every step is an inverse step, else under ``"A_hat"``/``"G_hat"`` (this step only)
-        beside the averages under ``"A"``/``"G"`` for the steps that follow (SPEC §2, eq. (20)).
+        beside the averages under ``"A"``/``"G"`` for the steps that follow (docs/algorithms.md §2, eq. (20)).
         """
         averages = [(block, "A", state["A_ea"]), (block, "G", state["G_ea"])]
         if hats is None:

@@ -1,4 +1,4 @@
-"""SO-KLD-WRM, Proposition 4.1 (with variable λ, Prop. A.1 with B = 0) — SPEC §3 "SOKLDWRM"."""
+"""SO-KLD-WRM, Proposition 4.1 (with variable λ, Prop. A.1 with B = 0) — docs/algorithms.md §3 "SOKLDWRM"."""
 
 from __future__ import annotations
 

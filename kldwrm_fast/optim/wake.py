@@ -1,4 +1,4 @@
-"""The exact symmetric-KL wake objective Φ of QE-KLD-WRM (SPEC §3 "QEKLDWRM", eqs. (31)/(35)).
+"""The exact symmetric-KL wake objective Φ of QE-KLD-WRM (docs/algorithms.md §3 "QEKLDWRM", eqs. (31)/(35)).
 
     Φ(s) = Σ_blocks [⟨V_k, s⟩ + ½ ⟨s, Γ_k s A_k⟩] + λ_k Σ_i ζ(i) ρ^{k−i} D(θ_i, θ_k + s)
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Products that feed eigenbasis projections must be full fp32 (SPEC §6), never plain TF32.
+# Products that feed eigenbasis projections must be full fp32 (docs/algorithms.md §6), never plain TF32.
 DOT_PRECISION = "ieee"
 
 MAX_GRID_YZ = 65535

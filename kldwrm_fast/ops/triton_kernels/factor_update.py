@@ -1,4 +1,4 @@
-"""Factor update: ``S = scale · xᵀx`` with both exponential-average epilogues, one pass (SPEC §6.1).
+"""Factor update: ``S = scale · xᵀx`` with both exponential-average epilogues, one pass (docs/algorithms.md §6.1).
 
 Only tiles on or above the diagonal are computed; each writes itself and its mirror, so ``S``, ``X̄`` and
 ``X̂`` come out exactly symmetric and the GEMM work is halved. Offsets are formed in 64 bits: im2col inputs

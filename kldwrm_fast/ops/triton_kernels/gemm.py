@@ -1,7 +1,7 @@
 """Batched strided GEMM with the epilogues the preconditioner needs.
 
 ``C[b] = α · A[b] @ B[b]``, optionally divided element-wise by ``d_row[b, i] · d_col[b, j] + δ`` (the damped
-eigenvalue products of SPEC §1, fused into the middle product). Transposes are free: pass ``.mT`` views,
+eigenvalue products of docs/algorithms.md §1, fused into the middle product). Transposes are free: pass ``.mT`` views,
 the kernel reads any strides. One launch covers every block of the batch.
 """
 

@@ -1,7 +1,8 @@
-"""A straightforward, unfused K-FAC in the style of the paper's reference code: the benchmark baseline.
+"""A straightforward, unfused K-FAC in the style of the paper's reference code: the benchmark baseline
+(``from kldwrm_fast.baselines import ReferenceKFAC``), and an independent oracle for the tests.
 
-Same function as :class:`kldwrm_fast.KFAC` (SPEC §3: EA from the first statistics, bias folded in, damped
-eigen-preconditioning, KL clipping, ``buf ← μ buf + d``, ``W̄ ← W̄ − lr(1−μ) buf``), written the way the
+Same function as :class:`kldwrm_fast.KFAC` (docs/algorithms.md §3: EA from the first statistics, bias folded
+in, damped eigen-preconditioning, KL clipping, ``buf ← μ buf + d``, ``W̄ ← W̄ − lr(1−μ) buf``), written the way the
 reference implementations are: module hooks that save inputs and output gradients, factors, EAs,
 ``torch.linalg.eigh`` and preconditioning one layer at a time, and the KL-clip sum read back to the host
 with one ``.item()`` per layer. Statistics come from the training loss's backward (empirical Fisher); a

@@ -1,11 +1,6 @@
-"""Benchmark settings: full sizes on CUDA, reduced sizes on CPU; the baselines come from the tests."""
-
-import pathlib
-import sys
+"""The machine the benchmarks run on: full sizes on CUDA, reduced sizes on CPU; its description for reports."""
 
 import torch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = DEVICE.type == "cuda"

@@ -1,0 +1,52 @@
+"""The benchmark entries (baselines and our optimizers on each available backend) and how one iteration of each
+is run: shared by the pytest-benchmark suites and ``compare_step_time.py``."""
+
+import torch
+import torch.nn.functional as F
+from machine import DEVICE, FULL
+
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+from kldwrm_fast.baselines import ReferenceKFAC
+from kldwrm_fast.ops.dispatch import unavailable_reason
+
+CADENCES = {"every-step": (1, 1), "10/100": (10, 100), "30/30": (30, 30)}
+OURS = {"kfac": KFAC, "so": SOKLDWRM, "q": QKLDWRM, "qe": QEKLDWRM}
+BACKENDS = [b for b in ("torch", "triton", "cuda") if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
+ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]
+
+
+def make_step(entry, model, x, y, cadence):
+    stat_freq, inv_freq = cadence
+    if entry in ("sgd", "adam"):
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            if entry == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=1e-3)
+        )
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return opt, step
+    if entry == "kfac-reference":
+        opt = ReferenceKFAC(model, stat_freq=stat_freq, inv_freq=inv_freq)
+
+        def step():
+            opt.zero_grad()
+            output = model(x)
+            opt.sampled_statistics_backward(output)
+            F.cross_entropy(output, y).backward()
+            opt.step()
+
+        return opt, step
+    name, backend = entry.rsplit("-", 1)
+    opt = OURS[name](model, stat_freq=stat_freq, inv_freq=inv_freq, backend=backend)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return opt, step
