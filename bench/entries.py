@@ -7,11 +7,11 @@ from machine import DEVICE, FULL
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.baselines import ReferenceKFAC
-from kldwrm_fast.ops.dispatch import unavailable_reason
+from kldwrm_fast.ops.dispatch import IMPLEMENTATIONS, unavailable_reason
 
 CADENCES = {"every-step": (1, 1), "10/100": (10, 100), "30/30": (30, 30)}
 OURS = {"kfac": KFAC, "so": SOKLDWRM, "q": QKLDWRM, "qe": QEKLDWRM}
-BACKENDS = [b for b in ("torch", "triton", "cuda") if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
+BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
 ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]
 
 

@@ -215,7 +215,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         sys.exit("gpu_check: no CUDA device; use --smoke for a CPU run of the script itself")
-    backends = [b for b in ("torch", "triton", "cuda") if dispatch.unavailable_reason(b, device) is None]
+    backends = [b for b in dispatch.IMPLEMENTATIONS if dispatch.unavailable_reason(b, device) is None]
     limits = ceilings(device, args.smoke)
     warmup, repeat = (1, 2) if args.smoke else (5, 25)
     rows = []

@@ -1,5 +1,6 @@
-// Registers the CUDA operations as kldwrm_fast::<op>_cuda (schemas identical to the reference ops defined
-// in kldwrm_fast/ops/library.py) and makes kldwrm_fast._C an importable Python module.
+// Registers the CUDA operations as kldwrm_fast::<op>_cuda, with the schemas of the operation table
+// kldwrm_fast/ops/table.py (tests/test_operation_table.py checks each against it), and makes kldwrm_fast._C an
+// importable Python module.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -30,6 +30,7 @@ from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.experiments import report
 from kldwrm_fast.experiments.datasets import Split, load_dataset
 from kldwrm_fast.experiments.models import paper_cnn
+from kldwrm_fast.ops import BACKENDS
 
 COMMON = dict(lr=0.01, damping=0.01, weight_decay=1e-3, stat_freq=30, inv_freq=30, fisher="sampled")
 PAPER_HYPERPARAMETERS = {
@@ -72,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help=f"default {QUICK['batch_size']}; --paper {PAPER['batch_size']}")
     parser.add_argument("--dataset", default="mnist-sample", help="mnist-sample | fashion-mnist | idx:DIR")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--out", default="mnist-study", help="output directory (default ./mnist-study)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="OPT.NAME=VALUE",
                         help="hyperparameter override, e.g. --set q.rho=0.33 (repeatable)")  # fmt: skip

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor
 
 import kldwrm_fast._C  # noqa: F401  (registers the operations)
-from kldwrm_fast.ops.library import FAKES
+from kldwrm_fast.ops.table import OPERATIONS
 
-OPERATION_NAMES = ("factor_update", "precondition", "q_precondition", "ghat_recursion")
+SUFFIX = "_cuda"
 
-for _name in OPERATION_NAMES:
-    torch.library.register_fake(f"kldwrm_fast::{_name}_cuda")(FAKES[_name])
+for _operation in OPERATIONS:
+    torch.library.register_fake(_operation.qualified_name(SUFFIX))(_operation.fake)
 
 
 @torch.library.register_fake("kldwrm_fast::eigh_cuda")
@@ -37,8 +37,8 @@ def column_major_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(strides)
 
 
-CUDA_OPS = {name: getattr(torch.ops.kldwrm_fast, f"{name}_cuda") for name in OPERATION_NAMES}
-"""The four fused operations by name (signatures of :mod:`kldwrm_fast.ops.reference`)."""
+CUDA_OPS = {operation.name: getattr(torch.ops.kldwrm_fast, operation.name + SUFFIX) for operation in OPERATIONS}
+"""The fused operations by name (signatures of :mod:`kldwrm_fast.ops.reference`)."""
 
 
 def eigh(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,34 +11,106 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
 
 import torch
 
-from kldwrm_fast.ops import reference
-from kldwrm_fast.ops.library import REFERENCE_OPS
+from kldwrm_fast.ops.table import NAMES, OPERATIONS
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_OVERRIDE = "KLDWRM_BACKEND"
 
 
 @dataclass(frozen=True)
 class Operations:
-    """The four fused operations of one backend (signatures of :mod:`kldwrm_fast.ops.reference`) and its
-    batched eigensolver (:data:`kldwrm_fast.curvature.eigen.BatchedSolver`; None: ``torch.linalg.eigh``).
+    """The fused operations of one backend, by name (:data:`kldwrm_fast.ops.table.NAMES`; read as attributes,
+    ``ops.precondition(...)``, with the signatures of :mod:`kldwrm_fast.ops.reference`), and its batched
+    eigensolver (:data:`kldwrm_fast.curvature.eigen.BatchedSolver`; None: ``torch.linalg.eigh``).
 
     ``takes_unbatched``: the matrix operations also accept single blocks without a leading batch dimension
     (the PyTorch reference does; the kernels take a stacked batch).
     """
 
     backend: str
-    factor_update: Callable
-    precondition: Callable
-    q_precondition: Callable
-    ghat_recursion: Callable
+    functions: Mapping[str, Callable] = field(repr=False)
     eigh: Optional[Callable] = None
     takes_unbatched: bool = False
+
+    def __post_init__(self) -> None:
+        missing = set(NAMES) - set(self.functions)
+        if missing:
+            raise ValueError(f"backend {self.backend!r} lacks the operations {sorted(missing)}")
+
+    def __getattr__(self, name: str) -> Callable:
+        try:
+            return self.__dict__["functions"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _torch_reason(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _triton_reason(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return f"the 'triton' backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device}"
+
+
+def _cuda_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the 'cuda' backend runs on CUDA tensors only, and the parameters are on {device}"
+    if importlib.util.find_spec("kldwrm_fast._C") is None:
+        return "the CUDA extension kldwrm_fast._C was not built (see README, 'CUDA extension')"
+    return _cuda_extension_fault(str(device))
+
+
+def _torch_operations() -> Operations:
+    # The reference functions themselves: the registered kldwrm_fast::<op> wraps the same code, and its
+    # custom-op dispatch costs ~65 µs a call on CPU (measured), several per step; plain PyTorch code
+    # needs no opaque op to be traced by torch.compile.
+    return Operations("torch", {operation.name: operation.reference for operation in OPERATIONS}, takes_unbatched=True)
+
+
+def _triton_operations() -> Operations:
+    from kldwrm_fast.ops.triton_kernels import TRITON_OPS
+
+    return Operations("triton", TRITON_OPS)
+
+
+def _cuda_operations() -> Operations:
+    from kldwrm_fast.ops.cuda_ext import CUDA_OPS, eigh
+
+    return Operations("cuda", CUDA_OPS, eigh=eigh)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the operations: why it cannot run on a device (None: it can), and its ops."""
+
+    name: str
+    unavailable_reason: Callable[[torch.device], Optional[str]]
+    load: Callable[[], Operations]
+
+
+REGISTRY: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend("torch", _torch_reason, _torch_operations),
+        Backend("triton", _triton_reason, _triton_operations),
+        Backend("cuda", _cuda_reason, _cuda_operations),
+    )
+}
+"""The backends, by name. Adding one: an entry here (and in :data:`AUTO_ORDER` if ``"auto"`` may pick it)."""
+
+AUTO_ORDER = ("cuda", "triton")
+"""What ``backend="auto"`` tries on CUDA tensors, fastest first, before falling back to ``"torch"``."""
+
+IMPLEMENTATIONS: tuple[str, ...] = tuple(REGISTRY)
+BACKENDS: tuple[str, ...] = ("auto", *IMPLEMENTATIONS)
 
 
 def validate_backend(backend: str) -> str:
@@ -50,19 +122,7 @@ def validate_backend(backend: str) -> str:
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device``, or None when it can."""
-    if backend == "torch":
-        return None
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "Triton is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            return None
-        return f"the 'triton' backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), not on {device}"
-    if device.type != "cuda":
-        return f"the 'cuda' backend runs on CUDA tensors only, and the parameters are on {device}"
-    if importlib.util.find_spec("kldwrm_fast._C") is None:
-        return "the CUDA extension kldwrm_fast._C was not built (see README, 'CUDA extension')"
-    return _cuda_extension_fault(str(device))
+    return REGISTRY[backend].unavailable_reason(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +141,7 @@ def _cuda_extension_fault(device: str) -> Optional[str]:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``"torch"``, ``"triton"`` or ``"cuda"``) that will run on ``device``."""
+    """The concrete backend (one of :data:`IMPLEMENTATIONS`) that will run on ``device``."""
     validate_backend(backend)
     if backend == "auto":
         override = os.environ.get(ENV_OVERRIDE, "").strip()
@@ -92,7 +152,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 )
             return resolve_backend(override, device)
         if device.type == "cuda":
-            for candidate in ("cuda", "triton"):
+            for candidate in AUTO_ORDER:
                 if unavailable_reason(candidate, device) is None:
                     return candidate
         return "torch"
@@ -104,17 +164,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def operations(backend: str) -> Operations:
     """The registered operations of a resolved backend."""
-    if backend == "torch":
-        # The reference functions themselves: the registered kldwrm_fast::<op> wraps the same code, and its
-        # custom-op dispatch costs ~65 µs a call on CPU (measured), several per step; plain PyTorch code
-        # needs no opaque op to be traced by torch.compile.
-        return Operations(backend, **{name: getattr(reference, name) for name in REFERENCE_OPS}, takes_unbatched=True)
-    if backend == "triton":
-        from kldwrm_fast.ops.triton_kernels import TRITON_OPS
-
-        return Operations(backend, **TRITON_OPS)
-    if backend == "cuda":
-        from kldwrm_fast.ops.cuda_ext import CUDA_OPS, eigh
-
-        return Operations(backend, **CUDA_OPS, eigh=eigh)
-    raise RuntimeError(f"no operations are registered for backend {backend!r}")
+    if backend not in REGISTRY:
+        raise RuntimeError(f"no operations are registered for backend {backend!r}")
+    return REGISTRY[backend].load()

@@ -11,8 +11,10 @@ from kldwrm_fast.ops.triton_kernels.factor_update import factor_update
 from kldwrm_fast.ops.triton_kernels.ghat import ghat_recursion
 from kldwrm_fast.ops.triton_kernels.precondition import precondition, q_precondition
 
+SUFFIX = "_triton"
+
 TRITON_OPS = register(
-    "_triton",
+    SUFFIX,
     {
         "factor_update": factor_update,
         "precondition": precondition,
