@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
-from kldwrm_fast.optim import refresh
+from kldwrm_fast.curvature import estimator
 
 OPTIMIZERS = {"KFAC": KFAC, "SOKLDWRM": SOKLDWRM, "QKLDWRM": QKLDWRM, "QEKLDWRM": QEKLDWRM}
 LOCAL_BATCH, STEPS = 6, 7
@@ -56,13 +56,13 @@ def data_parallel(rank, world, port, name, extra, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     calls = []
-    original = refresh.decompose_many
+    original = estimator.decompose_many
 
     def recording(requests, *args):
         calls.extend(name for _, _, name in requests)
         return original(requests, *args)
 
-    refresh.decompose_many = recording
+    estimator.decompose_many = recording
     model = DistributedDataParallel(build_model())
     opt = make_optimizer(name, model, extra)
     train(model, opt, rank, world, shard=True)

@@ -31,13 +31,13 @@ from kldwrm_fast import distributed
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
+from kldwrm_fast.curvature.estimator import CurvatureEstimator, StepInfo
 from kldwrm_fast.ops import Operations, operations, resolve_backend
 from kldwrm_fast.optim.arguments import _check, validate_common
 from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
-from kldwrm_fast.optim.refresh import CurvatureRefresh, StepInfo
 
 
-class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer):
+class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     """Base class: builds the curvature from a model, runs the cadence, and applies a subclass's rule.
 
     ``model`` is an ``nn.Module`` (Kronecker blocks with capture hooks for its Linear/Conv2d layers) or a
@@ -63,7 +63,6 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
 
     _step_supports_amp_scaling = True
     check_numerics = True
-    pack_statistics = True  # data parallel: all-reduce only the upper triangles of the symmetric factors
 
     def __init__(
         self,
@@ -93,7 +92,7 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
         self.predictive = predictive
         self._requested_backend = backend
         self.backend = resolve_backend(backend, self.curvature.blocks[0].key.device)
-        self._ops: Operations = operations(self.backend)
+        ops = operations(self.backend)
         self._batches = BlockBatches(curvature.blocks)  # every block; subsets are cached in _batch_cache
         self._batch_cache: dict[tuple[int, ...], BlockBatches] = {}
         self._layout = self._parameter_layout()
@@ -103,7 +102,9 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
         self.skipped_steps = 0
         self._restart = False
         self._warned_plain: set[str] = set()
-        curvature.capture_due = self._statistics_due
+        self.estimator = CurvatureEstimator(
+            curvature, self.block_state, self._schedule, self.data_parallel, fisher, ops, type(self).__name__
+        )
         if curvature.other_params:
             names = ", ".join(name for name, _ in curvature.other_params)
             warnings.warn(
@@ -115,13 +116,24 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
             )
 
     @property
+    def _ops(self) -> Operations:
+        """The dispatched operations (the estimator's: one object for the step rules and the curvature)."""
+        return self.estimator.ops
+
+    @_ops.setter
+    def _ops(self, ops: Operations) -> None:
+        self.estimator.ops = ops
+
+    @property
     def global_state(self) -> dict:
         """``{"step": k, "lr_prev": lr_{k−1} or None, ...}``: steps taken and the previous step's lr."""
         return self.state[GLOBAL]
 
-    def _statistics_due(self) -> bool:
-        # The param group is the one source of the cadence: load_state_dict replaces it, and step() reads it.
-        return self.global_state["step"] % self.param_groups[0]["stat_freq"] == 0
+    def _schedule(self) -> tuple[int, int, int]:
+        """``(step k, stat_freq, inv_freq)``: the first param group is the one source of the cadence (the capture
+        hooks and ``step()`` read it through the estimator; ``load_state_dict`` replaces it)."""
+        group = self.param_groups[0]
+        return self.global_state["step"], group["stat_freq"], group["inv_freq"]
 
     def block_state(self, block: FactoredBlock) -> dict:
         """The per-block state (factors, eigendecomposition, recursion buffers)."""
@@ -203,11 +215,7 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
         self._follow_parameters()
         k = self.global_state["step"]
         blocks = self.curvature.blocks
-        stats_due = k % group["stat_freq"] == 0
-        inverse_due = k % group["inv_freq"] == 0
-        if stats_due and k > 0 and not any(block.has_statistics() for block in blocks):
-            # Nothing was captured (eval mode, no_grad forward): keep the averages and decompositions.
-            stats_due = inverse_due = False
+        stats_due, inverse_due = self.estimator.due()
         unscale = self._grad_unscale(stats_due)
         if self.check_numerics and not self._all_finite(self._checked_tensors(stats_due)):
             self._skip(f"NaN or Inf in the gradients or statistics of step {k}")
@@ -245,7 +253,7 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
         blocks = self.curvature.blocks
         with_grad = [i for i, block in enumerate(blocks) if any(p.grad is not None for p in block.params)]
         new = [i for i in with_grad if inverse_due and "QA" not in self.block_state(blocks[i])]
-        joining = self._joining(new, blocks)
+        joining = self.estimator.joining(new)
         indices, plain = [], []
         for index in with_grad:
             block = blocks[index]
@@ -262,16 +270,6 @@ class CurvatureOptimizer(CurvatureRefresh, Checkpointing, torch.optim.Optimizer)
                     stacklevel=3,
                 )
         return tuple(indices), plain
-
-    def _joining(self, candidates: list[int], blocks) -> set[int]:
-        """The ``candidates`` (blocks without curvature, on an inverse step) that captured statistics; under data
-        parallelism, those that did on every rank, so that all ranks agree (one small all-reduce, only while
-        some block has yet to join)."""
-        if not self.data_parallel.active or not candidates:
-            return {i for i in candidates if blocks[i].has_statistics()}
-        flags = torch.tensor([float(blocks[i].has_statistics()) for i in candidates], device=blocks[0].key.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-        return {i for i, flag in zip(candidates, flags.tolist()) if flag}
 
     def _skip(self, reason: str) -> None:
         self.skipped_steps += 1

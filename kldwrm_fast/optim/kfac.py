@@ -60,7 +60,7 @@ class KFAC(CurvatureOptimizer):
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
-        self._refresh_curvature(group, blocks, info, reweight=None)
+        self.estimator.refresh(blocks, info, group["rho"], reweight=None)
         states = [self.block_state(block) for block in blocks]
         directions = info.batches.precondition(self._ops, states, grads, group["damping"])
         nu = kl_clip_factor(directions, grads, lr, group["kl_clip"])

@@ -135,7 +135,7 @@ class QKLDWRM(CurvatureOptimizer):
         states = [self.block_state(block) for block in blocks]
         if info.inverse_due and self.global_state.get(BASIS) == EIGENBASIS:
             self._change_basis(PARAMETER_BASIS, info.indices)  # before its decomposition is replaced
-        self._refresh_curvature(group, blocks, info, reweight=(1.0 - rho) + lr)
+        self.estimator.refresh(blocks, info, rho, reweight=(1.0 - rho) + lr)
         in_eigenbasis = self.global_state.get(BASIS) == EIGENBASIS
         vs = info.batches.rotate(self._ops, states, grads) if in_eigenbasis else grads
         lr_prev = self.global_state["lr_prev"]
@@ -161,7 +161,7 @@ class QKLDWRM(CurvatureOptimizer):
         if in_eigenbasis:
             scales = [block.cached_reweight(lr) for block in blocks]
             steps, products = info.batches.q_cached_steps(self._ops, states, g_hats, damping, step_lr, scales)
-        elif not self.steps_without_inverse():
+        elif not self.estimator.steps_without_inverse():
             steps, products = info.batches.q_steps(self._ops, states, g_hats, damping, step_lr)
         else:
             steps, products = info.batches.q_steps(self._ops, states, g_hats, damping, step_lr, HAT_EIGEN_KEYS)
@@ -170,7 +170,7 @@ class QKLDWRM(CurvatureOptimizer):
                     del state[key]
         for state, product in zip(states, products):
             state["m"] = product
-        if info.inverse_due and self.steps_without_inverse():
+        if info.inverse_due and self.estimator.steps_without_inverse():
             self._change_basis(EIGENBASIS, info.indices)
         return steps
 

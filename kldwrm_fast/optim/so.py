@@ -44,7 +44,7 @@ class SOKLDWRM(CurvatureOptimizer):
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
-        self._refresh_curvature(group, blocks, info, reweight=None)
+        self.estimator.refresh(blocks, info, group["rho"], reweight=None)
         lr_prev = self.global_state["lr_prev"]
         states = [self.block_state(block) for block in blocks]
         # λ_k/λ_{k−1} = lr_{k−1}/lr_k is taken as 0 across a zero lr on either side: the recursion restarts.
