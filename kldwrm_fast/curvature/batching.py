@@ -14,11 +14,8 @@ import torch
 from torch import Tensor
 
 from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.curvature.state import EIGEN_KEYS, EIGENVECTOR_KEYS
 from kldwrm_fast.ops import Operations, reference
-
-EIGEN_KEYS = ("QG", "dG", "QA", "dA")
-HAT_EIGEN_KEYS = ("QG_hat", "dG_hat", "QA_hat", "dA_hat")
-AVERAGE_KEYS = ("G_ea", "A_ea")
 
 
 def _stacks(base: Tensor, members: list[Tensor]) -> bool:
@@ -85,7 +82,7 @@ class BlockBatches:
         batch = per_block[group[0]].unsqueeze(0) if len(group) == 1 else torch.stack([per_block[i] for i in group])
         return shared, batch, lambda result: result.unbind(0)
 
-    def _per_group(self, ops: Operations, states, keys: tuple, per_block: list[Tensor], compute) -> list[list]:
+    def per_group(self, ops: Operations, states, keys: tuple, per_block: list[Tensor], compute) -> list[list]:
         """``compute(group, *shared state tensors of keys, stacked per_block)`` for each group; its outputs (a
         tensor or a tuple of tensors) handed back per block: one list per output, aligned with the blocks."""
         outputs: list = []
@@ -102,38 +99,11 @@ class BlockBatches:
 
     def precondition(self, ops: Operations, states: list[dict], vs: list[Tensor], damping: float) -> list[Tensor]:
         """``P(V)`` for every block with its cached eigendecomposition."""
-        (out,) = self._per_group(ops, states, EIGEN_KEYS, vs, lambda _, *args: ops.precondition(*args, damping))
+        (out,) = self.per_group(ops, states, EIGEN_KEYS, vs, lambda _, *args: ops.precondition(*args, damping))
         return out
-
-    def q_steps(
-        self, ops: Operations, states: list[dict], g_hats: list[Tensor], damping: float, lr: float,
-        eigen_keys: tuple = EIGEN_KEYS,
-    ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
-        """``(S, M)`` of Q-KLD-WRM for every block: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``; the
-        decompositions of ``Â, Γ̂`` under ``eigen_keys``."""
-
-        def compute(_, q_out, d_out, q_in, d_in, ea_out, ea_in, batch):
-            return ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
-
-        steps, products = self._per_group(ops, states, eigen_keys + AVERAGE_KEYS, g_hats, compute)
-        return steps, products
 
     def rotate(self, ops: Operations, states: list[dict], vs: list[Tensor], inverse: bool = False) -> list[Tensor]:
         """``Q_Yᵀ V Q_X`` per block with its cached eigenvectors (``inverse``: ``Q_Y V Q_Xᵀ``)."""
-        (out,) = self._per_group(
-            ops, states, ("QG", "QA"), vs, lambda _, *args: (reference.unrotate if inverse else reference.rotate)(*args)
-        )
+        rotation = reference.unrotate if inverse else reference.rotate
+        (out,) = self.per_group(ops, states, EIGENVECTOR_KEYS, vs, lambda _, *args: rotation(*args))
         return out
-
-    def q_cached_steps(
-        self, ops: Operations, states: list[dict], rotated: list[Tensor], damping: float, lr: float,
-        scales: list[tuple[float, float]],
-    ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
-        """``(S, M̃)`` per block on a step without new statistics (:func:`kldwrm_fast.ops.reference.q_cached_step`,
-        ``rotated`` = ``Q_Yᵀ Ĝ Q_X``; ``scales`` per block, equal within a group)."""
-
-        def compute(group, *args):
-            return reference.q_cached_step(*args, damping, lr, *scales[group[0]])
-
-        steps, products = self._per_group(ops, states, EIGEN_KEYS, rotated, compute)
-        return steps, products

@@ -1,15 +1,9 @@
 """Curvature blocks: the unit on which the optimizers precondition (docs/algorithms.md §1–§2).
 
 A block owns some parameters, maps their gradients to a block-form matrix ``V`` (n_out × n_in) and holds
-Kronecker factors ``X`` (input side, n_in × n_in) and ``Y`` (output side, n_out × n_out) in the
-optimizer's per-block state. State keys written here:
-
-* ``"A"``, ``"G"``: the most recent local factors ``A_k``, ``Γ_k``.
-* ``"A_ea"``, ``"G_ea"``: the exponential averages ``Ā_k``, ``Γ̄_k`` (always current).
-* ``"QA"``, ``"dA"``, ``"QG"``, ``"dG"``: eigendecompositions from the most recent inverse step; stale
-  between inverse steps by design (``inv_freq``), of ``Ā, Γ̄`` (for Q with ``inv_freq == 1``: of ``Â, Γ̂``).
-* ``"QA_hat"``, ..., ``"dG_hat"``: Q's decompositions of ``Â, Γ̂`` during an inverse step followed by steps
-  without one (removed after the step).
+its Kronecker factors, the input factor ``A`` (n_in × n_in) and the output factor ``Γ`` (n_out × n_out,
+``G`` in keys), in the optimizer's per-block state, whose keys :class:`kldwrm_fast.curvature.state.BlockState`
+defines. Blocks write the local factors and the averages.
 
 :class:`KroneckerBlock` is one Linear/Conv2d layer. :class:`DenseBlock` is the exact oracle: any set of
 parameters with an explicit curvature matrix as ``X`` and a constant ``Y = [[1]]``, so that the same
@@ -24,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from kldwrm_fast.curvature import layers
+from kldwrm_fast.curvature.state import SIDES, BlockState, average_key
 from kldwrm_fast.ops import Operations, reference
 
-State = dict
+State = BlockState
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -103,15 +98,15 @@ class FactoredBlock:
         """A due step on which this block captured nothing: the averages stand in for the local factors, so they
         stay as they are and ``X̂ = (ρ + c) X̄`` (eq. (20)); return ``(Â, Γ̂)`` when ``reweight`` is given."""
         hats = {}
-        for side in ("A", "G"):
-            average = state[f"{side}_ea"]
+        for side in SIDES:
+            average = state[average_key(side)]
             state[side] = average.clone()
             hats[side] = average * (rho + reweight) if reweight is not None else None
         return None if reweight is None else self.reweighted_pair(state, hats)
 
     def fold_local(self, state: State, side: str, local: Tensor, rho: float, reweight: Optional[float]):
         """Fold an already computed (e.g. all-reduced) local factor of ``side``; return its ``X̂`` or None."""
-        ea_key = f"{side}_ea"
+        ea_key = average_key(side)
         first = ea_key not in state
         if first:
             state[ea_key] = torch.empty_like(local)
@@ -154,7 +149,7 @@ class FactoredBlock:
     @staticmethod
     def _fold(state: State, ops, side: str, x: Tensor, scale: float, rho: float, reweight):
         """Update ``side`` ("A" or "G"): local factor, average, and the reweighted factor when asked."""
-        ea_key = f"{side}_ea"
+        ea_key = average_key(side)
         first = ea_key not in state
         if first:
             state[ea_key] = x.new_zeros(x.shape[1], x.shape[1])

@@ -24,6 +24,7 @@ from kldwrm_fast.curvature.base import Curvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
 from kldwrm_fast.curvature.eigen import decompose_many
+from kldwrm_fast.curvature.state import INPUT, SIDES, average_key, eigen_keys
 from kldwrm_fast.ops import Operations
 
 
@@ -124,7 +125,8 @@ class CurvatureEstimator:
             requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
             failed: list[int] = []
             for (block, key, _), result in zip(factors, decompose_many(requests, self.ops.eigh, failed)):
-                self.state_of(block)[f"Q{key}"], self.state_of(block)[f"d{key}"] = result
+                vectors_key, values_key = eigen_keys(key)
+                self.state_of(block)[vectors_key], self.state_of(block)[values_key] = result
             self._restart_non_finite_averages({factors[i][0] for i in failed})
             info.batches.compact([self.state_of(block) for block in blocks])
 
@@ -133,11 +135,12 @@ class CurvatureEstimator:
         they grow again from the next statistics instead of staying infinite for good."""
         for block in blocks:
             state = self.state_of(block)
-            for key in ("A_ea", "G_ea"):
+            for side in SIDES:
+                key = average_key(side)
                 if not torch.isfinite(state[key]).all():
                     state[key].zero_()
                     warnings.warn(
-                        f"{self.owner}: the {'input' if key[0] == 'A' else 'output'} factor average of "
+                        f"{self.owner}: the {'input' if side == INPUT else 'output'} factor average of "
                         f"{block.name} overflowed; it restarts from zero with the next statistics",
                         RuntimeWarning,
                         stacklevel=6,
@@ -150,19 +153,20 @@ class CurvatureEstimator:
         ``"A"``/``"G"`` when every step is an inverse step, else under ``"A_hat"``/``"G_hat"`` (this step only)
         beside the averages under ``"A"``/``"G"`` for the steps that follow (docs/algorithms.md §2, eq. (20)).
         """
-        averages = [(block, "A", state["A_ea"]), (block, "G", state["G_ea"])]
+        averages = [(block, side, state[average_key(side)]) for side in SIDES]
         if hats is None:
             return averages
         if not self.steps_without_inverse():
-            return [(block, "A", hats[0]), (block, "G", hats[1])]
-        return [(block, "A_hat", hats[0]), (block, "G_hat", hats[1])] + averages
+            return list(zip((block, block), SIDES, hats))
+        return list(zip((block, block), (f"{side}_hat" for side in SIDES), hats)) + averages
 
     def _eigen_request(self, block, key: str, matrix: Tensor) -> tuple:
         """``(matrix, previous decomposition or None, name)`` for the eigendecomposition of one factor."""
         state = self.state_of(block)
         side = key[0]
-        previous = next(((state[f"Q{k}"], state[f"d{k}"]) for k in (key, side) if f"Q{k}" in state), None)
-        kind = f"{'reweighted ' if key.endswith('_hat') else ''}{'input' if side == 'A' else 'output'}"
+        stored = [eigen_keys(name) for name in (key, side) if eigen_keys(name)[0] in state]
+        previous = (state[stored[0][0]], state[stored[0][1]]) if stored else None
+        kind = f"{'reweighted ' if key.endswith('_hat') else ''}{'input' if side == INPUT else 'output'}"
         return matrix, previous, f"{kind} factor of {block.name}"
 
     def _local_factor(self, rows: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
@@ -179,7 +183,7 @@ class CurvatureEstimator:
         for block in blocks:
             if not block.has_statistics():  # its averages stand in (Note [which blocks take part])
                 state = self.state_of(block)
-                locals_ += [(block, side, state[f"{side}_ea"].clone()) for side in ("A", "G")]
+                locals_ += [(block, side, state[average_key(side)].clone()) for side in SIDES]
                 continue
             for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
                 locals_.append((block, side, self._local_factor(rows, scale, block.dtype)))
@@ -206,7 +210,7 @@ class CurvatureEstimator:
         decomposed = dict(zip(mine, decompose_many([self._eigen_request(*factors[i]) for i in mine], self.ops.eigh)))
         for index, ((block, key, matrix), owner) in enumerate(zip(factors, owners)):
             state = self.state_of(block)
-            keys = (f"Q{key}", f"d{key}")
+            keys = eigen_keys(key)
             if owner == rank:
                 vectors, values = decomposed[index]
             else:

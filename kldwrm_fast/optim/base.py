@@ -32,6 +32,7 @@ from kldwrm_fast.curvature import Curvature, KroneckerCurvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
 from kldwrm_fast.curvature.estimator import CurvatureEstimator, StepInfo
+from kldwrm_fast.curvature.state import has_curvature
 from kldwrm_fast.ops import Operations, operations, resolve_backend
 from kldwrm_fast.optim.arguments import _check, validate_common
 from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
@@ -252,12 +253,12 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         """
         blocks = self.curvature.blocks
         with_grad = [i for i, block in enumerate(blocks) if any(p.grad is not None for p in block.params)]
-        new = [i for i in with_grad if inverse_due and "QA" not in self.block_state(blocks[i])]
+        new = [i for i in with_grad if inverse_due and not has_curvature(self.block_state(blocks[i]))]
         joining = self.estimator.joining(new)
         indices, plain = [], []
         for index in with_grad:
             block = blocks[index]
-            if index in joining or "QA" in self.block_state(block):
+            if index in joining or has_curvature(self.block_state(block)):
                 indices.append(index)
                 continue
             plain.append(block)

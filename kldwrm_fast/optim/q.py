@@ -7,15 +7,45 @@ import warnings
 from typing import Optional, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kldwrm_fast.curvature import Curvature
-from kldwrm_fast.curvature.batching import HAT_EIGEN_KEYS
+from kldwrm_fast.curvature.batching import BlockBatches
+from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS
+from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.arguments import validate_positive_or_none
 from kldwrm_fast.optim.base import CurvatureOptimizer
 
 BASIS = "ghat_basis"
 EIGENBASIS, PARAMETER_BASIS = "eigen", "parameter"
+
+
+def q_steps(
+    batches: BlockBatches, ops: Operations, states: list[dict], g_hats: list[Tensor], damping: float, lr: float,
+    eigen_keys: tuple = EIGEN_KEYS,
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """``(S, M)`` per block, a batched call per group: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``; the decompositions
+    of ``Â, Γ̂`` under ``eigen_keys``."""
+
+    def compute(_, q_out, d_out, q_in, d_in, ea_out, ea_in, batch):
+        return ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
+
+    steps, products = batches.per_group(ops, states, eigen_keys + AVERAGE_KEYS, g_hats, compute)
+    return steps, products
+
+
+def q_cached_steps(
+    batches: BlockBatches, ops: Operations, states: list[dict], rotated: list[Tensor], damping: float, lr: float,
+    scales: list[tuple[float, float]],
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """``(S, M̃)`` per block on a step without new statistics (:func:`kldwrm_fast.ops.reference.q_cached_step`,
+    ``rotated`` = ``Q_Yᵀ Ĝ Q_X``; ``scales`` per block, equal within a group)."""
+
+    def compute(group, *args):
+        return reference.q_cached_step(*args, damping, lr, *scales[group[0]])
+
+    steps, products = batches.per_group(ops, states, EIGEN_KEYS, rotated, compute)
+    return steps, products
 
 
 class QKLDWRM(CurvatureOptimizer):
@@ -160,11 +190,11 @@ class QKLDWRM(CurvatureOptimizer):
         step_lr = lr if lr > 0 else 1.0  # lr = 0: S/(−lr) and M are computed with lr 1; S is not applied
         if in_eigenbasis:
             scales = [block.cached_reweight(lr) for block in blocks]
-            steps, products = info.batches.q_cached_steps(self._ops, states, g_hats, damping, step_lr, scales)
+            steps, products = q_cached_steps(info.batches, self._ops, states, g_hats, damping, step_lr, scales)
         elif not self.estimator.steps_without_inverse():
-            steps, products = info.batches.q_steps(self._ops, states, g_hats, damping, step_lr)
+            steps, products = q_steps(info.batches, self._ops, states, g_hats, damping, step_lr)
         else:
-            steps, products = info.batches.q_steps(self._ops, states, g_hats, damping, step_lr, HAT_EIGEN_KEYS)
+            steps, products = q_steps(info.batches, self._ops, states, g_hats, damping, step_lr, HAT_EIGEN_KEYS)
             for state in states:
                 for key in HAT_EIGEN_KEYS:
                     del state[key]

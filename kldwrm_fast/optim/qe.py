@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
 from kldwrm_fast import distributed
+from kldwrm_fast.curvature.state import SIDES, average_key
 from kldwrm_fast.optim.arguments import _check, _is_int
 from kldwrm_fast.optim.q import QKLDWRM
 from kldwrm_fast.optim.wake import WakeObjective, stored_outputs
@@ -151,7 +152,7 @@ class QEKLDWRM(QKLDWRM):
         entries = self.snapshots()
         weights = [(1.0 / lr) * group["kl_scale"] * (1.0 if i == 0 else 1.0 - rho) * rho ** (k - i) for i, _ in entries]
         targets = stored_outputs(self._network, self._snapshot_names, [values for _, values in entries], self._inputs)
-        keys = ("A", "G") if fresh else ("A_ea", "G_ea")
+        keys = SIDES if fresh else tuple(average_key(side) for side in SIDES)
         factors = [(self.block_state(b)[keys[0]], self.block_state(b)[keys[1]]) for b in blocks]
         reduce = distributed.average_ if self.data_parallel.active else None
         return WakeObjective(
