@@ -117,10 +117,10 @@ def cases(device, smoke: bool):
     for batch, n_out, n_in in shapes:
 
         def build_p(batch=batch, n_out=n_out, n_in=n_in):
-            q_out, d_out = eigh(spd(batch, n_out, device))
-            q_in, d_in = eigh(spd(batch, n_in, device))
+            q_g, d_g = eigh(spd(batch, n_out, device))
+            q_a, d_a = eigh(spd(batch, n_in, device))
             v = torch.randn(batch, n_out, n_in, device=device)
-            return q_out, d_out, q_in, d_in, v
+            return q_g, d_g, q_a, d_a, v
 
         label = f"{batch}x({n_out}x{n_in})"
         gemm = 2 * batch * (n_out * n_out * n_in + n_out * n_in * n_in)
@@ -128,8 +128,8 @@ def cases(device, smoke: bool):
         yield "precondition", label, lambda b=build_p: (*b(), 0.01), 4 * elements, 2 * gemm
 
         def build_q(b=build_p, batch=batch, n_out=n_out, n_in=n_in):
-            q_out, d_out, q_in, d_in, g_hat = b()
-            return q_out, d_out, q_in, d_in, g_hat, 0.01, 0.01, spd(batch, n_out, device), spd(batch, n_in, device)
+            q_g, d_g, q_a, d_a, g_hat = b()
+            return q_g, d_g, q_a, d_a, g_hat, 0.01, 0.01, spd(batch, n_out, device), spd(batch, n_in, device)
 
         extra = batch * (n_out * n_out + n_in * n_in + n_out * n_in)
         yield "q_precondition", label, build_q, 4 * (elements + extra), 3 * gemm

@@ -59,11 +59,11 @@ def test_factor_update(benchmark, backend, n):
 def test_precondition(benchmark, backend, shape):
     batch, n_out, n_in = shape
     ops = operations(backend)
-    d_out, q_out = torch.linalg.eigh(spd(batch, n_out))
-    d_in, q_in = torch.linalg.eigh(spd(batch, n_in))
+    d_g, q_g = torch.linalg.eigh(spd(batch, n_out))
+    d_a, q_a = torch.linalg.eigh(spd(batch, n_in))
     v = torch.randn(batch, n_out, n_in, device=DEVICE)
     benchmark.group = "precondition"
-    run(benchmark, lambda: ops.precondition(q_out, d_out, q_in, d_in, v, 0.01))
+    run(benchmark, lambda: ops.precondition(q_g, d_g, q_a, d_a, v, 0.01))
     elements = batch * (n_out * n_out + n_in * n_in + 2 * n_out * n_in)
     report(benchmark, 4 * elements, 4 * batch * (n_out * n_out * n_in + n_out * n_in * n_in))
 

@@ -85,21 +85,21 @@ at::Tensor product(const at::Tensor& a, bool transpose_a, const at::Tensor& b, b
   return out;
 }
 
-// Q_Y [(Q_Yᵀ V Q_X) ⊘ (d_Y d_Xᵀ + δ)] Q_Xᵀ · alpha, all (batch, ., .).
+// Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + δ)] Q_Aᵀ · alpha, all (batch, ., .).
 template <typename T>
-at::Tensor precondition_batched(const at::Tensor& q_out, const at::Tensor& d_out, const at::Tensor& q_in,
-                                const at::Tensor& d_in, const at::Tensor& v, T damping, T alpha) {
+at::Tensor precondition_batched(const at::Tensor& q_g, const at::Tensor& d_g, const at::Tensor& q_a,
+                                const at::Tensor& d_a, const at::Tensor& v, T damping, T alpha) {
   // The epilogue indexes eigenvalues with unit stride within a block.
-  const at::Tensor d_row = d_out.contiguous(), d_col = d_in.contiguous();
-  const at::Tensor rotated = product<T>(q_out, true, v, false, T(1));
-  const at::Tensor scaled = product<T>(rotated, false, q_in, false, T(1), &d_row, &d_col, damping);
-  const at::Tensor back = product<T>(q_out, false, scaled, false, T(1));
-  return product<T>(back, false, q_in, true, alpha);
+  const at::Tensor d_row = d_g.contiguous(), d_col = d_a.contiguous();
+  const at::Tensor rotated = product<T>(q_g, true, v, false, T(1));
+  const at::Tensor scaled = product<T>(rotated, false, q_a, false, T(1), &d_row, &d_col, damping);
+  const at::Tensor back = product<T>(q_g, false, scaled, false, T(1));
+  return product<T>(back, false, q_a, true, alpha);
 }
 
 // Checks shared by precondition and q_precondition; returns whether the inputs carry a batch dimension.
-bool check_precondition_inputs(const char* op, const at::Tensor& q_out, const at::Tensor& d_out,
-                               const at::Tensor& q_in, const at::Tensor& d_in, const at::Tensor& v,
+bool check_precondition_inputs(const char* op, const at::Tensor& q_g, const at::Tensor& d_g,
+                               const at::Tensor& q_a, const at::Tensor& d_a, const at::Tensor& v,
                                const char* v_name) {
   check_cuda(op, v_name, v);
   check_floating(op, v_name, v);
@@ -114,16 +114,16 @@ bool check_precondition_inputs(const char* op, const at::Tensor& q_out, const at
     shape.insert(shape.end(), tail);
     return shape;
   };
-  const std::pair<const char*, const at::Tensor*> named[] = {{"q_out", &q_out}, {"d_out", &d_out}, {"q_in", &q_in},
-                                                              {"d_in", &d_in}};
+  const std::pair<const char*, const at::Tensor*> named[] = {{"q_g", &q_g}, {"d_g", &d_g}, {"q_a", &q_a},
+                                                              {"d_a", &d_a}};
   for (const auto& [name, tensor] : named) {
     check_on(op, name, *tensor, v.device());
     check_dtype(op, name, *tensor, v.scalar_type());
   }
-  check_shape(op, "q_out", q_out, with({n_out, n_out}));
-  check_shape(op, "d_out", d_out, with({n_out}));
-  check_shape(op, "q_in", q_in, with({n_in, n_in}));
-  check_shape(op, "d_in", d_in, with({n_in}));
+  check_shape(op, "q_g", q_g, with({n_out, n_out}));
+  check_shape(op, "d_g", d_g, with({n_out}));
+  check_shape(op, "q_a", q_a, with({n_in, n_in}));
+  check_shape(op, "d_a", d_a, with({n_in}));
   return batched;
 }
 
@@ -244,43 +244,43 @@ at::Tensor factor_update_cuda(const at::Tensor& x, at::Tensor& ea, at::Tensor& r
   return local;
 }
 
-at::Tensor precondition_cuda(const at::Tensor& q_out, const at::Tensor& d_out, const at::Tensor& q_in,
-                             const at::Tensor& d_in, const at::Tensor& v, double damping) {
+at::Tensor precondition_cuda(const at::Tensor& q_g, const at::Tensor& d_g, const at::Tensor& q_a,
+                             const at::Tensor& d_a, const at::Tensor& v, double damping) {
   constexpr const char* op = "precondition_cuda";
-  const bool batched = check_precondition_inputs(op, q_out, d_out, q_in, d_in, v, "v");
+  const bool batched = check_precondition_inputs(op, q_g, d_g, q_a, d_a, v, "v");
   TORCH_CHECK(damping >= 0.0, op, ": damping must be >= 0, got ", damping);
   const c10::cuda::CUDAGuard guard(v.device());
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), op, [&] {
-    result = precondition_batched<scalar_t>(batch_of(q_out, batched), batch_of(d_out, batched),
-                                            batch_of(q_in, batched), batch_of(d_in, batched), batch_of(v, batched),
+    result = precondition_batched<scalar_t>(batch_of(q_g, batched), batch_of(d_g, batched),
+                                            batch_of(q_a, batched), batch_of(d_a, batched), batch_of(v, batched),
                                             static_cast<scalar_t>(damping), scalar_t(1));
   });
   return batched ? result : result.squeeze(0);
 }
 
-std::tuple<at::Tensor, at::Tensor> q_precondition_cuda(const at::Tensor& q_out, const at::Tensor& d_out,
-                                                       const at::Tensor& q_in, const at::Tensor& d_in,
+std::tuple<at::Tensor, at::Tensor> q_precondition_cuda(const at::Tensor& q_g, const at::Tensor& d_g,
+                                                       const at::Tensor& q_a, const at::Tensor& d_a,
                                                        const at::Tensor& g_hat, double damping, double lr,
-                                                       const at::Tensor& ea_out, const at::Tensor& ea_in) {
+                                                       const at::Tensor& ea_g, const at::Tensor& ea_a) {
   constexpr const char* op = "q_precondition_cuda";
-  const bool batched = check_precondition_inputs(op, q_out, d_out, q_in, d_in, g_hat, "g_hat");
+  const bool batched = check_precondition_inputs(op, q_g, d_g, q_a, d_a, g_hat, "g_hat");
   TORCH_CHECK(damping >= 0.0, op, ": damping must be >= 0, got ", damping);
   TORCH_CHECK(lr > 0.0, op, ": lr must be > 0, got ", lr);
-  check_on(op, "ea_out", ea_out, g_hat.device());
-  check_on(op, "ea_in", ea_in, g_hat.device());
-  check_dtype(op, "ea_out", ea_out, g_hat.scalar_type());
-  check_dtype(op, "ea_in", ea_in, g_hat.scalar_type());
-  check_shape(op, "ea_out", ea_out, q_out.sizes());
-  check_shape(op, "ea_in", ea_in, q_in.sizes());
+  check_on(op, "ea_g", ea_g, g_hat.device());
+  check_on(op, "ea_a", ea_a, g_hat.device());
+  check_dtype(op, "ea_g", ea_g, g_hat.scalar_type());
+  check_dtype(op, "ea_a", ea_a, g_hat.scalar_type());
+  check_shape(op, "ea_g", ea_g, q_g.sizes());
+  check_shape(op, "ea_a", ea_a, q_a.sizes());
   const c10::cuda::CUDAGuard guard(g_hat.device());
   at::Tensor step, curvature;
   AT_DISPATCH_FLOATING_TYPES(g_hat.scalar_type(), op, [&] {
-    step = precondition_batched<scalar_t>(batch_of(q_out, batched), batch_of(d_out, batched),
-                                          batch_of(q_in, batched), batch_of(d_in, batched), batch_of(g_hat, batched),
+    step = precondition_batched<scalar_t>(batch_of(q_g, batched), batch_of(d_g, batched),
+                                          batch_of(q_a, batched), batch_of(d_a, batched), batch_of(g_hat, batched),
                                           static_cast<scalar_t>(damping), static_cast<scalar_t>(-lr));
-    const at::Tensor left = product<scalar_t>(batch_of(ea_out, batched), false, step, false, scalar_t(1));
-    curvature = product<scalar_t>(left, false, batch_of(ea_in, batched), false, static_cast<scalar_t>(-1.0 / lr));
+    const at::Tensor left = product<scalar_t>(batch_of(ea_g, batched), false, step, false, scalar_t(1));
+    curvature = product<scalar_t>(left, false, batch_of(ea_a, batched), false, static_cast<scalar_t>(-1.0 / lr));
   });
   if (!batched) return {step.squeeze(0), curvature.squeeze(0)};
   return {step, curvature};

@@ -12,13 +12,13 @@ namespace kldwrm {
 at::Tensor factor_update_cuda(const at::Tensor& x, at::Tensor& ea, at::Tensor& reweighted, double scale, double rho,
                               double reweight, bool first, bool with_reweighted);
 
-at::Tensor precondition_cuda(const at::Tensor& q_out, const at::Tensor& d_out, const at::Tensor& q_in,
-                             const at::Tensor& d_in, const at::Tensor& v, double damping);
+at::Tensor precondition_cuda(const at::Tensor& q_g, const at::Tensor& d_g, const at::Tensor& q_a,
+                             const at::Tensor& d_a, const at::Tensor& v, double damping);
 
-std::tuple<at::Tensor, at::Tensor> q_precondition_cuda(const at::Tensor& q_out, const at::Tensor& d_out,
-                                                       const at::Tensor& q_in, const at::Tensor& d_in,
+std::tuple<at::Tensor, at::Tensor> q_precondition_cuda(const at::Tensor& q_g, const at::Tensor& d_g,
+                                                       const at::Tensor& q_a, const at::Tensor& d_a,
                                                        const at::Tensor& g_hat, double damping, double lr,
-                                                       const at::Tensor& ea_out, const at::Tensor& ea_in);
+                                                       const at::Tensor& ea_g, const at::Tensor& ea_a);
 
 void ghat_recursion_cuda(at::TensorList v_new, at::TensorList g_hat, at::TensorList v_prev, at::TensorList m,
                          double coef);

@@ -10,10 +10,10 @@ TORCH_LIBRARY_FRAGMENT(kldwrm_fast, m) {
   m.def(
       "factor_update_cuda(Tensor x, Tensor(a1!) ea, Tensor(a2!) reweighted, float scale, float rho, float reweight, "
       "bool first, bool with_reweighted) -> Tensor");
-  m.def("precondition_cuda(Tensor q_out, Tensor d_out, Tensor q_in, Tensor d_in, Tensor v, float damping) -> Tensor");
+  m.def("precondition_cuda(Tensor q_g, Tensor d_g, Tensor q_a, Tensor d_a, Tensor v, float damping) -> Tensor");
   m.def(
-      "q_precondition_cuda(Tensor q_out, Tensor d_out, Tensor q_in, Tensor d_in, Tensor g_hat, float damping, "
-      "float lr, Tensor ea_out, Tensor ea_in) -> (Tensor, Tensor)");
+      "q_precondition_cuda(Tensor q_g, Tensor d_g, Tensor q_a, Tensor d_a, Tensor g_hat, float damping, "
+      "float lr, Tensor ea_g, Tensor ea_a) -> (Tensor, Tensor)");
   m.def(
       "ghat_recursion_cuda(Tensor[] v_new, Tensor(a1!)[] g_hat, Tensor(a2!)[] v_prev, Tensor[] m, float coef) -> ()");
   m.def("eigh_cuda(Tensor matrix) -> (Tensor eigenvalues, Tensor eigenvectors, Tensor info)");

@@ -130,7 +130,7 @@ struct ScaleEpilogue {
   }
 };
 
-// C = alpha * (A @ B) / (d_row[i] * d_col[j] + damping): the damped eigenvalue division of P_{X,Y}.
+// C = alpha * (A @ B) / (d_row[i] * d_col[j] + damping): the damped eigenvalue division of P_{A,G}.
 // d_row is (batch, m) and d_col (batch, n), each with its own batch stride.
 template <typename T>
 struct DampedDivideEpilogue {

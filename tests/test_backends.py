@@ -87,9 +87,9 @@ def test_a_lone_block_is_passed_unbatched_only_to_a_backend_that_takes_it(backen
     opt = KFAC(model, stat_freq=1, inv_freq=1, backend="torch")
     seen = {}
 
-    def spy(q_out, d_out, q_in, d_in, v, damping):
+    def spy(q_g, d_g, q_a, d_a, v, damping):
         seen.setdefault(v.shape[-2:], set()).add(v.dim())
-        return reference.precondition(q_out, d_out, q_in, d_in, v, damping)
+        return reference.precondition(q_g, d_g, q_a, d_a, v, damping)
 
     opt._ops = dataclasses.replace(
         opt._ops, functions={**opt._ops.functions, "precondition": spy}, takes_unbatched=backend == "torch"

@@ -108,19 +108,19 @@ def test_damped_division_epilogue(lib):
 
 @pytest.mark.parametrize("n_out, n_in", [(1, 1), (3, 5), (65, 17), (10, 129)])
 def test_precondition_chain_matches_reference(lib, n_out, n_in):
-    """The four products of csrc/kernels.cu's precondition_batched (Q_Yᵀ V, ⊘ fused, Q_Y ·, · Q_Xᵀ)."""
+    """The four products of csrc/kernels.cu's precondition_batched (Q_Γᵀ V, ⊘ fused, Q_Γ ·, · Q_Aᵀ)."""
     g = torch.Generator().manual_seed(n_out + n_in)
-    q_out = torch.linalg.qr(torch.randn(2, n_out, n_out, generator=g, dtype=torch.float64))[0]
-    q_in = torch.linalg.qr(torch.randn(2, n_in, n_in, generator=g, dtype=torch.float64))[0]
-    d_out, d_in = (
+    q_g = torch.linalg.qr(torch.randn(2, n_out, n_out, generator=g, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(2, n_in, n_in, generator=g, dtype=torch.float64))[0]
+    d_g, d_a = (
         torch.rand(2, n_out, generator=g, dtype=torch.float64),
         torch.rand(2, n_in, generator=g, dtype=torch.float64),
     )
     v = torch.randn(2, n_out, n_in, generator=g, dtype=torch.float64)
-    rotated = product(lib, q_out.mT, v)
-    scaled = product(lib, rotated, q_in, divide=(d_out, d_in), damping=0.01)
-    result = product(lib, product(lib, q_out, scaled), q_in.mT, alpha=-0.1)
-    expected = -0.1 * reference.precondition(q_out, d_out, q_in, d_in, v, 0.01)
+    rotated = product(lib, q_g.mT, v)
+    scaled = product(lib, rotated, q_a, divide=(d_g, d_a), damping=0.01)
+    result = product(lib, product(lib, q_g, scaled), q_a.mT, alpha=-0.1)
+    expected = -0.1 * reference.precondition(q_g, d_g, q_a, d_a, v, 0.01)
     torch.testing.assert_close(result, expected, rtol=1e-11, atol=1e-12)
 
 

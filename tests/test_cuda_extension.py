@@ -53,15 +53,15 @@ def test_extension_registers_every_operation_for_cuda_with_the_reference_schema(
 
 def test_fake_implementations_give_shapes_without_running(cuda_ext):
     meta = dict(device="meta")
-    q_out, d_out, q_in, d_in = (
+    q_g, d_g, q_a, d_a = (
         torch.empty(3, 5, 5, **meta),
         torch.empty(3, 5, **meta),
         torch.empty(3, 7, 7, **meta),
         torch.empty(3, 7, **meta),
     )
     v = torch.empty(3, 5, 7, **meta)
-    assert cuda_ext.CUDA_OPS["precondition"](q_out, d_out, q_in, d_in, v, 0.1).shape == (3, 5, 7)
-    step, product = cuda_ext.CUDA_OPS["q_precondition"](q_out, d_out, q_in, d_in, v, 0.1, 0.5, q_out, q_in)
+    assert cuda_ext.CUDA_OPS["precondition"](q_g, d_g, q_a, d_a, v, 0.1).shape == (3, 5, 7)
+    step, product = cuda_ext.CUDA_OPS["q_precondition"](q_g, d_g, q_a, d_a, v, 0.1, 0.5, q_g, q_a)
     assert step.shape == product.shape == (3, 5, 7)
     values, vectors, info = cuda_ext.eigh(torch.empty(4, 6, 6, **meta))
     assert values.shape == (4, 6) and vectors.shape == (4, 6, 6) and info.shape == (4,) and info.dtype == torch.int32
@@ -118,30 +118,30 @@ def test_factor_update_matches_reference(cuda_ext, dtype, rows, n, first, with_r
 def _eigen_inputs(batch, n_out, n_in, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (batch,) if batch else ()
-    q_out = torch.linalg.qr(torch.randn(*shape, n_out, n_out, generator=g, dtype=torch.float64))[0].to(dtype)
-    q_in = torch.linalg.qr(torch.randn(*shape, n_in, n_in, generator=g, dtype=torch.float64))[0].to(dtype)
-    d_out, d_in = (
+    q_g = torch.linalg.qr(torch.randn(*shape, n_out, n_out, generator=g, dtype=torch.float64))[0].to(dtype)
+    q_a = torch.linalg.qr(torch.randn(*shape, n_in, n_in, generator=g, dtype=torch.float64))[0].to(dtype)
+    d_g, d_a = (
         torch.rand(*shape, n_out, generator=g, dtype=dtype),
         torch.rand(*shape, n_in, generator=g, dtype=dtype),
     )
     v = torch.randn(*shape, n_out, n_in, generator=g, dtype=dtype)
-    ea_out, ea_in = (
+    ea_g, ea_a = (
         torch.randn(*shape, n_out, n_out, generator=g, dtype=dtype),
         torch.randn(*shape, n_in, n_in, generator=g, dtype=dtype),
     )
-    return q_out, d_out, q_in, d_in, v, ea_out, ea_in
+    return q_g, d_g, q_a, d_a, v, ea_g, ea_a
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch, n_out, n_in", [(0, 1, 1), (0, 10, 785), (3, 65, 17), (2, 129, 130)])
 def test_precondition_and_q_precondition_match_reference(cuda_ext, dtype, batch, n_out, n_in):
-    q_out, d_out, q_in, d_in, v, ea_out, ea_in = _eigen_inputs(batch, n_out, n_in, dtype, n_out + n_in)
-    inputs = _cuda(q_out, d_out, q_in, d_in, v)
-    expected = reference.precondition(q_out, d_out, q_in, d_in, v, 0.01)
+    q_g, d_g, q_a, d_a, v, ea_g, ea_a = _eigen_inputs(batch, n_out, n_in, dtype, n_out + n_in)
+    inputs = _cuda(q_g, d_g, q_a, d_a, v)
+    expected = reference.precondition(q_g, d_g, q_a, d_a, v, 0.01)
     torch.testing.assert_close(cuda_ext.CUDA_OPS["precondition"](*inputs, 0.01).cpu(), expected, **_tolerance(dtype))
-    step_ref, product_ref = reference.q_precondition(q_out, d_out, q_in, d_in, v, 0.01, 0.3, ea_out, ea_in)
-    step, product = cuda_ext.CUDA_OPS["q_precondition"](*inputs, 0.01, 0.3, *_cuda(ea_out, ea_in))
+    step_ref, product_ref = reference.q_precondition(q_g, d_g, q_a, d_a, v, 0.01, 0.3, ea_g, ea_a)
+    step, product = cuda_ext.CUDA_OPS["q_precondition"](*inputs, 0.01, 0.3, *_cuda(ea_g, ea_a))
     torch.testing.assert_close(step.cpu(), step_ref, **_tolerance(dtype))
     torch.testing.assert_close(product.cpu(), product_ref, **_tolerance(dtype))
 
@@ -173,9 +173,9 @@ def test_argument_errors_name_the_tensor(cuda_ext):
     with pytest.raises(RuntimeError, match="ea must be contiguous"):
         cuda_ext.CUDA_OPS["factor_update"](x, ea, ea, 0.2, 0.9, 1.0, True, False)
     q, d, v = torch.eye(3, device="cuda"), torch.ones(3, device="cuda"), torch.ones(3, 4, device="cuda")
-    with pytest.raises(RuntimeError, match=r"q_in must have shape \[4, 4\]"):
+    with pytest.raises(RuntimeError, match=r"q_a must have shape \[4, 4\]"):
         cuda_ext.CUDA_OPS["precondition"](q, d, q, d, v, 0.1)
-    with pytest.raises(RuntimeError, match="d_out must have dtype"):
+    with pytest.raises(RuntimeError, match="d_g must have dtype"):
         cuda_ext.CUDA_OPS["precondition"](q, d.double(), q, d, torch.ones(3, 3, device="cuda"), 0.1)
 
 
@@ -224,14 +224,14 @@ def test_cuda_backend_follows_the_torch_trajectory(cuda_ext, cls, dtype):
 
 @pytest.mark.gpu
 def test_opcheck_passes_for_every_cuda_operation(cuda_ext):
-    q_out, d_out, q_in, d_in, v, ea_out, ea_in = _cuda(*_eigen_inputs(2, 5, 7, torch.float32, 0))
+    q_g, d_g, q_a, d_a, v, ea_g, ea_a = _cuda(*_eigen_inputs(2, 5, 7, torch.float32, 0))
     x, ea = torch.randn(9, 7, device="cuda"), torch.eye(7, device="cuda")
     samples = {
         "factor_update": (x, ea, torch.empty_like(ea), 1 / 9, 0.9, 1.1, False, True),
-        "precondition": (q_out, d_out, q_in, d_in, v, 0.1),
-        "q_precondition": (q_out, d_out, q_in, d_in, v, 0.1, 0.5, ea_out, ea_in),
+        "precondition": (q_g, d_g, q_a, d_a, v, 0.1),
+        "q_precondition": (q_g, d_g, q_a, d_a, v, 0.1, 0.5, ea_g, ea_a),
         "ghat_recursion": ([v[0].clone()], [v[1].clone()], [v[0].clone()], [v[1].clone()], 0.5),
     }
     for name, args in samples.items():
         torch.library.opcheck(cuda_ext.CUDA_OPS[name], args)
-    torch.library.opcheck(torch.ops.kldwrm_fast.eigh_cuda.default, (ea_out @ ea_out.mT,))
+    torch.library.opcheck(torch.ops.kldwrm_fast.eigh_cuda.default, (ea_g @ ea_g.mT,))

@@ -57,12 +57,12 @@ def test_float64_kernels_are_accurate_to_float64(backend):
     expected = reference.factor_update(x, ea_ref, hat_ref, 1 / 3, 0.95, 0.0501, False, True)
     for ours, ref in ((local, expected), (ea, ea_ref), (hat, hat_ref)):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    q_out, d_out = torch.linalg.eigh(ea_ref[:40, :40])[::-1]
-    q_in, d_in = torch.linalg.eigh(ea_ref)[::-1]
+    q_g, d_g = torch.linalg.eigh(ea_ref[:40, :40])[::-1]
+    q_a, d_a = torch.linalg.eigh(ea_ref)[::-1]
     v = torch.randn(40, 70, dtype=torch.float64, device="cuda", generator=g)
     torch.testing.assert_close(
-        ops.precondition(q_out, d_out, q_in, d_in, v, 0.0123),
-        reference.precondition(q_out, d_out, q_in, d_in, v, 0.0123),
+        ops.precondition(q_g, d_g, q_a, d_a, v, 0.0123),
+        reference.precondition(q_g, d_g, q_a, d_a, v, 0.0123),
         rtol=1e-12,
         atol=1e-12,
     )

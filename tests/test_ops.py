@@ -37,10 +37,10 @@ def eig(matrix):
 
 
 def preconditioner_inputs(n_out, n_in, dtype, batch=()):
-    q_out, d_out = eig(spd(n_out, dtype, batch))
-    q_in, d_in = eig(spd(n_in, dtype, batch))
+    q_g, d_g = eig(spd(n_out, dtype, batch))
+    q_a, d_a = eig(spd(n_in, dtype, batch))
     v = torch.randn(*batch, n_out, n_in, dtype=dtype, device=DEVICE)
-    return q_out, d_out, q_in, d_in, v
+    return q_g, d_g, q_a, d_a, v
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -74,9 +74,9 @@ def test_precondition_matches_reference(dtype, n_out, n_in, batch):
 @pytest.mark.parametrize("n_out,n_in", [(1, 3), (17, 1), (3, 33)])
 @pytest.mark.parametrize("batch", [(), (2,)], ids=["single", "batch2"])
 def test_q_precondition_matches_reference(dtype, n_out, n_in, batch):
-    q_out, d_out, q_in, d_in, g_hat = preconditioner_inputs(n_out, n_in, dtype, batch)
-    ea_out, ea_in = spd(n_out, dtype, batch), spd(n_in, dtype, batch)
-    args = (q_out, d_out, q_in, d_in, g_hat, 0.02, 0.1, ea_out, ea_in)
+    q_g, d_g, q_a, d_a, g_hat = preconditioner_inputs(n_out, n_in, dtype, batch)
+    ea_g, ea_a = spd(n_out, dtype, batch), spd(n_in, dtype, batch)
+    args = (q_g, d_g, q_a, d_a, g_hat, 0.02, 0.1, ea_g, ea_a)
     for ours, ref in zip(TRITON_OPS["q_precondition"](*args), REFERENCE_OPS["q_precondition"](*args)):
         torch.testing.assert_close(ours, ref, **TOLERANCE[dtype])
 
@@ -100,13 +100,13 @@ def test_ghat_recursion_matches_reference(dtype):
 def opcheck_cases():
     dtype = torch.float64
     x, ea = torch.randn(7, 3, dtype=dtype, device=DEVICE), spd(3, dtype)
-    q_out, d_out, q_in, d_in, v = preconditioner_inputs(2, 3, dtype, (2,))
-    ea_out, ea_in = spd(2, dtype, (2,)), spd(3, dtype, (2,))
+    q_g, d_g, q_a, d_a, v = preconditioner_inputs(2, 3, dtype, (2,))
+    ea_g, ea_a = spd(2, dtype, (2,)), spd(3, dtype, (2,))
     lists = [[torch.randn(2, 3, dtype=dtype, device=DEVICE) for _ in range(2)] for _ in range(4)]
     return {
         "factor_update": (x, ea, torch.empty_like(ea), 0.5, 0.9, 1.1, False, True),
-        "precondition": (q_out, d_out, q_in, d_in, v, 0.01),
-        "q_precondition": (q_out, d_out, q_in, d_in, v, 0.01, 0.1, ea_out, ea_in),
+        "precondition": (q_g, d_g, q_a, d_a, v, 0.01),
+        "q_precondition": (q_g, d_g, q_a, d_a, v, 0.01, 0.1, ea_g, ea_a),
         "ghat_recursion": (*lists[:3], lists[3], 0.5),
     }
 

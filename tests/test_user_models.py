@@ -388,3 +388,20 @@ def test_copying_or_pickling_the_optimizer_is_refused_with_a_pointer_to_state_di
     opt = KFAC(mlp())
     with pytest.raises(TypeError, match="state_dict"):
         copier(opt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_moving_the_model_to_the_gpu_midway_moves_the_state_and_picks_the_backend_again(cls):
+    model = mlp()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    for k in range(3):
+        train_step(opt, model, *batch(k))
+    assert opt.backend == "torch"
+    model.cuda()
+    for k in range(3, 6):
+        x, y = batch(k)
+        train_step(opt, model, x.cuda(), y.cuda())
+    assert finite(model) and opt.backend in ("cuda", "triton")
+    for state in opt.block_states():
+        assert all(value.is_cuda for value in state.values() if torch.is_tensor(value))

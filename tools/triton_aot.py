@@ -134,10 +134,10 @@ def launches():
                 lambda x=x, ea=ea, out=hat_out, f=first, h=hat: factor_update(x, ea, out, 0.5, 0.9, 0.2, f, h),
             )
         for n_out, n_in in itertools.product(sizes, sizes):
-            q_out, q_in = torch.eye(n_out, dtype=dtype), torch.eye(n_in, dtype=dtype)
-            d_out, d_in = torch.ones(n_out, dtype=dtype), torch.ones(n_in, dtype=dtype)
+            q_g, q_a = torch.eye(n_out, dtype=dtype), torch.eye(n_in, dtype=dtype)
+            d_g, d_a = torch.ones(n_out, dtype=dtype), torch.ones(n_in, dtype=dtype)
             v = torch.ones(2, n_out, n_in, dtype=dtype)
-            batch = [t.expand(2, *t.shape).contiguous() for t in (q_out, d_out, q_in, d_in)]
+            batch = [t.expand(2, *t.shape).contiguous() for t in (q_g, d_g, q_a, d_a)]
             yield (
                 f"precondition {n_out}x{n_in}",
                 name,

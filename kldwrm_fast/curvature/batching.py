@@ -103,7 +103,7 @@ class BlockBatches:
         return out
 
     def rotate(self, ops: Operations, states: list[dict], vs: list[Tensor], inverse: bool = False) -> list[Tensor]:
-        """``Q_Yᵀ V Q_X`` per block with its cached eigenvectors (``inverse``: ``Q_Y V Q_Xᵀ``)."""
+        """``Q_Γᵀ V Q_A`` per block with its cached eigenvectors (``inverse``: ``Q_Γ V Q_Aᵀ``)."""
         rotation = reference.unrotate if inverse else reference.rotate
         (out,) = self.per_group(ops, states, EIGENVECTOR_KEYS, vs, lambda _, *args: rotation(*args))
         return out

@@ -6,7 +6,7 @@ its Kronecker factors, the input factor ``A`` (n_in × n_in) and the output fact
 defines. Blocks write the local factors and the averages.
 
 :class:`KroneckerBlock` is one Linear/Conv2d layer. :class:`DenseBlock` is the exact oracle: any set of
-parameters with an explicit curvature matrix as ``X`` and a constant ``Y = [[1]]``, so that the same
+parameters with an explicit curvature matrix as ``A`` and a constant ``Γ = [[1]]``, so that the same
 optimizer code computes exact (non-Kronecker) natural-gradient steps.
 """
 
@@ -32,7 +32,7 @@ def state_dtype(param: Tensor) -> torch.dtype:
 
 
 class FactoredBlock:
-    """Shared machinery of a block whose curvature is ``Y ⊗ X`` in the row-major block form."""
+    """Shared machinery of a block whose curvature is ``Γ ⊗ A`` in the row-major block form."""
 
     name: str
     params: list[Tensor]
@@ -248,7 +248,7 @@ class DenseBlock(FactoredBlock):
     ``curvature_rows()`` returns ``(R, scale)`` with ``R`` (rows, n) such that the block's curvature is
     ``F = scale · RᵀR`` (e.g. stacked per-sample Jacobians of the network output and ``scale = 1/N`` for the
     Fisher of a unit-variance Gaussian model). The block form is the (1, n) row of all parameters
-    flattened in order, and the output factor is the constant ``[[1]]``, so ``Y ⊗ X = F`` exactly and
+    flattened in order, and the output factor is the constant ``[[1]]``, so ``Γ ⊗ A = F`` exactly and
     the reweighted factor ``ρF̄_{k−1} + c F_k`` is exactly ``F̄_k + F_k/λ_k``.
     """
 

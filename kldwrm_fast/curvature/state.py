@@ -69,13 +69,13 @@ def has_curvature(state: dict) -> bool:
 
 
 EIGEN_KEYS = (*eigen_keys(OUTPUT), *eigen_keys(INPUT))
-"""``(q_out, d_out, q_in, d_in)``: the decomposition in the order the fused operations take it."""
+"""``(q_g, d_g, q_a, d_a)``: the decomposition in the order the fused operations take it."""
 
 HAT_EIGEN_KEYS = (*eigen_keys(OUTPUT + "_hat"), *eigen_keys(INPUT + "_hat"))
 """Q's decomposition of ``Γ̂``, ``Â`` in the same order."""
 
 AVERAGE_KEYS = (average_key(OUTPUT), average_key(INPUT))
-"""``(ea_out, ea_in)``: the averages in the order ``q_precondition`` takes them."""
+"""``(ea_g, ea_a)``: the averages in the order ``q_precondition`` takes them."""
 
 EIGENVECTOR_KEYS = (eigen_keys(OUTPUT)[0], eigen_keys(INPUT)[0])
-"""``(q_out, q_in)``: the eigenvectors alone (rotations into and out of the eigenbasis)."""
+"""``(q_g, q_a)``: the eigenvectors alone (rotations into and out of the eigenbasis)."""

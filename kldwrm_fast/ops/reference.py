@@ -63,82 +63,82 @@ def factor_update(
     return local
 
 
-def precondition(q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, v: Tensor, damping: float) -> Tensor:
-    """Eigen-preconditioning ``P_{X,Y}(V) = Q_Y [(Q_Yᵀ V Q_X) ⊘ (d_Y d_Xᵀ + δ)] Q_Xᵀ`` (docs/algorithms.md §1).
+def precondition(q_g: Tensor, d_g: Tensor, q_a: Tensor, d_a: Tensor, v: Tensor, damping: float) -> Tensor:
+    """Eigen-preconditioning ``P_{A,Γ}(V) = Q_Γ [(Q_Γᵀ V Q_A) ⊘ (d_Γ d_Aᵀ + δ)] Q_Aᵀ`` (docs/algorithms.md §1).
 
     Args:
-        q_out, d_out: eigenvectors (..., n_out, n_out) and clamped eigenvalues (..., n_out) of the output
+        q_g, d_g: eigenvectors (..., n_out, n_out) and clamped eigenvalues (..., n_out) of the output
             factor ``Y``.
-        q_in, d_in: the same for the input factor ``X`` (..., n_in, n_in), (..., n_in).
+        q_a, d_a: the same for the input factor ``X`` (..., n_in, n_in), (..., n_in).
         v: (..., n_out, n_in) block-form gradient.
         damping: δ ≥ 0, added to every eigenvalue product.
 
     Returns:
         (..., n_out, n_in) tensor ``≈ (Y ⊗ X + δ I)⁻¹ vec(V)`` in matrix form, dtype of ``v``.
     """
-    projected = torch.matmul(torch.matmul(q_out.transpose(-1, -2), v), q_in)
-    projected = projected / (d_out.unsqueeze(-1) * d_in.unsqueeze(-2) + damping)
-    return torch.matmul(torch.matmul(q_out, projected), q_in.transpose(-1, -2))
+    projected = torch.matmul(torch.matmul(q_g.transpose(-1, -2), v), q_a)
+    projected = projected / (d_g.unsqueeze(-1) * d_a.unsqueeze(-2) + damping)
+    return torch.matmul(torch.matmul(q_g, projected), q_a.transpose(-1, -2))
 
 
 def q_precondition(
-    q_out: Tensor,
-    d_out: Tensor,
-    q_in: Tensor,
-    d_in: Tensor,
+    q_g: Tensor,
+    d_g: Tensor,
+    q_a: Tensor,
+    d_a: Tensor,
     g_hat: Tensor,
     damping: float,
     lr: float,
-    ea_out: Tensor,
-    ea_in: Tensor,
+    ea_g: Tensor,
+    ea_a: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Q-KLD-WRM step and its curvature product (docs/algorithms.md §3, (S87)/(S89)).
 
     Args:
-        q_out, d_out, q_in, d_in: eigendecompositions of the reweighted factors ``Γ̂``, ``Â``.
+        q_g, d_g, q_a, d_a: eigendecompositions of the reweighted factors ``Γ̂``, ``Â``.
         g_hat: (..., n_out, n_in) the recursion gradient ``Ĝ_k``.
         damping: δ ≥ 0.
         lr: ``1/λ_k`` > 0.
-        ea_out, ea_in: the current averages ``Γ̄_k`` (..., n_out, n_out) and ``Ā_k`` (..., n_in, n_in).
+        ea_g, ea_a: the current averages ``Γ̄_k`` (..., n_out, n_out) and ``Ā_k`` (..., n_in, n_in).
 
     Returns:
         ``(S, M)`` with ``S = −lr · P_{Â,Γ̂}(Ĝ)`` (unclipped step) and ``M = −λ Γ̄ S Ā``.
     """
-    step = precondition(q_out, d_out, q_in, d_in, g_hat, damping).mul_(-lr)
-    product = torch.matmul(torch.matmul(ea_out, step), ea_in).mul_(-1.0 / lr)
+    step = precondition(q_g, d_g, q_a, d_a, g_hat, damping).mul_(-lr)
+    product = torch.matmul(torch.matmul(ea_g, step), ea_a).mul_(-1.0 / lr)
     return step, product
 
 
-def rotate(q_out: Tensor, q_in: Tensor, v: Tensor) -> Tensor:
-    """``Q_Yᵀ V Q_X``: a block-form matrix (..., n_out, n_in) in the eigenbasis of its factors."""
-    return torch.matmul(torch.matmul(q_out.transpose(-1, -2), v), q_in)
+def rotate(q_g: Tensor, q_a: Tensor, v: Tensor) -> Tensor:
+    """``Q_Γᵀ V Q_A``: a block-form matrix (..., n_out, n_in) in the eigenbasis of its factors."""
+    return torch.matmul(torch.matmul(q_g.transpose(-1, -2), v), q_a)
 
 
-def unrotate(q_out: Tensor, q_in: Tensor, r: Tensor) -> Tensor:
-    """``Q_Y R Q_Xᵀ``: the inverse of :func:`rotate` (the eigenvector matrices are orthogonal)."""
-    return torch.matmul(torch.matmul(q_out, r), q_in.transpose(-1, -2))
+def unrotate(q_g: Tensor, q_a: Tensor, r: Tensor) -> Tensor:
+    """``Q_Γ R Q_Aᵀ``: the inverse of :func:`rotate` (the eigenvector matrices are orthogonal)."""
+    return torch.matmul(torch.matmul(q_g, r), q_a.transpose(-1, -2))
 
 
 def q_cached_step(
-    q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, rotated: Tensor, damping: float, lr: float,
-    scale_out: float, scale_in: float,
+    q_g: Tensor, d_g: Tensor, q_a: Tensor, d_a: Tensor, rotated: Tensor, damping: float, lr: float,
+    scale_g: float, scale_a: float,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Q-KLD-WRM on a step without new statistics, with ``Ĝ`` carried in the averages' eigenbasis
     (docs/algorithms.md §3).
 
     Args:
-        q_out, d_out, q_in, d_in: eigendecompositions of the averages ``Γ̄_j``, ``Ā_j`` of the last inverse step.
-        rotated: (..., n_out, n_in) ``Q_Yᵀ Ĝ_k Q_X``.
-        scale_out, scale_in: the reweighting of the eigenvalues, ``Γ̂_k = scale_out Γ̄_j``, ``Â_k = scale_in Ā_j``.
+        q_g, d_g, q_a, d_a: eigendecompositions of the averages ``Γ̄_j``, ``Ā_j`` of the last inverse step.
+        rotated: (..., n_out, n_in) ``Q_Γᵀ Ĝ_k Q_A``.
+        scale_g, scale_a: the reweighting of the eigenvalues, ``Γ̂_k = scale_g Γ̄_j``, ``Â_k = scale_a Ā_j``.
 
     Returns:
-        ``(S, M̃)``: the unclipped step ``S = −lr Q_Y [R ⊘ (s_Y s_X d_Y d_Xᵀ + δ)] Q_Xᵀ`` in the parameter
-        basis, and ``M̃ = Q_Yᵀ M Q_X = (d_Y d_Xᵀ) ⊙ R ⊘ (s_Y s_X d_Y d_Xᵀ + δ)`` (``M = −λ Γ̄_j S Ā_j`` is
+        ``(S, M̃)``: the unclipped step ``S = −lr Q_Γ [R ⊘ (s_Γ s_A d_Γ d_Aᵀ + δ)] Q_Aᵀ`` in the parameter
+        basis, and ``M̃ = Q_Γᵀ M Q_A = (d_Γ d_Aᵀ) ⊙ R ⊘ (s_Γ s_A d_Γ d_Aᵀ + δ)`` (``M = −λ Γ̄_j S Ā_j`` is
         diagonal there) in the eigenbasis. Two GEMMs, as for ``P`` without its rotation.
     """
-    products = d_out.unsqueeze(-1) * d_in.unsqueeze(-2)
-    scaled = rotated / (products * (scale_out * scale_in) + damping)
-    return unrotate(q_out, q_in, scaled).mul_(-lr), products.mul_(scaled)
+    products = d_g.unsqueeze(-1) * d_a.unsqueeze(-2)
+    scaled = rotated / (products * (scale_g * scale_a) + damping)
+    return unrotate(q_g, q_a, scaled).mul_(-lr), products.mul_(scaled)
 
 
 def ghat_recursion(

@@ -58,11 +58,11 @@ def _factor_update_fake(x, ea, reweighted, scale, rho, reweight, first, with_rew
     return ea.new_empty(ea.shape)
 
 
-def _precondition_fake(q_out, d_out, q_in, d_in, v, damping):
+def _precondition_fake(q_g, d_g, q_a, d_a, v, damping):
     return torch.empty_like(v)
 
 
-def _q_precondition_fake(q_out, d_out, q_in, d_in, g_hat, damping, lr, ea_out, ea_in):
+def _q_precondition_fake(q_g, d_g, q_a, d_a, g_hat, damping, lr, ea_g, ea_a):
     return torch.empty_like(g_hat), torch.empty_like(g_hat)
 
 
@@ -80,14 +80,14 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "precondition",
-        "(Tensor q_out, Tensor d_out, Tensor q_in, Tensor d_in, Tensor v, float damping) -> Tensor",
+        "(Tensor q_g, Tensor d_g, Tensor q_a, Tensor d_a, Tensor v, float damping) -> Tensor",
         reference.precondition,
         _precondition_fake,
     ),
     Operation(
         "q_precondition",
-        "(Tensor q_out, Tensor d_out, Tensor q_in, Tensor d_in, Tensor g_hat, float damping, float lr, "
-        "Tensor ea_out, Tensor ea_in) -> (Tensor, Tensor)",
+        "(Tensor q_g, Tensor d_g, Tensor q_a, Tensor d_a, Tensor g_hat, float damping, float lr, "
+        "Tensor ea_g, Tensor ea_a) -> (Tensor, Tensor)",
         reference.q_precondition,
         _q_precondition_fake,
     ),

@@ -27,8 +27,8 @@ def q_steps(
     """``(S, M)`` per block, a batched call per group: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``; the decompositions
     of ``Â, Γ̂`` under ``eigen_keys``."""
 
-    def compute(_, q_out, d_out, q_in, d_in, ea_out, ea_in, batch):
-        return ops.q_precondition(q_out, d_out, q_in, d_in, batch, damping, lr, ea_out, ea_in)
+    def compute(_, q_g, d_g, q_a, d_a, ea_g, ea_a, batch):
+        return ops.q_precondition(q_g, d_g, q_a, d_a, batch, damping, lr, ea_g, ea_a)
 
     steps, products = batches.per_group(ops, states, eigen_keys + AVERAGE_KEYS, g_hats, compute)
     return steps, products
@@ -39,7 +39,7 @@ def q_cached_steps(
     scales: list[tuple[float, float]],
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """``(S, M̃)`` per block on a step without new statistics (:func:`kldwrm_fast.ops.reference.q_cached_step`,
-    ``rotated`` = ``Q_Yᵀ Ĝ Q_X``; ``scales`` per block, equal within a group)."""
+    ``rotated`` = ``Q_Γᵀ Ĝ Q_A``; ``scales`` per block, equal within a group)."""
 
     def compute(group, *args):
         return reference.q_cached_step(*args, damping, lr, *scales[group[0]])
@@ -65,7 +65,7 @@ class QKLDWRM(CurvatureOptimizer):
     Cost: an inverse step followed by steps without one decomposes both ``Â_q, Γ̂_q`` (for itself) and
     ``Ā_q, Γ̄_q`` (for the others) in one grouped call. On the other steps ``M`` is diagonal in the eigenbasis
     of ``Ā_j, Γ̄_j``, so the recursion is carried in that basis (``global_state["ghat_basis"] == "eigen"``:
-    ``"g_hat"``, ``"v_prev"``, ``"m"`` hold ``Q_Yᵀ(·)Q_X``) and such a step costs KFAC's four GEMMs per block
+    ``"g_hat"``, ``"v_prev"``, ``"m"`` hold ``Q_Γᵀ(·)Q_A``) and such a step costs KFAC's four GEMMs per block
     (rotating ``V`` in, ``S`` out); moving the recursion into and out of the basis costs two GEMMs per block
     at each inverse step. These products run as ``torch.matmul`` on every backend.
 

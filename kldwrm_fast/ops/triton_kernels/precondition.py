@@ -1,4 +1,4 @@
-"""Eigen-preconditioning ``P_{X,Y}(V)`` and the Q products ``(S, M)`` from four/six batched GEMMs."""
+"""Eigen-preconditioning ``P_{A,Γ}(V)`` and the Q products ``(S, M)`` from four/six batched GEMMs."""
 
 from __future__ import annotations
 
@@ -14,26 +14,26 @@ def _batched(*tensors: Tensor) -> tuple[bool, list[Tensor]]:
     return False, [t.unsqueeze(0) for t in tensors]
 
 
-def _projected(q_out, d_out, q_in, d_in, v, damping):
-    """``Q_Y [(Q_Yᵀ V Q_X) ⊘ (d_Y d_Xᵀ + δ)]`` — everything of P but the last product with ``Q_Xᵀ``."""
-    rotated = bmm(q_out.mT, v)
-    scaled = bmm(rotated, q_in, divide=(d_out, d_in), damping=damping)
-    return bmm(q_out, scaled)
+def _projected(q_g, d_g, q_a, d_a, v, damping):
+    """``Q_Γ [(Q_Γᵀ V Q_A) ⊘ (d_Γ d_Aᵀ + δ)]`` — everything of P but the last product with ``Q_Aᵀ``."""
+    rotated = bmm(q_g.mT, v)
+    scaled = bmm(rotated, q_a, divide=(d_g, d_a), damping=damping)
+    return bmm(q_g, scaled)
 
 
-def precondition(q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, v: Tensor, damping: float) -> Tensor:
+def precondition(q_g: Tensor, d_g: Tensor, q_a: Tensor, d_a: Tensor, v: Tensor, damping: float) -> Tensor:
     """Triton implementation of :func:`kldwrm_fast.ops.reference.precondition` (same shapes and dtypes)."""
-    batched, (q_out, d_out, q_in, d_in, v) = _batched(q_out, d_out, q_in, d_in, v)
-    result = bmm(_projected(q_out, d_out, q_in, d_in, v, damping), q_in.mT)
+    batched, (q_g, d_g, q_a, d_a, v) = _batched(q_g, d_g, q_a, d_a, v)
+    result = bmm(_projected(q_g, d_g, q_a, d_a, v, damping), q_a.mT)
     return result if batched else result[0]
 
 
 def q_precondition(
-    q_out: Tensor, d_out: Tensor, q_in: Tensor, d_in: Tensor, g_hat: Tensor, damping: float, lr: float,
-    ea_out: Tensor, ea_in: Tensor,
+    q_g: Tensor, d_g: Tensor, q_a: Tensor, d_a: Tensor, g_hat: Tensor, damping: float, lr: float,
+    ea_g: Tensor, ea_a: Tensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Triton implementation of :func:`kldwrm_fast.ops.reference.q_precondition`."""
-    batched, (q_out, d_out, q_in, d_in, ea_out, ea_in, g_hat) = _batched(q_out, d_out, q_in, d_in, ea_out, ea_in, g_hat)
-    step = bmm(_projected(q_out, d_out, q_in, d_in, g_hat, damping), q_in.mT, alpha=-lr)
-    product = bmm(bmm(ea_out, step), ea_in, alpha=-1.0 / lr)
+    batched, (q_g, d_g, q_a, d_a, ea_g, ea_a, g_hat) = _batched(q_g, d_g, q_a, d_a, ea_g, ea_a, g_hat)
+    step = bmm(_projected(q_g, d_g, q_a, d_a, g_hat, damping), q_a.mT, alpha=-lr)
+    product = bmm(bmm(ea_g, step), ea_a, alpha=-1.0 / lr)
     return (step, product) if batched else (step[0], product[0])
