@@ -135,7 +135,7 @@ def test_tiny_end_to_end_run_writes_every_output_and_skips_completed_runs(tmp_pa
             "--max-test", "128", "--out", str(tmp_path), "--set", "qe.n_inner=2", "--set", "q.stat_freq=2",
             "--set", "q.inv_freq=2"]  # fmt: skip
     mnist.main(argv)
-    for name in ("results.json", "summary.md", "accuracy.png", "loss.png"):
+    for name in ("results.json", "summary.md", "accuracy.png", "loss.png", "final.png"):
         assert (tmp_path / name).stat().st_size > 0
     runs = json.loads((tmp_path / "results.json").read_text())
     assert [(r["optimizer"], r["seed"]) for r in runs] == [("q", 0), ("qe", 0)]
@@ -151,6 +151,57 @@ def test_tiny_end_to_end_run_writes_every_output_and_skips_completed_runs(tmp_pa
 
 
 def test_overrides_are_validated():
-    with pytest.raises(SystemExit):
+    with pytest.raises(mnist.UsageError, match="expected OPT.NAME=VALUE"):
         mnist.parse_overrides(["adam.lr=0.1"])
+    with pytest.raises(mnist.UsageError, match="q has no setting 'momentum'; valid: lr, rho"):
+        mnist.parse_overrides(["q.momentum=0.9"])
     assert mnist.parse_overrides(["kfac.kl_clip=None", "q.rho=0.33"]) == {"kfac": {"kl_clip": None}, "q": {"rho": 0.33}}
+
+
+SMOKE = ["--optimizers", "q", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--max-test", "64"]
+
+
+def test_a_smoke_run_is_never_reused_for_a_run_with_other_settings(tmp_path, capsys):
+    mnist.main([*SMOKE, "--max-train", "128", "--out", str(tmp_path)])
+    mnist.main([*SMOKE, "--max-train", "192", "--out", str(tmp_path)])
+    runs = json.loads((tmp_path / "results.json").read_text())
+    assert [run["settings"]["train_images"] for run in runs] == [128, 192]  # trained again, the smoke run kept
+    summary = (tmp_path / "summary.md").read_text()
+    assert "192 train / 64 test images" in summary and "reused" not in summary
+    mnist.main([*SMOKE, "--max-train", "192", "--out", str(tmp_path)])
+    assert "1 of these 1 runs were reused" in (tmp_path / "summary.md").read_text()
+    output = capsys.readouterr().out
+    assert "| Q | this run (epoch 1) | 1 |" in output and f"Wrote {tmp_path / 'results.json'}" in output
+    assert "q seed 0: test accuracy" in output  # not a terminal: one line per finished run
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--set", "q.momentum=0.9"], "q has no setting 'momentum'"),
+        (["--set", "q.rho=2"], "Invalid rho: 2"),
+        (["--set", "kfac.kl_clip=-1"], "Invalid kl_clip"),
+        (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+        (["--epochs", "0"], "--epochs 0"),
+        (["--seeds", "-1"], "--seeds -1"),
+        (["--optimizers", "adam"], "--optimizers: unknown ['adam']"),
+        (["--dataset", "idx:/nonexistent"], "not found"),
+        (["--dataset", "cifar"], "Invalid dataset: 'cifar'"),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_status_2_before_anything_is_written(tmp_path, capsys, extra, message):
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit) as stop:
+        mnist.main([*SMOKE, "--out", str(out), *extra])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("kldwrm-mnist: error: ") and message in error
+    assert not out.exists()
+
+
+def test_an_unwritable_output_directory_is_refused_in_one_line(tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        mnist.main([*SMOKE, "--out", str(blocked / "study")])
+    assert stop.value.code == 2 and "cannot write there" in capsys.readouterr().err

@@ -6,18 +6,22 @@ write Table 1 and the test curves.
 Under ``torchrun --nproc_per_node=N`` the runs are data parallel (DDP; gloo on CPU, NCCL on GPU): the
 global ``--batch-size`` is split across ranks and rank 0 writes the outputs.
 
-Outputs in ``--out``: ``results.json`` (one entry per run with per-epoch train/test loss, test accuracy as a
-fraction, and seconds), ``summary.md`` (Table 1 beside the paper's numbers), ``accuracy.png``, ``loss.png``.
-Runs already complete in ``results.json`` are skipped, so an interrupted study resumes.
+Outputs in ``--out``: ``results.json`` (one entry per run with its settings and per-epoch train/test loss,
+test accuracy as a fraction, and seconds), ``summary.md`` (Table 1 beside the paper's numbers),
+``accuracy.png``, ``loss.png`` and ``final.png``. A run already complete in ``results.json`` with identical
+settings (:func:`run_settings`) is reused, so an interrupted study resumes; any other is trained anew. Bad
+input is one line on stderr and exit status 2, before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -28,7 +32,7 @@ from tqdm.auto import tqdm
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.experiments import report
-from kldwrm_fast.experiments.datasets import Split, load_dataset
+from kldwrm_fast.experiments.datasets import DatasetError, Split, load_dataset
 from kldwrm_fast.experiments.models import paper_cnn
 from kldwrm_fast.ops import BACKENDS
 
@@ -44,6 +48,10 @@ QUICK = dict(epochs=10, seeds=2, batch_size=128)
 PAPER = dict(epochs=50, seeds=10, batch_size=512)
 
 
+class UsageError(Exception):
+    """Bad input to the command: reported as one line on stderr with exit status 2, before any training."""
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict]:
     """``["q.rho=0.33", "kfac.lr=0.02"]`` → ``{"q": {"rho": 0.33}, "kfac": {"lr": 0.02}}``."""
     overrides: dict[str, dict] = {}
@@ -51,7 +59,10 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         name, _, assignment = item.partition(".")
         key, _, value = assignment.partition("=")
         if name not in OPTIMIZERS or not key or not value:
-            raise SystemExit(f"--set {item!r}: expected OPT.NAME=VALUE with OPT in {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"--set {item!r}: expected OPT.NAME=VALUE with OPT in {', '.join(OPTIMIZERS)}")
+        accepted = [p for p in inspect.signature(OPTIMIZERS[name]).parameters if p not in ("model", "backend")]
+        if key not in accepted:
+            raise UsageError(f"--set {item!r}: {name} has no setting {key!r}; valid: {', '.join(accepted)}")
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -86,10 +97,39 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
     unknown = [name for name in args.optimizers if name not in OPTIMIZERS]
-    if unknown:
-        parser.error(f"unknown optimizers {unknown}; choose from {', '.join(OPTIMIZERS)}")
+    if unknown or not args.optimizers:
+        raise UsageError(f"--optimizers: unknown {unknown or 'empty list'}; choose from {', '.join(OPTIMIZERS)}")
+    for option in ("seeds", "epochs", "batch_size", "max_train", "max_test"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {value}: expected an integer >= 1")
     args.overrides = parse_overrides(args.overrides)
+    for name in dict.fromkeys([*args.optimizers, *args.overrides]):
+        check_hyperparameters(name, dict(PAPER_HYPERPARAMETERS[name], **args.overrides.get(name, {})))
     return args
+
+
+def check_hyperparameters(name: str, hyper: dict) -> None:
+    """Build the optimizer once on the network, so a bad value fails here, before any training, in one line."""
+    try:
+        OPTIMIZERS[name](paper_cnn(), **hyper).remove_hooks()
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"--set {name}: {error}") from None
+
+
+def prepare_output(directory: str) -> None:
+    """Create ``directory`` (and check it can be written) only once every other check has passed."""
+    existed = os.path.isdir(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        if not existed and os.path.isdir(directory) and not os.listdir(directory):
+            os.rmdir(directory)
+        raise UsageError(f"--out {directory!r}: cannot write there ({error.strerror})") from None
 
 
 def evaluate(model, x, y, batch_size: int = 1000) -> tuple[float, float]:
@@ -128,8 +168,9 @@ def train_run(name: str, seed: int, hyper: dict, data: Split, args, position: in
     network = DistributedDataParallel(model) if args.world > 1 else model
     opt = OPTIMIZERS[name](network, backend=args.backend, **hyper)
     shuffle = torch.Generator().manual_seed(seed)
+    settings = run_settings(name, seed, hyper, data, args)
     run = {"optimizer": name, "seed": seed, "hyperparameters": hyper, "dataset": args.dataset,
-           "batch_size": args.batch_size, "epochs": []}  # fmt: skip
+           "batch_size": args.batch_size, "settings": settings, "epochs": []}  # fmt: skip
     quiet = None if args.rank == 0 else True
     bar = tqdm(range(1, args.epochs + 1), desc=f"{name} seed {seed}", position=position, leave=False, disable=quiet)
     for epoch in bar:
@@ -151,11 +192,19 @@ def train_run(name: str, seed: int, hyper: dict, data: Split, args, position: in
     return run
 
 
+def run_settings(name: str, seed: int, hyper: dict, data: Split, args) -> dict:
+    """Everything that changes a run's result; a stored run is reused only when all of it matches."""
+    return {
+        "optimizer": name, "seed": seed, "hyperparameters": hyper, "dataset": args.dataset,
+        "train_images": len(data.train_y), "test_images": len(data.test_y), "epochs": args.epochs,
+        "batch_size": args.batch_size, "backend": args.backend, "device": torch.device(args.device).type,
+        "processes": args.world,
+    }  # fmt: skip
+
+
 def run_key(run: dict) -> str:
-    return json.dumps(
-        [run["optimizer"], run["seed"], run["hyperparameters"], run.get("dataset"), run.get("batch_size")],
-        sort_keys=True,
-    )
+    """The stored run's settings (runs saved before settings were recorded have none and never match)."""
+    return json.dumps(run.get("settings"), sort_keys=True)
 
 
 def load_results(path: str) -> list[dict]:
@@ -186,10 +235,14 @@ def context_line(args, data: Split) -> str:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+        data = load_dataset(args.dataset)
+        prepare_output(args.out)
+    except (UsageError, DatasetError, ValueError) as error:
+        print(f"kldwrm-mnist: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     args.rank, args.world = init_data_parallel(args)
-    os.makedirs(args.out, exist_ok=True)
-    data = load_dataset(args.dataset)
     if args.max_train:
         data = Split(data.train_x[: args.max_train], data.train_y[: args.max_train], data.test_x, data.test_y)
     if args.max_test:
@@ -199,27 +252,40 @@ def main(argv=None) -> None:
     runs = load_results(results_path)
     done = {run_key(run) for run in runs if len(run["epochs"]) >= args.epochs}
     planned = [(name, seed) for name in args.optimizers for seed in range(args.seeds)]
-    for name, seed in tqdm(planned, desc="runs", disable=None if args.rank == 0 else True):
+    selected, reused = [], 0
+    talk = args.rank == 0
+    for name, seed in tqdm(planned, desc="runs", disable=None if talk else True):
         hyper = dict(PAPER_HYPERPARAMETERS[name], **args.overrides.get(name, {}))
-        candidate = {
-            "optimizer": name,
-            "seed": seed,
-            "hyperparameters": hyper,
-            "dataset": args.dataset,
-            "batch_size": args.batch_size,
-        }
-        if run_key(candidate) in done:
+        key = json.dumps(run_settings(name, seed, hyper, data, args), sort_keys=True)
+        if key in done:
+            selected.append(next(run for run in runs if run_key(run) == key))
+            reused += 1
             continue
-        runs = [run for run in runs if run_key(run) != run_key(candidate)]
-        runs.append(train_run(name, seed, hyper, data, args, position=1))
-        if args.rank == 0:
+        runs = [run for run in runs if run_key(run) != key]
+        run = train_run(name, seed, hyper, data, args, position=1)
+        runs.append(run)
+        selected.append(run)
+        if talk:
             save_json(results_path, runs)
-    if args.rank != 0:
+            if not sys.stderr.isatty():  # no progress bars: one line per finished run instead
+                last = run["epochs"][-1]
+                seconds = sum(epoch["seconds"] for epoch in run["epochs"])
+                print(f"{name} seed {seed}: test accuracy {100 * last['test_acc']:.2f}%, test loss "
+                      f"{last['test_loss']:.3f}, {seconds:.0f} s", flush=True)  # fmt: skip
+    if not talk:
         return
-    selected = [run for run in runs if run["optimizer"] in args.optimizers and run.get("dataset") == args.dataset]
-    with open(os.path.join(args.out, "summary.md"), "w") as handle:
-        handle.write(report.summary_markdown(selected, context_line(args, data)))
-    report.plot_curves(selected, args.out)
+    context = context_line(args, data)
+    if reused:
+        context += f" {reused} of these {len(selected)} runs were reused from an earlier invocation (same settings)."
+    summary = report.summary_markdown(selected, context)
+    summary_path = os.path.join(args.out, "summary.md")
+    with open(summary_path, "w") as handle:
+        handle.write(summary)
+    title = f"{args.dataset}, {'paper' if args.paper else 'default'} protocol, {args.epochs} epochs"
+    figures = report.plot_curves(selected, args.out, title)
+    rows = [line for line in summary.splitlines() if line.startswith("| optimizer") or "| this run" in line]
+    print("\n".join(rows))
+    print("Wrote " + ", ".join([results_path, summary_path, *figures]))
 
 
 if __name__ == "__main__":

@@ -83,27 +83,65 @@ def summary_markdown(runs: list[dict], context: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: list[dict], out_dir: str) -> None:
-    """``accuracy.png`` and ``loss.png``: test curves of every run, one panel per optimizer."""
+def plot_curves(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
+    """Write the study's figures and return their paths.
+
+    ``accuracy.png`` and ``loss.png``: every optimizer on shared axes, the mean over seeds as a line with a
+    ±1 SD band and each run as a thin line; ``final.png``: the final-epoch accuracy and loss of every run per
+    optimizer (the distribution Table 1 summarises). Accuracy in percent, as in the table; ``title`` names
+    the dataset, protocol and epochs.
+    """
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = by_optimizer(runs)
+    colours = {name: f"C{i}" for i, name in enumerate(groups)}
+    scale = {"test_acc": 100.0, "test_loss": 1.0}
+    written = []
     for metric, label, filename in (
-        ("test_acc", "test accuracy", "accuracy.png"),
+        ("test_acc", "test accuracy (%)", "accuracy.png"),
         ("test_loss", "test loss", "loss.png"),
     ):
-        figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(4 * max(len(groups), 1), 3.2), squeeze=False)
-        for axis, (name, group) in zip(axes[0], groups.items()):
-            for run in group:
-                epochs = [e["epoch"] for e in run["epochs"]]
-                axis.plot(epochs, [e[metric] for e in run["epochs"]], linewidth=1, label=f"seed {run['seed']}")
-            axis.set_title(OPTIMIZER_LABELS.get(name, name))
-            axis.set_xlabel("epoch")
-            axis.set_ylabel(label)
-            axis.grid(alpha=0.3)
+        figure, axis = plt.subplots(figsize=(6.4, 4.2))
+        for name, group in groups.items():
+            length = min(len(run["epochs"]) for run in group)
+            epochs = np.arange(1, length + 1)
+            curves = np.array([[e[metric] * scale[metric] for e in run["epochs"][:length]] for run in group])
+            for curve in curves:
+                axis.plot(epochs, curve, color=colours[name], linewidth=0.6, alpha=0.35)
+            mean = curves.mean(axis=0)
+            sd = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+            axis.fill_between(epochs, mean - sd, mean + sd, color=colours[name], alpha=0.15, linewidth=0)
+            legend = f"{OPTIMIZER_LABELS.get(name, name)} (n={len(group)})"
+            axis.plot(epochs, mean, color=colours[name], linewidth=2, label=legend)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend()
         figure.tight_layout()
-        figure.savefig(f"{out_dir}/{filename}", dpi=120)
+        path = f"{out_dir}/{filename}"
+        figure.savefig(path, dpi=120)
         plt.close(figure)
+        written.append(path)
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    names = list(groups)
+    for axis, (metric, label) in zip(axes, (("test_acc", "final test accuracy (%)"), ("test_loss", "final test loss"))):
+        for position, name in enumerate(names):
+            values = [run["epochs"][-1][metric] * scale[metric] for run in groups[name]]
+            offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+            axis.scatter(position + offsets, values, color=colours[name], s=18, alpha=0.8)
+            axis.hlines(np.mean(values), position - 0.25, position + 0.25, color=colours[name], linewidth=2)
+        axis.set_xticks(range(len(names)), [OPTIMIZER_LABELS.get(name, name) for name in names])
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3, axis="y")
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path = f"{out_dir}/final.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    written.append(path)
+    return written
