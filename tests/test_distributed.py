@@ -42,6 +42,17 @@ def test_ranks_with_local_batches_equal_one_process_with_the_concatenated_batch(
     assert all(len(result["eig_calls"]) > 0 for result in results[:2])
 
 
+@pytest.mark.parametrize("name", ["KFAC", "QKLDWRM"])
+def test_the_paper_code_options_equal_one_process_with_the_concatenated_batch(tmp_path, name):
+    extra = dict(bias="separate", eigenvalue_floor=1e-6, **(dict(kl_clip=0.1) if name == "QKLDWRM" else {}))
+    out = str(tmp_path / "params")
+    spawn(worker.data_parallel, 2, name, extra, out)
+    expected = worker.single_process(name, 2, extra)
+    for rank in range(2):
+        for ours, theirs in zip(torch.load(f"{out}.{rank}")["params"], expected):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("extra,compare", [(dict(n_inner=3, kl_scale=0.0), True), (dict(n_inner=3), False)])
 def test_qe_ranks_agree_and_follow_their_documented_semantics(tmp_path, extra, compare):
     out = str(tmp_path / "params")

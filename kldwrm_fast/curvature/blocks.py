@@ -167,14 +167,15 @@ class KroneckerBlock(FactoredBlock):
     The capture hooks append to :attr:`inputs` (layer inputs) and :attr:`output_grads` (gradients of the
     mean loss with respect to the layer output) in pairs; both are cleared after every optimizer step.
     :attr:`modules` lists every layer that computes with these parameters (layers sharing one weight and bias
-    pool their statistics); :attr:`module` is the first.
+    pool their statistics); :attr:`module` is the first. With ``fold_bias=False`` the block holds the weight
+    alone (the bias is a :class:`BiasBlock` of its own).
     """
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, name: str, module: nn.Module, fold_bias: bool = True):
         self.name = name or f"the model's own {type(module).__name__}"  # the root module's name is ""
         self.module = module
         self.modules = [module]
-        self.has_bias = module.bias is not None and module.bias.requires_grad
+        self.has_bias = fold_bias and module.bias is not None and module.bias.requires_grad
         self.params = [module.weight] + ([module.bias] if self.has_bias else [])
         self.inputs: list[Tensor] = []
         self.output_grads: list[Tensor] = []
@@ -231,15 +232,63 @@ class KroneckerBlock(FactoredBlock):
         """
         counts = [layers.sample_count(self.module, g) for g in self.output_grads]
         pieces = [layers.output_rows(self.module, g).to(self.dtype) for g in self.output_grads]
-        if len(pieces) == 1:
-            rows, scale = pieces[0], factor * factor * counts[0]
+        return pooled_rows(pieces, counts, factor, grad_unscale)
+
+
+def pooled_rows(pieces: list[Tensor], counts: list[int], factor: float, grad_unscale: Optional[Tensor]):
+    """Rows ``r`` and scale ``s`` of ``Γ = s·rᵀr``, the sample-weighted mean ``Σ_i (m_i/M) m_i (f e_i)ᵀ(f e_i)`` of
+    the per-pass factors of gradient rows ``pieces`` (``m_i`` samples each, ``f = factor·unscale``)."""
+    if len(pieces) == 1:
+        rows, scale = pieces[0], factor * factor * counts[0]
+    else:
+        total = sum(counts)
+        rows = torch.cat([piece * (factor * m / total**0.5) for piece, m in zip(pieces, counts)])
+        scale = 1.0
+    if grad_unscale is not None:
+        rows = rows * grad_unscale.to(rows.dtype)
+    return rows, scale
+
+
+class BiasBlock(FactoredBlock):
+    """A layer's bias as a block of its own (``bias="separate"``, docs/algorithms.md §1): input factor ``[[1]]``,
+    output factor from the layer's output gradients summed over locations, which is the exact Fisher of the bias.
+    For a Linear layer, that is the weight's ``Γ``.
+
+    It reads what its weight block (:attr:`partner`) captured, and has no hooks of its own.
+    """
+
+    def __init__(self, partner: KroneckerBlock):
+        self.partner = partner
+        self.module = partner.module
+        self.modules: list[nn.Module] = []
+        self.name = f"{partner.name} (bias)"
+        self.params = [partner.module.bias]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.params[0].shape[0], 1
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        return tensors[0].unsqueeze(1)
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        return [matrix[:, 0]]
+
+    def clear(self) -> None:
+        """The partner clears what it captured."""
+
+    def has_statistics(self) -> bool:
+        return self.partner.has_statistics()
+
+    def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
+        grads = self.partner.output_grads
+        if isinstance(self.module, nn.Conv2d):
+            pieces = [(g if g.dim() == 4 else g.unsqueeze(0)).sum((2, 3)).to(self.dtype) for g in grads]
         else:
-            total = sum(counts)
-            rows = torch.cat([piece * (factor * m / total**0.5) for piece, m in zip(pieces, counts)])
-            scale = 1.0
-        if grad_unscale is not None:
-            rows = rows * grad_unscale.to(rows.dtype)
-        return rows, scale
+            pieces = [layers.output_rows(self.module, g).to(self.dtype) for g in grads]
+        counts = [layers.sample_count(self.module, g) for g in grads]
+        one = torch.ones(1, 1, dtype=self.dtype, device=self.params[0].device)
+        return {"A": (one, 1.0), "G": pooled_rows(pieces, counts, grad_factor, grad_unscale)}
 
 
 class DenseBlock(FactoredBlock):

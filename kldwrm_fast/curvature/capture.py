@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from kldwrm_fast.curvature.base import Curvature
-from kldwrm_fast.curvature.blocks import KroneckerBlock
+from kldwrm_fast.curvature.blocks import BiasBlock, FactoredBlock, KroneckerBlock
 from kldwrm_fast.curvature.fisher import sampled_loss
 from kldwrm_fast.curvature.layers import is_supported
 
@@ -35,9 +35,10 @@ def _same_layer(first: nn.Module, second: nn.Module) -> bool:
     return True
 
 
-def _discover(model: nn.Module) -> tuple[list[KroneckerBlock], list[tuple[str, Tensor]]]:
+def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[FactoredBlock], list[tuple[str, Tensor]]]:
     """One block per trainable weight of the supported layers; layers that share their weight and bias (and, for
-    convolutions, their settings) share one block, which pools their statistics."""
+    convolutions, their settings) share one block, which pools their statistics. With ``separate_bias`` each
+    trainable bias is a :class:`BiasBlock` right after its weight's block."""
     skipped = _attention_projections(model)
     by_weight: dict[int, KroneckerBlock] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -45,7 +46,7 @@ def _discover(model: nn.Module) -> tuple[list[KroneckerBlock], list[tuple[str, T
             continue
         block = by_weight.get(id(module.weight))
         if block is None:
-            by_weight[id(module.weight)] = KroneckerBlock(name, module)
+            by_weight[id(module.weight)] = KroneckerBlock(name, module, fold_bias=not separate_bias)
         elif all(module is not m for m in block.modules):
             if not _same_layer(block.module, module):
                 raise ValueError(
@@ -53,10 +54,15 @@ def _discover(model: nn.Module) -> tuple[list[KroneckerBlock], list[tuple[str, T
                     "settings; share both (one block pools their statistics) or neither"
                 )
             block.modules.append(module)
-    blocks = list(by_weight.values())
+    blocks: list[FactoredBlock] = []
+    for block in by_weight.values():
+        blocks.append(block)
+        bias = block.module.bias
+        if separate_bias and bias is not None and bias.requires_grad:
+            blocks.append(BiasBlock(block))
     owners: dict[int, str] = {}
     for block in blocks:
-        for param in block.params[1:]:
+        for param in block.params[1:] if isinstance(block, KroneckerBlock) else block.params:
             if owners.setdefault(id(param), block.name) != block.name:
                 raise ValueError(
                     f"Invalid model: layers {owners[id(param)]!r} and {block.name!r} share their bias but not their "
@@ -76,12 +82,12 @@ class KroneckerCurvature(Curvature):
     accumulation loop that makes ``.grad`` the mean gradient.
     """
 
-    def __init__(self, model: nn.Module, fisher: str, predictive: str, seed: int) -> None:
+    def __init__(self, model: nn.Module, fisher: str, predictive: str, seed: int, separate_bias: bool = False) -> None:
         super().__init__()
         self.model = model
         self.fisher = fisher
         self.predictive = predictive
-        self.blocks, self.other_params = _discover(model)
+        self.blocks, self.other_params = _discover(model, separate_bias)
         if not self.blocks:
             raise ValueError(
                 f"Invalid model: {type(model).__name__} has no trainable nn.Linear or nn.Conv2d (groups=1) layer"

@@ -39,6 +39,7 @@ class StepInfo:
     grad_unscale: Optional[Tensor]
     indices: tuple[int, ...]
     batches: BlockBatches
+    eigenvalue_floor: float = 0.0
 
 
 class CurvatureEstimator:
@@ -124,9 +125,10 @@ class CurvatureEstimator:
         if info.inverse_due:
             requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
             failed: list[int] = []
-            for (block, key, _), result in zip(factors, decompose_many(requests, self.ops.eigh, failed)):
+            for (block, key, _), (vectors, values) in zip(factors, decompose_many(requests, self.ops.eigh, failed)):
                 vectors_key, values_key = eigen_keys(key)
-                self.state_of(block)[vectors_key], self.state_of(block)[values_key] = result
+                state = self.state_of(block)
+                state[vectors_key], state[values_key] = vectors, _floored(values, info.eigenvalue_floor)
             self._restart_non_finite_averages({factors[i][0] for i in failed})
             info.batches.compact([self.state_of(block) for block in blocks])
 
@@ -198,9 +200,9 @@ class CurvatureEstimator:
                 state = self.state_of(block)
                 hats = block.reweighted_pair(state, reweighted[block]) if reweight is not None else None
                 factors += self._decomposition_targets(block, state, hats)
-            self._decompose_distributed(factors)
+            self._decompose_distributed(factors, info.eigenvalue_floor)
 
-    def _decompose_distributed(self, factors: list) -> None:
+    def _decompose_distributed(self, factors: list, floor: float) -> None:
         owners = distributed.assign_by_cost(
             [matrix.shape[0] for _, _, matrix in factors], self.data_parallel.world_size
         )
@@ -218,4 +220,9 @@ class CurvatureEstimator:
             vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
             torch.distributed.broadcast(vectors, src=owner)
             torch.distributed.broadcast(values, src=owner)
-            state[keys[0]], state[keys[1]] = vectors, values
+            state[keys[0]], state[keys[1]] = vectors, _floored(values, floor)
+
+
+def _floored(values: Tensor, floor: float) -> Tensor:
+    """Eigenvalues below ``floor`` set to zero (before damping; the author's code uses 1e-6); as they are for 0."""
+    return values if floor == 0 else values.masked_fill(values < floor, 0.0)

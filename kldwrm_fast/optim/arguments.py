@@ -36,6 +36,18 @@ def validate_common(lr, rho, damping, weight_decay, stat_freq, inv_freq, fisher,
     validate_backend(backend)
 
 
+BIAS_MODES = ("folded", "separate")
+
+
+def validate_structure(bias, eigenvalue_floor) -> None:
+    """The options that shape the blocks and their decompositions (docs/algorithms.md §1, §6.4)."""
+    _check(bias in BIAS_MODES, f"Invalid bias: {bias!r}; expected one of {BIAS_MODES}")
+    _check(
+        isinstance(eigenvalue_floor, (int, float)) and 0 <= eigenvalue_floor < math.inf,
+        f"Invalid eigenvalue_floor: {eigenvalue_floor!r}; expected eigenvalue_floor >= 0",
+    )
+
+
 def validate_positive_or_none(name: str, value) -> None:
     """A clip threshold: a positive finite number, or None to disable clipping."""
     _check(

@@ -34,7 +34,7 @@ from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
 from kldwrm_fast.curvature.estimator import CurvatureEstimator, StepInfo
 from kldwrm_fast.curvature.state import has_curvature
 from kldwrm_fast.ops import Operations, operations, resolve_backend
-from kldwrm_fast.optim.arguments import _check, validate_common
+from kldwrm_fast.optim.arguments import _check, validate_common, validate_structure
 from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
 
 
@@ -72,19 +72,22 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         fisher: str,
         predictive: str,
         backend: str,
+        bias: str = "folded",
     ) -> None:
         validate_common(
             defaults["lr"], defaults["rho"], defaults["damping"], defaults["weight_decay"],
             defaults["stat_freq"], defaults["inv_freq"], fisher, predictive, backend,
         )  # fmt: skip
-        # Recorded in every param group, so that state_dict() says which Fisher and backend produced it.
-        defaults = dict(defaults, fisher=fisher, predictive=predictive, backend=backend)
+        validate_structure(bias, defaults["eigenvalue_floor"])
+        # Recorded in every param group, so that state_dict() says which Fisher, blocks and backend produced it.
+        defaults = dict(defaults, fisher=fisher, predictive=predictive, backend=backend, bias=bias)
+        self.bias = bias
         self.data_parallel = distributed.data_parallel_for(model)
         if isinstance(model, Curvature):
             curvature = model
         elif isinstance(model, nn.Module):
             seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
-            curvature = KroneckerCurvature(model, fisher, predictive, seed)
+            curvature = KroneckerCurvature(model, fisher, predictive, seed, separate_bias=bias == "separate")
         else:
             raise TypeError(f"model must be an nn.Module or a Curvature, got {type(model).__name__}")
         super().__init__(curvature.parameters(), defaults)
@@ -223,7 +226,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             self.curvature.clear()
             return loss
         indices, plain = self._participants(inverse_due)
-        info = StepInfo(lr, stats_due, inverse_due, unscale, indices, self._batches_for(indices))
+        info = StepInfo(
+            lr, stats_due, inverse_due, unscale, indices, self._batches_for(indices), group["eigenvalue_floor"]
+        )
         self._restart = False
         if indices:
             grads = [blocks[i].gradient(group["weight_decay"], unscale) for i in indices]

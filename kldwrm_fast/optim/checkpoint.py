@@ -61,7 +61,7 @@ class Checkpointing:
                 "optimizer class that saved it"
             )
         for group in state_dict["param_groups"]:
-            for key, ours in (("fisher", self.fisher), ("predictive", self.predictive)):
+            for key, ours in (("fisher", self.fisher), ("predictive", self.predictive), ("bias", self.bias)):
                 if group.get(key, ours) != ours:
                     raise ValueError(
                         f"Invalid state_dict: saved with {key}={group[key]!r}, loading into {key}={ours!r}; build "
@@ -73,7 +73,8 @@ class Checkpointing:
         self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # the backend is this machine's choice, not the checkpoint's
-            group.update(fisher=self.fisher, predictive=self.predictive, backend=self._requested_backend)
+            group.update(fisher=self.fisher, predictive=self.predictive, bias=self.bias)
+            group.update(backend=self._requested_backend)
         for saved_id, param in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):

@@ -30,6 +30,9 @@ class KFAC(CurvatureOptimizer):
         fisher: ``"sampled"`` (labels from the model) or ``"empirical"`` (the training loss's backward).
         predictive: ``"categorical"`` (logits) or ``"gaussian"`` (unit-variance regression).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+        bias: ``"folded"`` (the bias is the weight matrix's last column) or ``"separate"`` (each bias is a block
+            of its own with input factor ``[[1]]``, as in the paper's code).
+        eigenvalue_floor: eigenvalues below it are set to 0 before damping (the paper's code: 1e-6).
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class KFAC(CurvatureOptimizer):
         fisher: str = "sampled",
         predictive: str = "categorical",
         backend: str = "auto",
+        bias: str = "folded",
+        eigenvalue_floor: float = 0.0,
     ) -> None:
         _check(
             isinstance(momentum, (int, float)) and 0 <= momentum < 1,
@@ -54,9 +59,9 @@ class KFAC(CurvatureOptimizer):
         validate_positive_or_none("kl_clip", kl_clip)
         defaults = dict(
             lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip,
-            weight_decay=weight_decay, stat_freq=stat_freq, inv_freq=inv_freq,
+            weight_decay=weight_decay, stat_freq=stat_freq, inv_freq=inv_freq, eigenvalue_floor=eigenvalue_floor,
         )  # fmt: skip
-        super().__init__(model, defaults, fisher, predictive, backend)
+        super().__init__(model, defaults, fisher, predictive, backend, bias)
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr

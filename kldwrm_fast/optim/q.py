@@ -76,8 +76,9 @@ class QKLDWRM(CurvatureOptimizer):
     (a warning naming the blocks) on inverse steps, which wait for the eigensolver anyway, at least every
     ``ghat_report_every`` steps, and whenever :attr:`ghat_resets` is read.
 
-    Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``
-    and ``kl_clip``; paper default ``rho=0.5``.
+    Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``;
+    ``kl_clip`` (default None) applies K-FAC's KL clip to the Q step before ``clip``; paper default ``rho=0.5``.
+    ``bias`` and ``eigenvalue_floor`` as for KFAC.
     """
 
     ghat_growth_limit: Optional[float] = 100.0
@@ -98,13 +99,18 @@ class QKLDWRM(CurvatureOptimizer):
         fisher: str = "sampled",
         predictive: str = "categorical",
         backend: str = "auto",
+        kl_clip: Optional[float] = None,
+        bias: str = "folded",
+        eigenvalue_floor: float = 0.0,
     ) -> None:
         validate_positive_or_none("clip", clip)
+        validate_positive_or_none("kl_clip", kl_clip)
         defaults = dict(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay,
-            stat_freq=stat_freq, inv_freq=inv_freq, **self._more_defaults(),
+            stat_freq=stat_freq, inv_freq=inv_freq, kl_clip=kl_clip, eigenvalue_floor=eigenvalue_floor,
+            **self._more_defaults(),
         )  # fmt: skip
-        super().__init__(model, defaults, fisher, predictive, backend)
+        super().__init__(model, defaults, fisher, predictive, backend, bias)
 
     def _more_defaults(self) -> dict:
         """Hyperparameters a subclass adds to the param groups (QE's inner solver), set before ``__init__``."""
@@ -200,9 +206,21 @@ class QKLDWRM(CurvatureOptimizer):
                     del state[key]
         for state, product in zip(states, products):
             state["m"] = product
+        if group["kl_clip"] is not None and lr > 0:
+            self._kl_clip(group["kl_clip"], info.batches, states, steps, g_hats, lr, in_eigenbasis)
         if info.inverse_due and self.estimator.steps_without_inverse():
             self._change_basis(EIGENBASIS, info.indices)
         return steps
+
+    def _kl_clip(self, kl_clip, batches, states, steps, g_hats, lr, in_eigenbasis) -> None:
+        """K-FAC's KL clip on the Q steps, in place, before ``clip``: ``ν = min(1, sqrt(kl_clip / (lr² Σ⟨P(Ĝ), Ĝ⟩)))``
+        with ``P(Ĝ) = −S/lr`` (the author's code clips Q this way); the recursion keeps the unscaled ``S`` in ``M``.
+        Between inverse steps ``Ĝ`` is held in the eigenbasis, so ``S`` is rotated there for the inner product
+        (two more GEMMs per block, only with ``kl_clip``)."""
+        same_basis = batches.rotate(self._ops, states, steps) if in_eigenbasis else steps
+        total = torch.stack([torch.vdot(s.flatten(), g.flatten()) for s, g in zip(same_basis, g_hats)]).sum()
+        nu = torch.sqrt(kl_clip / (-lr * total).clamp_min(0.0)).clamp(max=1.0)
+        torch._foreach_mul_(steps, nu)
 
     def _change_basis(self, basis: str, taking_part: tuple[int, ...]) -> None:
         """Move the recursion into the eigenbasis of the current ``Ā_j, Γ̄_j`` (``EIGENBASIS``, after an inverse

@@ -34,13 +34,15 @@ class SOKLDWRM(CurvatureOptimizer):
         fisher: str = "sampled",
         predictive: str = "categorical",
         backend: str = "auto",
+        bias: str = "folded",
+        eigenvalue_floor: float = 0.0,
     ) -> None:
         validate_positive_or_none("kl_clip", kl_clip)
         defaults = dict(
             lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay,
-            stat_freq=stat_freq, inv_freq=inv_freq,
+            stat_freq=stat_freq, inv_freq=inv_freq, eigenvalue_floor=eigenvalue_floor,
         )  # fmt: skip
-        super().__init__(model, defaults, fisher, predictive, backend)
+        super().__init__(model, defaults, fisher, predictive, backend, bias)
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
