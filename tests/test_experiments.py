@@ -205,3 +205,29 @@ def test_an_unwritable_output_directory_is_refused_in_one_line(tmp_path, capsys)
     with pytest.raises(SystemExit) as stop:
         mnist.main([*SMOKE, "--out", str(blocked / "study")])
     assert stop.value.code == 2 and "cannot write there" in capsys.readouterr().err
+
+
+def test_the_paper_protocol_is_the_author_s(tmp_path):
+    mnist.main(["--paper", "--optimizers", "kfac,q", "--epochs", "1", "--seeds", "1", "--max-train", "128",
+                "--max-test", "64", "--out", str(tmp_path)])  # fmt: skip
+    runs = {run["optimizer"]: run for run in json.loads((tmp_path / "results.json").read_text())}
+    kfac, q = runs["kfac"]["hyperparameters"], runs["q"]["hyperparameters"]
+    for hyper in (kfac, q):
+        assert (hyper["fisher"], hyper["damping"], hyper["bias"], hyper["eigenvalue_floor"]) == (
+            "empirical", 0.011, "separate", 1e-6,
+        )  # fmt: skip
+    assert kfac["momentum"] == 0.0 and q["kl_clip"] == 0.1
+    assert runs["q"]["settings"]["protocol"] == "paper" and runs["q"]["settings"]["batch_size"] == 512
+    assert "Protocol paper." in (tmp_path / "summary.md").read_text()
+
+
+def test_the_notebooks_protocol_leaves_only_the_test_set_unnormalised():
+    data = datasets.Split(torch.ones(2, 1, 28, 28), torch.zeros(2), torch.ones(2, 1, 28, 28), torch.zeros(2))
+    paper = mnist.normalised(data, mnist.PROTOCOLS["paper"])
+    notebooks = mnist.normalised(data, mnist.PROTOCOLS["notebooks"])
+    expected = (1 - 0.1307) / 0.3081
+    assert torch.allclose(paper.train_x, torch.full_like(data.train_x, expected)) and torch.allclose(
+        paper.test_x, torch.full_like(data.test_x, expected)
+    )
+    assert torch.equal(notebooks.train_x, paper.train_x) and torch.equal(notebooks.test_x, data.test_x)
+    assert mnist.PROTOCOLS["paper"].dropout == 0.5 and mnist.PROTOCOLS["default"].dropout == 0.1
