@@ -187,6 +187,8 @@ def test_a_smoke_run_is_never_reused_for_a_run_with_other_settings(tmp_path, cap
         (["--optimizers", "adam"], "--optimizers: unknown ['adam']"),
         (["--dataset", "idx:/nonexistent"], "not found"),
         (["--dataset", "cifar"], "Invalid dataset: 'cifar'"),
+        (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+        (["--protocol", "fast"], "argument --protocol: invalid choice: 'fast'"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_status_2_before_anything_is_written(tmp_path, capsys, extra, message):

@@ -113,8 +113,15 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
     return overrides
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its own errors (a non-integer count, an unknown option) as one line too."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kldwrm-mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--optimizers", default="kfac,so,q,qe", help="comma-separated subset of kfac,so,q,qe")
