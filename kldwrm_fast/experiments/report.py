@@ -92,6 +92,7 @@ def plot_curves(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
     the dataset, protocol and epochs.
     """
     import matplotlib
+    import matplotlib.ticker
     import numpy as np
 
     matplotlib.use("Agg")
@@ -118,6 +119,7 @@ def plot_curves(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
             legend = f"{OPTIMIZER_LABELS.get(name, name)} (n={len(group)})"
             axis.plot(epochs, mean, color=colours[name], linewidth=2, label=legend)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_ylabel(label)
         axis.set_title(title, fontsize=9)
         axis.grid(alpha=0.3)
