@@ -121,9 +121,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(
-        prog="kldwrm-mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="kldwrm-mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizers", default="kfac,so,q,qe", help="comma-separated subset of kfac,so,q,qe")
     parser.add_argument(
         "--protocol", choices=list(PROTOCOLS), help="default: quick settings; paper: the author's protocol (see README)"
