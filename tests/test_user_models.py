@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_robustness import small_model as mlp
 from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
@@ -20,11 +21,6 @@ CADENCES = [(1, 1), (1, 3), (2, 4)]
 def batch(k=0, n=16, features=5, classes=3, dtype=torch.float32):
     gen = torch.Generator().manual_seed(k)
     return torch.randn(n, features, generator=gen).to(dtype), torch.randint(0, classes, (n,), generator=gen)
-
-
-def mlp(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
 
 
 def train_step(opt, model, x, y, **forward):

@@ -258,12 +258,12 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         """
         blocks = self.curvature.blocks
         with_grad = [i for i, block in enumerate(blocks) if any(p.grad is not None for p in block.params)]
-        new = [i for i in with_grad if inverse_due and not has_curvature(self.block_state(blocks[i]))]
-        joining = self.estimator.joining(new)
+        curved = {i for i in with_grad if has_curvature(self.block_state(blocks[i]))}
+        curved |= self.estimator.joining([i for i in with_grad if inverse_due and i not in curved])
         indices, plain = [], []
         for index in with_grad:
             block = blocks[index]
-            if index in joining or has_curvature(self.block_state(block)):
+            if index in curved:
                 indices.append(index)
                 continue
             plain.append(block)
@@ -285,6 +285,14 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             RuntimeWarning,
             stacklevel=4,
         )
+
+    def _kl_clipped_and_finite(self, directions: list[Tensor], vectors: list[Tensor], lr: float, group: dict) -> bool:
+        """Scale ``directions`` in place by K-FAC's KL clip factor (:func:`kl_clip_factor` with ``vectors``); then
+        whether they are finite (:meth:`_update_is_finite`)."""
+        nu = kl_clip_factor(directions, vectors, lr, group["kl_clip"])
+        if nu is not None:
+            torch._foreach_mul_(directions, nu)
+        return self._update_is_finite(directions, group)
 
     def _update_is_finite(self, updates: list[Tensor], group: dict) -> bool:
         """Whether the computed updates are finite (one host sync; skipped with ``check_numerics = False``).

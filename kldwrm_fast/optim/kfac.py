@@ -9,7 +9,7 @@ from torch import nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.optim.arguments import _check, validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer, kl_clip_factor
+from kldwrm_fast.optim.base import CurvatureOptimizer
 
 
 class KFAC(CurvatureOptimizer):
@@ -68,10 +68,7 @@ class KFAC(CurvatureOptimizer):
         self.estimator.refresh(blocks, info, group["rho"], reweight=None)
         states = [self.block_state(block) for block in blocks]
         directions = info.batches.precondition(self._ops, states, grads, group["damping"])
-        nu = kl_clip_factor(directions, grads, lr, group["kl_clip"])
-        if nu is not None:
-            torch._foreach_mul_(directions, nu)
-        if not self._update_is_finite(directions, group):
+        if not self._kl_clipped_and_finite(directions, grads, lr, group):
             return
         momentum = group["momentum"]
         for block, state, d in zip(blocks, states, directions):

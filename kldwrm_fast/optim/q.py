@@ -176,9 +176,11 @@ class QKLDWRM(CurvatureOptimizer):
         vs = info.batches.rotate(self._ops, states, grads) if in_eigenbasis else grads
         lr_prev = self.global_state["lr_prev"]
         coef = rho * lr_prev / lr if lr_prev and lr else 0.0
-        carried = [i for i, state in enumerate(states) if lr_prev is not None and "g_hat" in state]
+        carried = []  # blocks whose recursion continues; the others (re)start it from V
         for i, (state, v) in enumerate(zip(states, vs)):
-            if lr_prev is None or "g_hat" not in state:
+            if lr_prev is not None and "g_hat" in state:
+                carried.append(i)
+            else:
                 state["g_hat"], state["v_prev"], state["m"] = v.clone(), v.clone(), torch.zeros_like(v)
         if carried:
             self._ops.ghat_recursion(

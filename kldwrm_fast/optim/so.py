@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.optim.arguments import validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer, kl_clip_factor
+from kldwrm_fast.optim.base import CurvatureOptimizer
 
 
 class SOKLDWRM(CurvatureOptimizer):
@@ -55,10 +54,7 @@ class SOKLDWRM(CurvatureOptimizer):
             v - coef * state["v_prev"] if coef and "v_prev" in state else v for state, v in zip(states, grads)
         ]
         directions = info.batches.precondition(self._ops, states, differences, group["damping"])
-        nu = kl_clip_factor(directions, differences, lr, group["kl_clip"])
-        if nu is not None:
-            torch._foreach_mul_(directions, nu)
-        if not self._update_is_finite(directions, group):
+        if not self._kl_clipped_and_finite(directions, differences, lr, group):
             return
         for block, state, v, d in zip(blocks, states, grads, directions):
             state["v_prev"] = v
