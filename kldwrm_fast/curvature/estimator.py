@@ -24,7 +24,8 @@ from kldwrm_fast.curvature.base import Curvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
 from kldwrm_fast.curvature.eigen import decompose_many
-from kldwrm_fast.curvature.state import INPUT, SIDES, average_key, eigen_keys
+from kldwrm_fast.curvature.joint import damping_split, whitened_local
+from kldwrm_fast.curvature.state import INPUT, JOINT, OUTPUT, SIDES, average_key, eigen_keys
 from kldwrm_fast.ops import Operations
 
 
@@ -132,6 +133,26 @@ class CurvatureEstimator:
             self._restart_non_finite_averages({factors[i][0] for i in failed})
             info.batches.compact([self.state_of(block) for block in blocks])
 
+    def decompose_joint(self, blocks: list[FactoredBlock], damping: float) -> None:
+        """Q's exact mode on an inverse step, after :meth:`refresh` decomposed the averages: the eigendecomposition
+        of each local factor whitened by its average (:mod:`kldwrm_fast.curvature.joint`), grouped and batched with
+        the fallback ladder as the factors' own, stored under ``Q{side}_joint``, ``d{side}_joint`` (this step only).
+        A whitened factor whose every rung fails gets the identity, not an earlier decomposition."""
+        factors = []
+        for block in blocks:
+            state = self.state_of(block)
+            alphas = dict(zip((OUTPUT, INPUT), damping_split(state["dG"], state["dA"], damping)))
+            for side in SIDES:
+                q, d = (state[key] for key in eigen_keys(side))
+                factors.append((block, side + JOINT, whitened_local(state[side], q, d, alphas[side])))
+        if self.data_parallel.active:
+            self._decompose_distributed(factors, 0.0)
+            return
+        requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
+        for (block, key, _), (vectors, values) in zip(factors, decompose_many(requests, self.ops.eigh)):
+            state = self.state_of(block)
+            state[eigen_keys(key)[0]], state[eigen_keys(key)[1]] = vectors, values
+
     def _restart_non_finite_averages(self, blocks) -> None:
         """Zero the averages that overflowed (found only where a decomposition failed: no sync otherwise), so that
         they grow again from the next statistics instead of staying infinite for good."""
@@ -166,9 +187,11 @@ class CurvatureEstimator:
         """``(matrix, previous decomposition or None, name)`` for the eigendecomposition of one factor."""
         state = self.state_of(block)
         side = key[0]
-        stored = [eigen_keys(name) for name in (key, side) if eigen_keys(name)[0] in state]
+        joint = key.endswith(JOINT)  # no earlier decomposition of the whitened factor stands in for it
+        stored = [eigen_keys(name) for name in (key, side) if eigen_keys(name)[0] in state and not joint]
         previous = (state[stored[0][0]], state[stored[0][1]]) if stored else None
-        kind = f"{'reweighted ' if key.endswith('_hat') else ''}{'input' if side == INPUT else 'output'}"
+        prefix = "reweighted " if key.endswith("_hat") else "whitened local " if joint else ""
+        kind = f"{prefix}{'input' if side == INPUT else 'output'}"
         return matrix, previous, f"{kind} factor of {block.name}"
 
     def _local_factor(self, rows: Tensor, scale: float, dtype: torch.dtype) -> Tensor:

@@ -14,6 +14,8 @@ from torch import Tensor
 
 INPUT, OUTPUT = "A", "G"
 SIDES = (INPUT, OUTPUT)
+JOINT = "_joint"
+"""The suffix of the whitened local factors' decompositions (``curvature_sum="exact"``)."""
 
 
 class BlockState(TypedDict, total=False):
@@ -29,6 +31,9 @@ class BlockState(TypedDict, total=False):
       A block has curvature once ``QA`` exists.
     * ``QA_hat``, ``dA_hat``, ``QG_hat``, ``dG_hat``: Q's decompositions of ``Â``, ``Γ̂`` during an inverse step
       followed by steps without one (removed after that step).
+    * ``QA_joint``, ``dA_joint``, ``QG_joint``, ``dG_joint``: with ``curvature_sum="exact"``, the eigendecompositions
+      of the local factors whitened by their averages (:mod:`kldwrm_fast.curvature.joint`) during an inverse step
+      (removed after that step).
     * ``momentum_buffer``: KFAC's heavy-ball buffer.
     * ``v_prev``: ``V_{k−1}`` (SO; Q's recursion).
     * ``g_hat``, ``m``: Q's ``Ĝ`` and ``M``; between Q's inverse steps with ``inv_freq > 1`` they (and ``v_prev``)
@@ -47,6 +52,10 @@ class BlockState(TypedDict, total=False):
     dA_hat: Tensor
     QG_hat: Tensor
     dG_hat: Tensor
+    QA_joint: Tensor
+    dA_joint: Tensor
+    QG_joint: Tensor
+    dG_joint: Tensor
     momentum_buffer: Tensor
     v_prev: Tensor
     g_hat: Tensor
@@ -73,6 +82,9 @@ EIGEN_KEYS = (*eigen_keys(OUTPUT), *eigen_keys(INPUT))
 
 HAT_EIGEN_KEYS = (*eigen_keys(OUTPUT + "_hat"), *eigen_keys(INPUT + "_hat"))
 """Q's decomposition of ``Γ̂``, ``Â`` in the same order."""
+
+JOINT_EIGEN_KEYS = (*eigen_keys(OUTPUT + JOINT), *eigen_keys(INPUT + JOINT))
+"""Q's exact mode: the whitened local factors' decompositions, output side first."""
 
 AVERAGE_KEYS = (average_key(OUTPUT), average_key(INPUT))
 """``(ea_g, ea_a)``: the averages in the order ``q_precondition`` takes them."""

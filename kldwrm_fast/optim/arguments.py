@@ -54,3 +54,14 @@ def validate_positive_or_none(name: str, value) -> None:
         value is None or (isinstance(value, (int, float)) and 0 < value < math.inf),
         f"Invalid {name}: {value!r}; expected {name} > 0 or None",
     )
+
+
+CURVATURE_SUMS = ("reweighted", "exact")
+
+
+def validate_curvature_sum(curvature_sum) -> None:
+    """Q and QE: how the two-term Kronecker sum of eq. (81) is inverted (docs/algorithms.md §3)."""
+    _check(
+        curvature_sum in CURVATURE_SUMS,
+        f"Invalid curvature_sum: {curvature_sum!r}; expected one of {CURVATURE_SUMS}",
+    )

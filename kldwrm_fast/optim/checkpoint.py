@@ -24,6 +24,10 @@ def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
 class Checkpointing:
     """Saving and loading (see the module docstring)."""
 
+    fixed_options: tuple[str, ...] = ("fisher", "predictive", "bias")
+    """Construction arguments (attributes of the optimizer, copied into its param groups) that a checkpoint must
+    share: loading one saved with another value raises."""
+
     def _check_saved_shapes(self, saved_id_of: dict[int, int], saved_state: dict) -> None:
         """Raise one line when a saved block state does not fit this model's layer (a state_dict of another model)."""
         for block in self.curvature.blocks:
@@ -60,8 +64,9 @@ class Checkpointing:
                 f"Invalid state_dict: saved by {saved_by}, loading into {type(self).__name__}; load it into the "
                 "optimizer class that saved it"
             )
+        ours_by_key = {key: getattr(self, key) for key in self.fixed_options}
         for group in state_dict["param_groups"]:
-            for key, ours in (("fisher", self.fisher), ("predictive", self.predictive), ("bias", self.bias)):
+            for key, ours in ours_by_key.items():
                 if group.get(key, ours) != ours:
                     raise ValueError(
                         f"Invalid state_dict: saved with {key}={group[key]!r}, loading into {key}={ours!r}; build "
@@ -73,7 +78,7 @@ class Checkpointing:
         self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # the backend is this machine's choice, not the checkpoint's
-            group.update(fisher=self.fisher, predictive=self.predictive, bias=self.bias)
+            group.update(ours_by_key)
             group.update(backend=self._requested_backend)
         for saved_id, param in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():

@@ -1,4 +1,5 @@
-"""Q-KLD-WRM, Proposition 4.2 / A.1 with the reweighted-factor approximation (S82)–(S89) — docs/algorithms.md §3."""
+"""Q-KLD-WRM, Proposition 4.2 / A.1 with the reweighted-factor approximation (S82)–(S89), or with the two-term
+Kronecker sum of eq. (81) inverted exactly — docs/algorithms.md §3."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from torch import Tensor, nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.batching import BlockBatches
-from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS
+from kldwrm_fast.curvature.joint import exact_step
+from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS, JOINT_EIGEN_KEYS
 from kldwrm_fast.ops import Operations, reference
-from kldwrm_fast.optim.arguments import validate_positive_or_none
+from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positive_or_none
 from kldwrm_fast.optim.base import CurvatureOptimizer
 
 BASIS = "ghat_basis"
@@ -48,6 +50,20 @@ def q_cached_steps(
     return steps, products
 
 
+def q_exact_steps(
+    batches: BlockBatches, ops: Operations, states: list[dict], g_hats: list[Tensor], damping: float, lr: float,
+    iterations: int,
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    """``(S, M)`` per block with ``curvature_sum="exact"`` (:func:`kldwrm_fast.curvature.joint.exact_step`), a
+    batched call per group: the averages' decompositions and the whitened local factors' ones."""
+
+    def compute(_, q_g, d_g, q_a, d_a, u_g, s_g, u_a, s_a, ea_g, ea_a, batch):
+        return exact_step(q_g, d_g, u_g, s_g, q_a, d_a, u_a, s_a, ea_g, ea_a, batch, damping, lr, iterations)
+
+    steps, products = batches.per_group(ops, states, EIGEN_KEYS + JOINT_EIGEN_KEYS + AVERAGE_KEYS, g_hats, compute)
+    return steps, products
+
+
 class QKLDWRM(CurvatureOptimizer):
     """Quadratic KLD-WRM.
 
@@ -76,11 +92,29 @@ class QKLDWRM(CurvatureOptimizer):
     (a warning naming the blocks) on inverse steps, which wait for the eigensolver anyway, at least every
     ``ghat_report_every`` steps, and whenever :attr:`ghat_resets` is read.
 
+    ``curvature_sum="exact"`` (the paper's "approach 1") inverts ``Ā ⊗ Γ̄ + lr A ⊗ Γ`` itself instead of
+    ``Â ⊗ Γ̂``: on an inverse step each local factor is diagonalised together with its average
+    (:mod:`kldwrm_fast.curvature.joint`: the averages' eigendecompositions, then one eigendecomposition per
+    factor of the local factor whitened by its average, batched with the same ladder); the damping ``δ I``, which
+    no joint basis diagonalises, is solved for by conjugate gradients there, to rounding level (at most
+    :attr:`exact_damping_iterations`, three GEMMs per block each, on inverse steps only). ``Â, Γ̂`` are not formed. On
+    the other steps eq. (20) makes the sum ``(1 + lr_k) Ā_j ⊗ Γ̄_j``, preconditioned in the averages' eigenbasis
+    as above, at the reweighted mode's cost. An inverse step decomposes the averages and the whitened local
+    factors (twice the reweighted mode's eigendecompositions when ``inv_freq == 1``, as many otherwise) and adds
+    two GEMMs per block, and three per iteration, to the reweighted mode's six.
+
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``;
     ``kl_clip`` (default None) applies K-FAC's KL clip to the Q step before ``clip``; paper default ``rho=0.5``.
-    ``bias`` and ``eigenvalue_floor`` as for KFAC.
+    ``bias`` and ``eigenvalue_floor`` as for KFAC. ``curvature_sum``: ``"reweighted"`` (default) or ``"exact"``;
+    a checkpoint resumes only with the value it was saved with.
     """
 
+    fixed_options = (*CurvatureOptimizer.fixed_options, "curvature_sum")
+
+    exact_damping_iterations: int = 50
+    """``curvature_sum="exact"`` with damping: the most conjugate-gradient iterations for ``δ I`` on an inverse step
+    (they stop at rounding level, :func:`kldwrm_fast.curvature.joint.tolerance`; docs/algorithms.md §3 gives the
+    counts measured)."""
     ghat_growth_limit: Optional[float] = 100.0
     ghat_report_every: int = 100
     _ghat_reset_counts: Optional[torch.Tensor] = None  # per block, on the device
@@ -102,13 +136,16 @@ class QKLDWRM(CurvatureOptimizer):
         kl_clip: Optional[float] = None,
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
+        curvature_sum: str = "reweighted",
     ) -> None:
         validate_positive_or_none("clip", clip)
         validate_positive_or_none("kl_clip", kl_clip)
+        validate_curvature_sum(curvature_sum)
+        self.curvature_sum = curvature_sum
         defaults = dict(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, kl_clip=kl_clip, eigenvalue_floor=eigenvalue_floor,
-            **self._more_defaults(),
+            curvature_sum=curvature_sum, **self._more_defaults(),
         )  # fmt: skip
         super().__init__(model, defaults, fisher, predictive, backend, bias)
 
@@ -168,10 +205,13 @@ class QKLDWRM(CurvatureOptimizer):
         zero) is taken as 0: the recursion restarts from ``V``.
         """
         rho, lr = group["rho"], info.lr
+        exact = group["curvature_sum"] == "exact"
         states = [self.block_state(block) for block in blocks]
         if info.inverse_due and self.global_state.get(BASIS) == EIGENBASIS:
             self._change_basis(PARAMETER_BASIS, info.indices)  # before its decomposition is replaced
-        self.estimator.refresh(blocks, info, rho, reweight=(1.0 - rho) + lr)
+        self.estimator.refresh(blocks, info, rho, reweight=None if exact else (1.0 - rho) + lr)
+        if exact and info.inverse_due:
+            self.estimator.decompose_joint(blocks, group["damping"])
         in_eigenbasis = self.global_state.get(BASIS) == EIGENBASIS
         vs = info.batches.rotate(self._ops, states, grads) if in_eigenbasis else grads
         lr_prev = self.global_state["lr_prev"]
@@ -196,7 +236,19 @@ class QKLDWRM(CurvatureOptimizer):
         g_hats = [s["g_hat"] for s in states]
         damping = group["damping"]
         step_lr = lr if lr > 0 else 1.0  # lr = 0: S/(−lr) and M are computed with lr 1; S is not applied
-        if in_eigenbasis:
+        if exact and not in_eigenbasis and info.inverse_due:
+            iterations = self.exact_damping_iterations
+            steps, products = q_exact_steps(info.batches, self._ops, states, g_hats, damping, step_lr, iterations)
+            for state in states:
+                for key in JOINT_EIGEN_KEYS:
+                    del state[key]
+        elif exact:  # eq. (20): the sum is (1 + lr) Ā_j ⊗ Γ̄_j, preconditioned in the eigenbasis of Ā_j, Γ̄_j
+            scales = [(1.0, 1.0 + lr)] * len(blocks)
+            rotated = g_hats if in_eigenbasis else info.batches.rotate(self._ops, states, g_hats)
+            steps, products = q_cached_steps(info.batches, self._ops, states, rotated, damping, step_lr, scales)
+            if not in_eigenbasis:  # inv_freq == 1 and this step's inverse skipped (nothing captured): M back out
+                products = info.batches.rotate(self._ops, states, products, inverse=True)
+        elif in_eigenbasis:
             scales = [block.cached_reweight(lr) for block in blocks]
             steps, products = q_cached_steps(info.batches, self._ops, states, g_hats, damping, step_lr, scales)
         elif not self.estimator.steps_without_inverse():

@@ -76,6 +76,7 @@ class QEKLDWRM(QKLDWRM):
         kl_clip: Optional[float] = None,
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
+        curvature_sum: str = "reweighted",
     ) -> None:
         _check(_is_int(n_inner) and n_inner >= 0, f"Invalid n_inner: {n_inner!r}; expected an integer >= 0")
         _check(
@@ -94,7 +95,7 @@ class QEKLDWRM(QKLDWRM):
         self._inner_solver = dict(n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale)
         super().__init__(
             model, lr, rho, damping, clip, weight_decay, stat_freq, inv_freq, fisher, predictive, backend,
-            kl_clip=kl_clip, bias=bias, eigenvalue_floor=eigenvalue_floor,
+            kl_clip=kl_clip, bias=bias, eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum,
         )  # fmt: skip
         self.model = model
         self._network = distributed.unwrap(model)  # evaluated functionally, outside any DDP wrapper
