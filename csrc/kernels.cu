@@ -57,6 +57,41 @@ void launch_gemm(const Operand<T>& a, const Operand<T>& b, const GemmShape& shap
   }
 }
 
+template <typename T, typename Epilogue>
+__global__ void reduce_chunks_kernel(const T* partials, int64_t chunks, int64_t n, Epilogue epilogue) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < n * n) reduce_chunks(partials, chunks, n, e, epilogue);
+}
+
+// The factor update's GEMM, split over row chunks when row_chunks asks for it (csrc/tiled_gemm.h).
+template <typename T>
+void factor_gemm(const T* data, int64_t rows, int64_t n, int64_t row_stride, int64_t col_stride,
+                 const FactorUpdateEpilogue<T>& epilogue, const at::TensorOptions& options) {
+  const RowChunks split = row_chunks(rows, n);
+  if (split.count == 1) {
+    launch_gemm(Operand<T>{data, 0, col_stride, row_stride}, Operand<T>{data, 0, row_stride, col_stride},
+                GemmShape{n, n, rows}, 1, epilogue, true);
+    return;
+  }
+  at::Tensor partials = at::empty({split.count, n, n}, options);
+  T* out = partials.data_ptr<T>();
+  const int64_t full = rows / split.rows, rest = rows - full * split.rows;
+  const int64_t chunk_stride = split.rows * row_stride;
+  const Operand<T> transposed{data, chunk_stride, col_stride, row_stride};
+  const Operand<T> plain{data, chunk_stride, row_stride, col_stride};
+  launch_gemm(transposed, plain, GemmShape{n, n, split.rows}, full, PartialEpilogue<T>{out, n, 0}, true);
+  if (rest > 0) {
+    const T* tail = data + full * chunk_stride;
+    launch_gemm(Operand<T>{tail, 0, col_stride, row_stride}, Operand<T>{tail, 0, row_stride, col_stride},
+                GemmShape{n, n, rest}, 1, PartialEpilogue<T>{out, n, full}, true);
+  }
+  constexpr int threads = 256;
+  const int64_t blocks = (n * n + threads - 1) / threads;
+  reduce_chunks_kernel<T, FactorUpdateEpilogue<T>><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      out, split.count, n, epilogue);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Operand view of a (batch, rows, cols) tensor, or of its transpose.
 template <typename T>
 Operand<T> operand(const at::Tensor& t, bool transpose) {
@@ -228,9 +263,6 @@ at::Tensor factor_update_cuda(const at::Tensor& x, at::Tensor& ea, at::Tensor& r
   const at::Tensor rows = x.to(ea.scalar_type());
   at::Tensor local = at::empty_like(ea);
   AT_DISPATCH_FLOATING_TYPES(ea.scalar_type(), op, [&] {
-    const scalar_t* data = rows.data_ptr<scalar_t>();
-    const Operand<scalar_t> transposed{data, 0, rows.stride(1), rows.stride(0)};
-    const Operand<scalar_t> plain{data, 0, rows.stride(0), rows.stride(1)};
     const FactorUpdateEpilogue<scalar_t> epilogue{local.data_ptr<scalar_t>(),
                                                   ea.data_ptr<scalar_t>(),
                                                   with_reweighted ? reweighted.data_ptr<scalar_t>() : nullptr,
@@ -239,7 +271,7 @@ at::Tensor factor_update_cuda(const at::Tensor& x, at::Tensor& ea, at::Tensor& r
                                                   static_cast<scalar_t>(rho),
                                                   static_cast<scalar_t>(reweight),
                                                   first};
-    launch_gemm(transposed, plain, GemmShape{n, n, rows.size(0)}, 1, epilogue, true);
+    factor_gemm(rows.data_ptr<scalar_t>(), rows.size(0), n, rows.stride(0), rows.stride(1), epilogue, ea.options());
   });
   return local;
 }

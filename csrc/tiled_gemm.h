@@ -177,4 +177,50 @@ struct FactorUpdateEpilogue {
   }
 };
 
+// Row-parallel factor update (docs/algorithms.md §6.1): when the upper tiles alone would give the GPU few blocks
+// (a convolution's input factor: batch x locations rows, small n), the rows are split into chunks. Stage 1 is the
+// batched GEMM with one chunk per batch entry, writing partial Gram entries (PartialEpilogue); stage 2 sums each
+// entry's chunks in chunk order and applies the factor-update epilogue (reduce_chunks). No atomics: the result
+// does not depend on scheduling. The split is a function of the shapes only.
+constexpr int64_t kRowsPerChunk = 4096;  // a chunk has at least this many rows (rounded up to kDepth)
+constexpr int64_t kTargetBlocks = 1024;  // chunks are added until upper tiles x chunks reach about this many
+
+struct RowChunks {
+  int64_t count;  // number of chunks; the last may be shorter
+  int64_t rows;   // rows per chunk
+};
+
+KLD_HD RowChunks row_chunks(int64_t rows, int64_t n, int64_t rows_per_chunk = kRowsPerChunk) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t upper = tiles * (tiles + 1) / 2;
+  const int64_t by_rows = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t by_blocks = kTargetBlocks / upper > 1 ? kTargetBlocks / upper : 1;
+  const int64_t wanted = by_rows < by_blocks ? by_rows : by_blocks;
+  if (wanted <= 1) return RowChunks{1, rows};
+  const int64_t per_chunk = kDepth * (((rows + wanted - 1) / wanted + kDepth - 1) / kDepth);
+  return RowChunks{(rows + per_chunk - 1) / per_chunk, per_chunk};
+}
+
+// Stage 1: entry (i, j) of chunk `chunk_offset + batch`'s partial Gram into partials (chunks, n, n).
+template <typename T>
+struct PartialEpilogue {
+  T* partials;
+  int64_t n;
+  int64_t chunk_offset;
+  KLD_HD void operator()(int64_t batch, int64_t i, int64_t j, T value) const {
+    partials[((chunk_offset + batch) * n + i) * n + j] = value;
+  }
+};
+
+// Stage 2, for linear entry e = i * n + j of the n x n factor: entries on or above the diagonal sum their chunks
+// in chunk order and go to the epilogue (which writes the mirror); entries below are skipped.
+template <typename T, typename Epilogue>
+KLD_HD void reduce_chunks(const T* partials, int64_t chunks, int64_t n, int64_t e, const Epilogue& epilogue) {
+  const int64_t i = e / n, j = e % n;
+  if (j < i) return;
+  T sum = T(0);
+  for (int64_t c = 0; c < chunks; ++c) sum += partials[c * n * n + e];
+  epilogue(0, i, j, sum);
+}
+
 }  // namespace kldwrm

@@ -37,8 +37,11 @@ def lib(tmp_path_factory):
     for name, real in (("product_f64", ctypes.c_double), ("product_f32", ctypes.c_float)):
         getattr(library, name).argtypes = [PTR, PTR, PTR, PTR, I64, I64, I64, I64, PTR, real, PTR, I64, PTR, I64, real]
     library.factor_update_f64.argtypes = (
-        [PTR, I64, I64, I64, I64, PTR, PTR, PTR] + [ctypes.c_double] * 3 + [ctypes.c_int]
+        [PTR, I64, I64, I64, I64, PTR, PTR, PTR] + [ctypes.c_double] * 3 + [ctypes.c_int, I64]
     )
+    library.row_chunk_count.restype = I64
+    library.row_chunk_count.argtypes = [I64, I64, I64]
+    library.rows_per_chunk_default.restype = I64
     library.ghat_f64.argtypes = [ctypes.c_int, PTR, PTR, PTR, PTR, PTR, ctypes.c_double, ctypes.c_int]
     library.ghat_chunk_size.restype = I64
     library.syev_batched_capacity_of.restype = I64
@@ -124,10 +127,22 @@ def test_precondition_chain_matches_reference(lib, n_out, n_in):
     torch.testing.assert_close(result, expected, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("rows, n", [(1, 1), (5, 3), (33, 65), (130, 129)])
+@pytest.mark.parametrize(
+    "rows, n, rows_per_chunk, chunks",
+    [
+        (1, 1, 4096, 1), (5, 3, 4096, 1), (33, 65, 4096, 1), (130, 129, 4096, 1),
+        (100, 5, 16, 7), (96, 5, 16, 6), (33, 65, 16, 3), (1, 5, 16, 1), (130, 70, 32, 5),
+    ],
+    ids=lambda v: str(v),
+)  # fmt: skip
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("with_reweighted", [True, False])
-def test_factor_update_matches_reference_and_is_exactly_symmetric(lib, rows, n, first, with_reweighted):
+def test_factor_update_matches_reference_and_is_exactly_symmetric(
+    lib, rows, n, rows_per_chunk, chunks, first, with_reweighted
+):
+    """Short chunks (16 rows, the GEMM's depth) force the row-parallel path: a partial last chunk, exact chunks, a
+    chunk edge inside the depth loop, several tiles, one row."""
+    assert lib.row_chunk_count(rows, n, rows_per_chunk) == chunks
     g = torch.Generator().manual_seed(rows + n)
     x = torch.randn(n, rows, generator=g, dtype=torch.float64).T  # a non-contiguous (rows, n) view
     start = torch.randn(n, n, generator=g, dtype=torch.float64)
@@ -138,7 +153,7 @@ def test_factor_update_matches_reference_and_is_exactly_symmetric(lib, rows, n, 
     local = torch.full((n, n), float("nan"), dtype=torch.float64)
     lib.factor_update_f64(
         x.data_ptr(), rows, n, x.stride(0), x.stride(1), local.data_ptr(), ea.data_ptr(),
-        hat.data_ptr() if hat is not None else None, 1.0 / rows, 0.9, 1.3, int(first),
+        hat.data_ptr() if hat is not None else None, 1.0 / rows, 0.9, 1.3, int(first), rows_per_chunk,
     )  # fmt: skip
     expected = reference.factor_update(x, ea_expected, hat_expected, 1.0 / rows, 0.9, 1.3, first, with_reweighted)
     torch.testing.assert_close(local, expected, rtol=1e-12, atol=1e-12)
@@ -147,6 +162,14 @@ def test_factor_update_matches_reference_and_is_exactly_symmetric(lib, rows, n, 
     if with_reweighted:
         torch.testing.assert_close(hat, hat_expected, rtol=1e-12, atol=1e-12)
         assert torch.equal(hat, hat.T)
+
+
+def test_a_convolution_sized_factor_update_is_split_into_enough_chunks(lib):
+    """The wide CNN's first layer (262,144 rows, n = 28) would otherwise be one thread block on the whole GPU."""
+    assert lib.rows_per_chunk_default() == 4096
+    assert lib.row_chunk_count(262144, 28, 4096) == 64
+    assert lib.row_chunk_count(4096, 28, 4096) == 1  # few rows: one pass, no workspace
+    assert lib.row_chunk_count(10**6, 4096, 4096) == 1  # 2,080 upper tiles already fill the GPU
 
 
 @pytest.mark.parametrize("width", [1, 4])

@@ -115,6 +115,28 @@ def test_factor_update_matches_reference(cuda_ext, dtype, rows, n, first, with_r
         torch.testing.assert_close(hat_c.cpu(), hat_ref, **_tolerance(dtype))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows, n", [(262144, 28), (20000, 65), (9000, 3)])  # 64, 5 and 3 row chunks
+def test_the_row_parallel_factor_update_matches_reference_and_repeats_bit_for_bit(cuda_ext, dtype, rows, n):
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, n, generator=g, dtype=dtype)
+    ea = torch.eye(n, dtype=dtype)
+    ea_ref = ea.clone()
+    local_ref = reference.factor_update(x, ea_ref, torch.empty(0, dtype=dtype), 1 / rows, 0.95, 0.0, False, False)
+    x_c = x.cuda()
+    runs = []
+    for _ in range(2):
+        ea_c = ea.cuda()
+        local = cuda_ext.CUDA_OPS["factor_update"](x_c, ea_c, torch.empty(0, device="cuda", dtype=dtype), 1 / rows,
+                                                    0.95, 0.0, False, False)  # fmt: skip
+        runs.append((local, ea_c))
+    torch.testing.assert_close(runs[0][0].cpu(), local_ref, **_tolerance(dtype))
+    torch.testing.assert_close(runs[0][1].cpu(), ea_ref, **_tolerance(dtype))
+    assert torch.equal(runs[0][0], runs[0][0].T)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # no atomics: the same sum every time
+
+
 def _eigen_inputs(batch, n_out, n_in, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (batch,) if batch else ()

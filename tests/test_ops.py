@@ -1,5 +1,6 @@
 """Every registered operation: opcheck, and each backend against the PyTorch reference on odd shapes."""
 
+import importlib
 import itertools
 
 import matrices
@@ -59,6 +60,35 @@ def test_factor_update_matches_reference(dtype, n, first, with_reweighted):
         torch.testing.assert_close(ours, ref, **TOLERANCE[dtype])
     if not with_reweighted:
         assert (results["triton"][2] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "rows,n,chunks",
+    [(100, 5, 4), (96, 5, 3), (33, 40, 2), (1, 5, 1), (70, 17, 3)],
+    ids=["partial-last-chunk", "exact-chunks", "chunk-edge-two-tiles", "one-row", "odd"],
+)
+@pytest.mark.parametrize("first,with_reweighted", [(True, True), (False, True), (False, False)])
+def test_the_row_parallel_factor_update_matches_reference(monkeypatch, dtype, rows, n, chunks, first, with_reweighted):
+    """Chunks of 32 rows (the row tile) force the two-stage path on small inputs: chunk edges, a partial last chunk,
+    several tiles, one row. Exactly symmetric, and the same result on a second run (fixed reduction order)."""
+    kernels = importlib.import_module("kldwrm_fast.ops.triton_kernels.factor_update")
+    monkeypatch.setattr(kernels, "ROWS_PER_CHUNK", 32)
+    block_n, block_r = kernels.tile(n, largest=kernels.LARGEST_TILE[dtype]), kernels.tile(rows, largest=32)
+    assert kernels.row_chunks(rows, n, block_n, block_r)[0] == chunks
+    x = torch.randn(rows, n, dtype=dtype, device=DEVICE)
+    ea = spd(n, dtype)
+    expected = [ea.clone(), torch.full_like(ea, 7.0)]
+    local_expected = REFERENCE_OPS["factor_update"](x, *expected, 0.3, 0.9, 1.2, first, with_reweighted)
+    runs = []
+    for _ in range(2):
+        average, reweighted = ea.clone(), torch.full_like(ea, 7.0)
+        local = TRITON_OPS["factor_update"](x, average, reweighted, 0.3, 0.9, 1.2, first, with_reweighted)
+        assert torch.equal(local, local.mT) and torch.equal(average, average.mT)
+        runs.append((local, average, reweighted))
+    for ours, ref in zip(runs[0], (local_expected, *expected)):
+        torch.testing.assert_close(ours, ref, **TOLERANCE[dtype])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

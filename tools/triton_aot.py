@@ -125,7 +125,8 @@ def launches():
     sizes = (5, 20, 100)
     for dtype in (torch.float32, torch.float64):
         name = str(dtype).removeprefix("torch.")
-        for n, rows, first, hat in itertools.product(sizes, (5, 40), (True, False), (True, False)):
+        # 5000 rows split into chunks for every n here (kldwrm_fast.ops.triton_kernels.factor_update.row_chunks).
+        for n, rows, first, hat in itertools.product(sizes, (5, 40, 5000), (True, False), (True, False)):
             x = torch.ones(rows, n, dtype=dtype)
             ea, hat_out = torch.zeros(n, n, dtype=dtype), torch.zeros(n, n, dtype=dtype)
             yield (
@@ -217,7 +218,12 @@ def check(arch: int) -> list[Compiled]:
     return list(results.values())
 
 
-TUNED = {"_bmm_kernel": "bmm", "_factor_update_kernel": "factor_update"}
+TUNED = {
+    "_bmm_kernel": "bmm",
+    "_factor_update_kernel": "factor_update",
+    "_factor_partial_kernel": "factor_partial",
+    "_factor_reduce_kernel": "factor_reduce",
+}
 """Kernels whose launchers read ``num_warps`` from the table, by JIT function name: their table names."""
 CANDIDATES = (4, 8, 2, 16)
 

@@ -57,13 +57,29 @@ void product(const T* a, const int64_t* a_strides, const T* b, const int64_t* b_
   }
 }
 
+// As csrc/kernels.cu's factor_gemm, with the chunk length of row_chunks given (kRowsPerChunk there).
 template <typename T>
 void factor_update(const T* x, int64_t rows, int64_t n, int64_t row_stride, int64_t col_stride, T* local, T* ea,
-                   T* reweighted, T scale, T rho, T reweight, int first) {
-  const Operand<T> transposed{x, 0, col_stride, row_stride};
-  const Operand<T> plain{x, 0, row_stride, col_stride};
-  emulate_gemm(transposed, plain, GemmShape{n, n, rows}, 1,
-               FactorUpdateEpilogue<T>{local, ea, reweighted, n, scale, rho, reweight, first != 0}, true);
+                   T* reweighted, T scale, T rho, T reweight, int first, int64_t rows_per_chunk) {
+  const FactorUpdateEpilogue<T> epilogue{local, ea, reweighted, n, scale, rho, reweight, first != 0};
+  const RowChunks split = row_chunks(rows, n, rows_per_chunk);
+  if (split.count == 1) {
+    emulate_gemm(Operand<T>{x, 0, col_stride, row_stride}, Operand<T>{x, 0, row_stride, col_stride},
+                 GemmShape{n, n, rows}, 1, epilogue, true);
+    return;
+  }
+  std::vector<T> partials(static_cast<typename std::vector<T>::size_type>(split.count * n * n), T(0));
+  const int64_t full = rows / split.rows, rest = rows - full * split.rows;
+  const int64_t chunk_stride = split.rows * row_stride;
+  const Operand<T> transposed{x, chunk_stride, col_stride, row_stride};
+  const Operand<T> plain{x, chunk_stride, row_stride, col_stride};
+  emulate_gemm(transposed, plain, GemmShape{n, n, split.rows}, full, PartialEpilogue<T>{partials.data(), n, 0}, true);
+  if (rest > 0) {
+    const T* tail = x + full * chunk_stride;
+    emulate_gemm(Operand<T>{tail, 0, col_stride, row_stride}, Operand<T>{tail, 0, row_stride, col_stride},
+                 GemmShape{n, n, rest}, 1, PartialEpilogue<T>{partials.data(), n, full}, true);
+  }
+  for (int64_t e = 0; e < n * n; ++e) reduce_chunks(partials.data(), split.count, n, e, epilogue);
 }
 
 // Tables are filled as csrc/kernels.cu fills them; width 4 takes the vectorised path (element by element here)
@@ -117,9 +133,16 @@ void product_f32(const float* a, const int64_t* a_strides, const float* b, const
 
 void factor_update_f64(const double* x, int64_t rows, int64_t n, int64_t row_stride, int64_t col_stride,
                        double* local, double* ea, double* reweighted, double scale, double rho, double reweight,
-                       int first) {
-  factor_update(x, rows, n, row_stride, col_stride, local, ea, reweighted, scale, rho, reweight, first);
+                       int first, int64_t rows_per_chunk) {
+  factor_update(x, rows, n, row_stride, col_stride, local, ea, reweighted, scale, rho, reweight, first,
+                rows_per_chunk);
 }
+
+int64_t row_chunk_count(int64_t rows, int64_t n, int64_t rows_per_chunk) {
+  return row_chunks(rows, n, rows_per_chunk).count;
+}
+
+int64_t rows_per_chunk_default() { return kRowsPerChunk; }
 
 void ghat_f64(int count, double** g_hat, double** v_prev, double** v_new, double** m, const int64_t* numel,
               double coef, int width) {
