@@ -1,6 +1,8 @@
 """The benchmark entries (baselines and our optimizers on each available backend) and how one iteration of each
 is run: shared by the pytest-benchmark suites and ``compare_step_time.py``."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from machine import DEVICE, FULL
@@ -10,7 +12,13 @@ from kldwrm_fast.baselines import ReferenceKFAC
 from kldwrm_fast.ops.dispatch import IMPLEMENTATIONS, unavailable_reason
 
 CADENCES = {"every-step": (1, 1), "10/100": (10, 100), "30/30": (30, 30)}
-OURS = {"kfac": KFAC, "so": SOKLDWRM, "q": QKLDWRM, "qe": QEKLDWRM}
+OURS = {
+    "kfac": KFAC,
+    "so": SOKLDWRM,
+    "q": QKLDWRM,
+    "qexact": functools.partial(QKLDWRM, curvature_sum="exact"),
+    "qe": QEKLDWRM,
+}
 BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
 ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]
 

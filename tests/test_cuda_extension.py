@@ -233,8 +233,12 @@ def test_cusolver_reports_failure_on_the_device_and_the_ladder_recovers(cuda_ext
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_backend_follows_the_torch_trajectory(cuda_ext, cls, dtype):
+@pytest.mark.parametrize("curvature_sum", ["reweighted", "exact"])
+def test_cuda_backend_follows_the_torch_trajectory(cuda_ext, cls, dtype, curvature_sum):
+    if curvature_sum == "exact" and cls not in (QKLDWRM, QEKLDWRM):
+        pytest.skip("curvature_sum is an option of Q and QE")
     extra = dict(n_inner=2) if cls is QEKLDWRM else {}
+    extra.update(curvature_sum=curvature_sum) if cls in (QKLDWRM, QEKLDWRM) else None
     model, batches = model_and_batches(width=70, device="cuda", dtype=dtype)  # 70 > one 64-wide kernel tile
     reference_params, _ = trajectory(cls, "torch", copy.deepcopy(model), batches, **extra)
     ours, opt = trajectory(cls, "cuda", model, batches, **extra)
