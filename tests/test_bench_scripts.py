@@ -1,4 +1,5 @@
-"""The bench scripts run end to end on CPU: the GPU check (tiny shapes) and the interleaved step-time comparison."""
+"""The bench scripts run end to end on CPU: the GPU check (tiny shapes), the interleaved step-time comparison and
+the linear-algebra floor."""
 
 import json
 import os
@@ -48,3 +49,30 @@ def test_step_time_comparison_gives_every_entry_a_ratio_per_round(tmp_path):
 def test_step_time_comparison_names_an_unknown_entry():
     result = run_compare("--cadence", "30/30", "--entries", "sgd,lbfgs")
     assert result.returncode == 2 and "lbfgs" in result.stderr
+
+
+def test_the_floor_comparison_reports_a_ratio_per_optimizer_and_round(tmp_path):
+    out = tmp_path / "floor.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "floor.py"), "--workload", "paper-cnn", "--cadence", "every-step",
+         "--optimizers", "kfac,q", "--repeats", "2", "--min-steps", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    optimizers = json.loads(out.read_text())["optimizers"]
+    assert set(optimizers) == {"kfac", "q", "sgd"}
+    for name in ("kfac", "q"):
+        assert len(optimizers[name]["ratio"]) == 2 and all(f > 0 for f in optimizers[name]["floor_ms"])
+    assert "ours/(SGD+floor)" in result.stdout
+
+
+def test_the_floor_counts_every_layer_of_the_paper_cnn():
+    """(rows, n_in with bias, n_out) per layer at batch 128: the convolutions' rows are batch × output locations."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'bench'); import floor; "
+        "from kldwrm_fast.experiments.models import paper_cnn; "
+        "print(floor.layer_shapes(paper_cnn(), torch.zeros(128, 1, 28, 28)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[(73728, 26, 5), (8192, 126, 7), (128, 113, 30), (128, 31, 10)]"

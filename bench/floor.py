@@ -1,0 +1,171 @@
+"""Iteration time against the linear-algebra floor: ours ÷ (SGD + the bare linear algebra our step must do).
+
+For a workload and cadence, the floor of an optimizer is the arithmetic its step cannot avoid, on the same
+shapes, called directly with torch (no capture, im2col, recursion, checks or bookkeeping), per iteration:
+
+- every ``stat_freq`` steps, per layer, the two local-factor Grams ``xᵀx`` (rows = batch × locations);
+- every ``inv_freq`` steps, per layer, the eigendecompositions: of ``Ā, Γ̄`` (KFAC, SO), of ``Â, Γ̂`` and, when
+  steps without one follow, also of ``Ā, Γ̄`` plus the four GEMMs that move Q's recursion out of and into their
+  eigenbasis (Q);
+- every step, per layer, the four GEMMs of the preconditioning (Q: two more for ``M`` on inverse steps).
+
+SGD's iteration (forward, backward, update) and each floor are timed in the same process, in turns with our
+optimizers, for ``--repeats`` rounds. Reported per optimizer: median ms per iteration and the figure of merit
+``ours / (SGD + floor)`` (median and range over rounds). A ratio of 1 means our step costs nothing beyond that
+arithmetic.
+
+    python bench/floor.py --workload mlp --cadence 30/30 [--optimizers kfac,so,q] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+import warnings
+
+import machine
+import torch
+from entries import CADENCES, make_step
+from torch import nn
+from workloads import WORKLOADS, build
+
+
+def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(rows, n_in with the bias column, n_out)`` of every Linear and Conv2d layer for input ``x``."""
+    shapes, hooks = [], []
+
+    def record(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            rows = output.shape[0] * output.shape[2] * output.shape[3]
+            n_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            rows, n_in = output.numel() // output.shape[-1], module.in_features
+        n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        shapes.append((rows, n_in + int(module.bias is not None), n_out))
+
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            hooks.append(module.register_forward_hook(record))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def floor_cycle(kind: str, shapes, cadence: tuple[int, int], device, dtype=torch.float32):
+    """A function running one cadence cycle (``inv_freq`` steps) of ``kind``'s bare linear algebra."""
+    stat_freq, inv_freq = cadence
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+    layers = []
+    for rows, n_in, n_out in shapes:
+        a_rows, g_rows = rand(rows, n_in), rand(rows, n_out)
+        a, g = a_rows.T @ a_rows / rows, g_rows.T @ g_rows / rows
+        layers.append(dict(a_rows=a_rows, g_rows=g_rows, a=a, g=g, q_a=torch.linalg.eigh(a)[1],
+                           q_g=torch.linalg.eigh(g)[1], v=rand(n_out, n_in)))  # fmt: skip
+    decompositions = 4 if kind == "q" and inv_freq > 1 else 2
+
+    def precondition(layer, extra_gemms):
+        middle = layer["q_g"].T @ layer["v"] @ layer["q_a"]
+        out = layer["q_g"] @ middle @ layer["q_a"].T
+        for _ in range(extra_gemms // 2):
+            out = layer["g"] @ out @ layer["a"]
+        return out
+
+    def cycle():
+        for step in range(inv_freq):
+            for layer in layers:
+                if step % stat_freq == 0:
+                    layer["a_rows"].T @ layer["a_rows"]
+                    layer["g_rows"].T @ layer["g_rows"]
+                if step == 0:
+                    for _ in range(decompositions // 2):
+                        torch.linalg.eigh(layer["a"])
+                        torch.linalg.eigh(layer["g"])
+                    if kind == "q" and inv_freq > 1:
+                        precondition(layer, 0)  # the basis change out of and into the eigenbasis: four GEMMs
+                precondition(layer, 2 if kind == "q" and step == 0 else 0)
+
+    return cycle
+
+
+def measure(workload: str, cadence: str, optimizers: list[str], repeats: int, min_steps: int = 10) -> dict:
+    stat_inv = CADENCES[cadence]
+    model, x, y = build(workload, machine.FULL, machine.DEVICE)
+    shapes = layer_shapes(model, x)
+    runners = {}
+    for entry in ["sgd"] + [f"{name}-torch" for name in optimizers]:
+        model, x, y = build(workload, machine.FULL, machine.DEVICE)
+        _, step = make_step(entry, model, x, y, stat_inv)
+        for _ in range(2):
+            step()
+        runners[entry] = step
+    floors = {name: floor_cycle(name, shapes, stat_inv, machine.DEVICE) for name in optimizers}
+    cycles = -(-min_steps // stat_inv[1])  # whole cadence cycles, at least min_steps steps
+    n_steps = cycles * stat_inv[1]
+    times: dict = {key: [] for key in [*runners, *(f"floor-{name}" for name in optimizers)]}
+    for _ in range(repeats):
+        for entry, step in runners.items():
+            machine.synchronize()
+            start = time.perf_counter()
+            for _ in range(n_steps):
+                step()
+            machine.synchronize()
+            times[entry].append((time.perf_counter() - start) / n_steps * 1e3)
+        for name, cycle in floors.items():
+            machine.synchronize()
+            start = time.perf_counter()
+            for _ in range(cycles):
+                cycle()
+            machine.synchronize()
+            times[f"floor-{name}"].append((time.perf_counter() - start) / n_steps * 1e3)
+    result = {}
+    for name in optimizers:
+        ratios = [
+            ours / (sgd + floor)
+            for ours, sgd, floor in zip(times[f"{name}-torch"], times["sgd"], times[f"floor-{name}"])
+        ]  # fmt: skip
+        result[name] = {"ms": times[f"{name}-torch"], "floor_ms": times[f"floor-{name}"], "ratio": ratios}
+    result["sgd"] = {"ms": times["sgd"]}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=list(WORKLOADS), required=True)
+    parser.add_argument("--cadence", choices=list(CADENCES), required=True)
+    parser.add_argument("--optimizers", default="kfac,so,q", help="comma-separated subset of kfac,so,q")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-steps", type=int, default=10, help="steps per turn (whole cadence cycles)")
+    parser.add_argument("--json", type=pathlib.Path)
+    args = parser.parse_args()
+    optimizers = args.optimizers.split(",")
+    unknown = [name for name in optimizers if name not in ("kfac", "so", "q")]
+    if unknown or args.repeats < 1 or args.min_steps < 1:
+        parser.error(f"--optimizers takes kfac, so, q (got {unknown}); --repeats and --min-steps >= 1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
+        result = measure(args.workload, args.cadence, optimizers, args.repeats, args.min_steps)
+    env = machine.environment()
+    sgd = statistics.median(result["sgd"]["ms"])
+    print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, {args.repeats} rounds; "
+          f"SGD {sgd:.2f} ms/iteration")  # fmt: skip
+    for name in optimizers:
+        r = result[name]
+        ms, floor, ratio = statistics.median(r["ms"]), statistics.median(r["floor_ms"]), r["ratio"]
+        merit = f"{statistics.median(ratio):5.2f} [{min(ratio):.2f}, {max(ratio):.2f}]"
+        print(f"  {name:5s} {ms:9.2f} ms  floor {floor:8.2f} ms  ours/(SGD+floor) {merit}")
+    if args.json:
+        meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats)
+        args.json.write_text(json.dumps({"environment": meta, "optimizers": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
