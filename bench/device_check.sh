@@ -3,7 +3,8 @@
 # ./device-check): build the CUDA extension, the reproductions of the ahead-of-time audit (issue 14: cuSOLVER's
 # eigenvector layout in the batched path, float64 Triton accuracy, grid and 2^31 limits, a second device, QE's
 # weights without a sync), the other GPU tests (every CUDA op, the eigensolver and whole
-# trajectories against the reference), bench/gpu_check.py (accuracy and timing tables), then the step-time
+# trajectories against the reference), bench/gpu_check.py (accuracy and timing tables, and the dispatch table
+# measured on this GPU for KLDWRM_DISPATCH_TABLE), then the step-time
 # suite on the paper CNN and the MLP at the 10/100 cadence (the issue's GPU targets), and the host time and
 # operation count of a plain step (what bounds a launch-bound small model).
 set -uo pipefail
@@ -15,7 +16,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 { time pip install --no-build-isolation --no-deps -e . ; } > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 python -m pytest -q -rs tests/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_audit.txt"
 python -m pytest -q -m gpu tests --ignore=tests/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_tests.txt"
-python bench/gpu_check.py --json "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.txt"
+python bench/gpu_check.py --json "$out/gpu_check.json" --tune "$out/dispatch_table.json" 2>&1 | tee "$out/gpu_check.txt"
 python -m pytest bench/test_step_time.py --benchmark-only -q -k "10/100 and (paper-cnn or mlp)" \
   --benchmark-json "$out/step_time.json" 2>&1 | tail -60 | tee "$out/step_time.txt"
 python -m pytest bench/test_host_overhead.py --benchmark-only -q --benchmark-json "$out/host_overhead.json" 2>&1 \

@@ -9,7 +9,9 @@ step decomposes (batches of 16–64 factors of sizes 32–512, single factors up
 CUDA extension (``XsyevBatched`` for batches, ``Xsyevd`` for one), ``torch.linalg.eigh`` on the GPU, and
 ``torch.linalg.eigh`` on the host CPU including both transfers, with the residual ``‖AQ − QΛ‖/‖A‖`` and
 ``‖QᵀQ − I‖``. ``--smoke`` runs tiny shapes on any device (CPU included, Triton through its interpreter) so
-the script itself is tested in CI.
+the script itself is tested in CI. ``--tune FILE`` also writes the dispatch table measured here: per operation
+and size class (:mod:`kldwrm_fast.ops.dispatch_table`), the backend with the least time summed over the cases
+of that class; ``KLDWRM_DISPATCH_TABLE=FILE`` then makes ``backend="auto"`` use it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kldwrm_fast.ops import dispatch
+from kldwrm_fast.ops import dispatch, dispatch_table
 
 
 @dataclass
@@ -211,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device (CI check of this script)")
     parser.add_argument("--json", help="also write the rows and ceilings to this file")
+    parser.add_argument("--tune", help="also write the measured dispatch table (JSON) to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -219,8 +222,10 @@ def main() -> None:
     limits = ceilings(device, args.smoke)
     warmup, repeat = (1, 2) if args.smoke else (5, 25)
     rows = []
+    timings: dict = {}  # (operation, size class) -> {backend: summed ms}
     for name, label, build, n_bytes, flops in cases(device, args.smoke):
         inputs = build()
+        size = dispatch_table.size_class(name, inputs)
         reference = run_case(dispatch.operations("torch"), name, upcast(inputs))
         for backend in backends:
             op = getattr(dispatch.operations(backend), name)
@@ -228,6 +233,8 @@ def main() -> None:
             scratch = fresh(inputs)
             ms = timed(lambda: op(*scratch), device, warmup, repeat)  # mutating ops update their own copies
             rows.append(Row(name, label, backend, error, ms, n_bytes / ms / 1e6, flops / ms / 1e9))
+            per_backend = timings.setdefault((name, size), {})
+            per_backend[backend] = per_backend.get(backend, 0.0) + ms
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {gpu}; torch {torch.__version__}; cuda {torch.version.cuda}; backends: {', '.join(backends)}")
     print(f"ceilings: copy {limits['copy_gb_s']:.0f} GB/s, fp32 GEMM {limits['gemm_tflop_s']:.1f} TFLOP/s")
@@ -249,6 +256,14 @@ def main() -> None:
             f"{r.shape:<15} {r.solver:<12} {r.residual:>12.2e} {r.orthogonality:>9.2e} {r.ms:>9.3f} "
             f"{torch_ms[r.shape] / r.ms:>7.1f}×"
         )
+    if args.tune:
+        table: dict = {}
+        for (name, size), per_backend in sorted(timings.items()):
+            table.setdefault(name, {})[size] = min(per_backend, key=per_backend.get)
+        dispatch_table.validated(table, args.tune)
+        with open(args.tune, "w") as handle:
+            json.dump(table, handle, indent=1, sort_keys=True)
+        print(f"\ndispatch table measured here (KLDWRM_DISPATCH_TABLE={args.tune}):", json.dumps(table, sort_keys=True))
     if args.json:
         with open(args.json, "w") as handle:
             record = {"device": gpu, "ceilings": limits, "rows": [asdict(r) for r in rows]}

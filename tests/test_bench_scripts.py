@@ -12,17 +12,26 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_gpu_check_smoke_run_reports_every_operation(tmp_path):
+def test_gpu_check_smoke_run_reports_every_operation_and_tunes_a_table_auto_accepts(tmp_path):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
+    table = tmp_path / "table.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--json", str(tmp_path / "rows.json")],
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--smoke", "--json", str(tmp_path / "rows.json"),
+         "--tune", str(table)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for op in ("factor_update", "precondition", "q_precondition", "ghat_recursion"):
         assert f"{op} " in result.stdout
     assert "triton" in result.stdout and (tmp_path / "rows.json").exists()
+    from kldwrm_fast.ops import dispatch_table
+
+    tuned = json.loads(table.read_text())
+    assert set(tuned) == {"factor_update", "precondition", "q_precondition", "ghat_recursion"}
+    assert all(backend in ("torch", "triton") for classes in tuned.values() for backend in classes.values())
+    merged = dispatch_table.current_table({"KLDWRM_DISPATCH_TABLE": str(table)})
+    assert all(merged[name][size] == backend for name, classes in tuned.items() for size, backend in classes.items())
 
 
 def run_compare(*args):

@@ -231,6 +231,16 @@ def test_cusolver_reports_failure_on_the_device_and_the_ladder_recovers(cuda_ext
 
 
 @pytest.mark.gpu
+def test_auto_routes_each_call_by_the_dispatch_table_and_follows_the_torch_trajectory(cuda_ext):
+    model, batches = model_and_batches(width=70, device="cuda", dtype=torch.float64)
+    reference_params, _ = trajectory(QKLDWRM, "torch", copy.deepcopy(model), batches)
+    ours, opt = trajectory(QKLDWRM, "auto", model, batches)
+    assert opt.backend == "cuda" and opt._ops.backend.startswith("auto(cuda")
+    for a, b in zip(ours, reference_params):
+        assert (a - b).norm() <= 1e-9 * b.norm()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("curvature_sum", ["reweighted", "exact"])

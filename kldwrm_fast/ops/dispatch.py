@@ -1,9 +1,11 @@
 """The one place where a backend for the fused operations is chosen (docs/algorithms.md §5).
 
 ``backend="auto"`` takes the environment override ``KLDWRM_BACKEND`` when set; otherwise, on CUDA tensors,
-the fastest backend that can run (CUDA extension, then Triton, then PyTorch), and PyTorch on CPU tensors.
-It never fails where ``"torch"`` works. An explicit backend that cannot run raises ``RuntimeError`` saying
-why.
+each call goes to the implementation the dispatch table names for its operation and size class among those
+that can run (:mod:`kldwrm_fast.ops.dispatch_table`; the eigensolver and the reported backend are the first
+that can run of CUDA extension, Triton), and PyTorch on CPU tensors. It never fails where ``"torch"`` works.
+An explicit backend forces its implementation for every call; one that cannot run raises ``RuntimeError``
+saying why.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from kldwrm_fast.ops.dispatch_table import SIZE_CLASSES, current_table, size_class
 from kldwrm_fast.ops.table import NAMES, OPERATIONS
 
 ENV_OVERRIDE = "KLDWRM_BACKEND"
@@ -167,3 +170,40 @@ def operations(backend: str) -> Operations:
     if backend not in REGISTRY:
         raise RuntimeError(f"no operations are registered for backend {backend!r}")
     return REGISTRY[backend].load()
+
+
+def _router(name: str, by_size: dict[str, Callable]) -> Callable:
+    def call(*args):
+        return by_size[size_class(name, args)](*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def routed_operations(implementations: dict[str, Operations], table: dict[str, dict[str, str]]) -> Operations:
+    """``auto`` on a GPU: per call, the implementation ``table`` names for the operation and its size class
+    (:mod:`kldwrm_fast.ops.dispatch_table`), among ``implementations`` (by backend name, the preferred first); a
+    name not among them falls back to the first. The eigensolver is the first implementation's."""
+    preferred = next(iter(implementations))
+    functions = {}
+    for name in NAMES:
+        chosen = {
+            size: table[name][size] if table[name][size] in implementations else preferred for size in SIZE_CLASSES
+        }
+        by_size = {size: implementations[backend].functions[name] for size, backend in chosen.items()}
+        distinct = set(chosen.values())
+        functions[name] = by_size["small"] if len(distinct) == 1 else _router(name, by_size)
+    label = "auto(" + ", ".join(implementations) + ")"
+    return Operations(label, functions, eigh=implementations[preferred].eigh)
+
+
+def operations_for(requested: str, device: torch.device) -> tuple[str, Operations]:
+    """``(resolved backend, its operations)`` for an optimizer's ``backend`` argument on ``device``: ``"auto"`` on
+    CUDA tensors (without a ``KLDWRM_BACKEND`` override) routes each call by the dispatch table among the
+    backends that can run; anything else is the one backend :func:`resolve_backend` names."""
+    backend = resolve_backend(requested, device)
+    override = os.environ.get(ENV_OVERRIDE, "").strip() not in ("", "auto")
+    if requested != "auto" or override or device.type != "cuda":
+        return backend, operations(backend)
+    names = [name for name in AUTO_ORDER if unavailable_reason(name, device) is None] + ["torch"]
+    return backend, routed_operations({name: operations(name) for name in names}, current_table())

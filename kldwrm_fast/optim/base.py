@@ -33,7 +33,7 @@ from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
 from kldwrm_fast.curvature.estimator import CurvatureEstimator, StepInfo
 from kldwrm_fast.curvature.state import has_curvature
-from kldwrm_fast.ops import Operations, operations, resolve_backend
+from kldwrm_fast.ops import Operations, operations_for
 from kldwrm_fast.optim.arguments import _check, validate_common, validate_structure
 from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
 
@@ -95,8 +95,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self.fisher = fisher
         self.predictive = predictive
         self._requested_backend = backend
-        self.backend = resolve_backend(backend, self.curvature.blocks[0].key.device)
-        ops = operations(self.backend)
+        self.backend, ops = operations_for(backend, self.curvature.blocks[0].key.device)
         self._batches = BlockBatches(curvature.blocks)  # every block; subsets are cached in _batch_cache
         self._batch_cache: dict[tuple[int, ...], BlockBatches] = {}
         self._layout = self._parameter_layout()
@@ -196,8 +195,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                     state[key] = value.to(device=block.key.device, dtype=dtype)
         self._batches = BlockBatches(self.curvature.blocks)
         self._batch_cache = {}
-        self.backend = resolve_backend(self._requested_backend, self.curvature.blocks[0].key.device)
-        self._ops = operations(self.backend)
+        self.backend, self._ops = operations_for(self._requested_backend, self.curvature.blocks[0].key.device)
         self._layout = layout
 
     @torch.no_grad()
