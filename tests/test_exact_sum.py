@@ -39,10 +39,12 @@ def block_form(layer, tensors):
     return torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
 
-def record(lrs, cadence, damping, curvature_sum, iterations=50):
+def record(lrs, cadence, damping, curvature_sum, iterations=50, eval_steps=()):
     """Run Q on the tiny network; per step and layer ``(V, S, Γ, A, Γ̄, Ā, lr)`` (local factors as used).
 
-    With damping, the conjugate gradients run to rounding level (the largest layer has 16 unknowns)."""
+    With damping, the conjugate gradients run to rounding level (the largest layer has 16 unknowns). Steps in
+    ``eval_steps`` run the forward in eval mode: nothing is captured, so a due step has no new statistics and
+    no decomposition (eq. (20) holds with the last inverse step's averages)."""
     net, x, y = make_model()
     opt = QKLDWRM(
         net, lr=lrs[0], rho=RHO, damping=damping, clip=None, stat_freq=cadence, inv_freq=cadence,
@@ -55,10 +57,11 @@ def record(lrs, cadence, damping, curvature_sum, iterations=50):
         opt.param_groups[0]["lr"] = lr
         before = [block_form(layer, [layer.weight.detach().clone(), layer.bias.detach().clone()]) for layer in layers]
         opt.zero_grad()
+        net.train(k not in eval_steps)
         (0.5 * (net(x) - y).pow(2).sum(1).mean()).backward()
         grads = [block_form(layer, [layer.weight.grad.clone(), layer.bias.grad.clone()]) for layer in layers]
         opt.step()
-        fresh = k % cadence == 0
+        fresh = k % cadence == 0 and k not in eval_steps
         entry = []
         for layer, v, old in zip(layers, grads, before):
             state = opt.state[layer.weight]
@@ -103,6 +106,14 @@ LRS = {"fixed": [0.05] * N_STEPS, "varying": [0.05 * 1.15**k for k in range(N_ST
 def test_exact_mode_minimises_the_two_term_kronecker_sum_objective(lrs, cadence):
     history = record(lrs, cadence, 0.0, "exact")
     assert max(relative_errors(history, 0.0)) < 1e-10
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01])
+def test_a_due_step_without_new_statistics_at_every_step_cadence_follows_eq_20(damping):
+    """``stat_freq = inv_freq = 1`` with a step that captured nothing: no decomposition, the recursion stays in the
+    parameter basis, and the sum is ``(1 + lr) Ā_j ⊗ Γ̄_j`` (M rotated back out of the eigenbasis)."""
+    history = record(LRS["varying"], 1, damping, "exact", eval_steps=(4, 5))
+    assert max(relative_errors(history, damping)) < 1e-10
 
 
 @pytest.mark.parametrize("cadence", [1, 3])
