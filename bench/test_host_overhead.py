@@ -6,7 +6,10 @@ On a GPU, small models are launch-bound: SGD on the paper CNN takes 1.69 ms per 
 step that issues a few hundred operations costs as much as the whole iteration. This times ``opt.step()``
 alone (host time until it returns, which on CUDA is the enqueueing; the numerics check's one device read
 included) with a batch of two, where the arithmetic is negligible, and records in ``extra_info`` how many
-ATen operations the step dispatches (``compute_ops``: kernels on a GPU; ``view_ops``: metadata only).
+ATen operations the step dispatches (``compute_ops``: kernels on a GPU; ``view_ops``: metadata only). The
+``compiled`` cases time our optimizers' :meth:`compiled_step` (the plain step through ``torch.compile`` with
+``fullgraph=True``; on CUDA with ``mode="reduce-overhead"``, replayed as a CUDA graph); their operation count is
+not taken (the compiled graph runs fused kernels, not ATen operations one by one).
 """
 
 import pytest
@@ -40,8 +43,13 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
+COMPILED = [entry for entry in ENTRIES if entry.split("-")[0] in ("kfac", "so", "q", "qexact")]
+
+
+@pytest.mark.parametrize("entry", ENTRIES + [f"{entry}-compiled" for entry in COMPILED])
 def test_plain_step_host_time(benchmark, entry):
+    compiled = entry.endswith("-compiled")
+    entry = entry.removesuffix("-compiled")
     make, shape, _ = WORKLOADS["paper-cnn"][False]
     torch.manual_seed(0)
     model = make().to(DEVICE)
@@ -57,11 +65,18 @@ def test_plain_step_host_time(benchmark, entry):
         synchronize()
 
     plain_gradients()
+    benchmark.group = "plain step host time, paper-cnn, batch 2"
+    benchmark.extra_info.update(environment())
+    if compiled:
+        step = opt.compiled_step(**({"mode": "reduce-overhead"} if DEVICE.type == "cuda" else {}))
+        for _ in range(3):  # compile (and record the graph) outside the timing
+            plain_gradients()
+            step()
+        benchmark.pedantic(step, setup=plain_gradients, rounds=200, warmup_rounds=5)
+        return
     counter = OpCounter()
     with counter:
         opt.step()
-    benchmark.group = "plain step host time, paper-cnn, batch 2"
     benchmark.pedantic(opt.step, setup=plain_gradients, rounds=200, warmup_rounds=5)
-    benchmark.extra_info.update(environment())
     benchmark.extra_info["compute_ops"] = counter.compute_ops
     benchmark.extra_info["view_ops"] = counter.view_ops

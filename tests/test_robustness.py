@@ -331,3 +331,59 @@ def test_steps_between_inverse_steps_never_read_device_values_on_the_host(cls, m
         step(opt, model, *batch(k))
     monkeypatch.undo()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM])
+def test_plain_steps_check_numerics_on_the_device_without_reading_a_value(cls, monkeypatch):
+    """With the default ``check_numerics`` a plain step (no statistics, no decomposition) decides on the device:
+    NaN gradients leave the parameters and KFAC's momentum as they were, zero the recursions of SO and Q (they
+    restart), and are counted and reported at the next step that synchronises."""
+    model = small_model()
+    extra = dict(n_inner=2) if cls is QEKLDWRM else {}
+    opt = cls(model, lr=0.05, stat_freq=4, inv_freq=4, **extra)
+    step(opt, model, *batch(0))
+    step(opt, model, *batch(1))
+    before = snapshot(opt, model)
+
+    def forbidden(*args, **kwargs):
+        raise _HostSyncError("a plain step read a tensor value on the host")
+
+    x, y = batch(2)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[2].bias.grad[1] = float("nan")
+    names = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "nonzero")
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    opt.step()
+    monkeypatch.undo()
+    after = snapshot(opt, model)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))  # no parameter moved
+    if cls is KFAC:
+        assert all(torch.equal(before[1][i]["momentum_buffer"], after[1][i]["momentum_buffer"]) for i in (0, 2))
+    else:
+        assert all((s["v_prev"] == 0).all() for s in opt.block_states())  # the recursion restarts
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    step(opt, model, *batch(3))  # a plain step after the rejected one
+    monkeypatch.undo()
+    assert opt.global_state["step"] == 4
+    if cls in (QKLDWRM, QEKLDWRM):  # restarted from V: Ĝ_3 = V_3, in the basis the recursion is carried in
+        assert all(torch.equal(s["g_hat"], s["v_prev"]) for s in opt.block_states())
+    with pytest.warns(RuntimeWarning, match=r"1 step\(s\) between statistics steps had NaN or Inf"):
+        assert opt.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+def test_a_rejected_plain_step_moves_no_parameter(cls):
+    model = small_model()
+    opt = cls(model, lr=0.05, stat_freq=4, inv_freq=4)
+    step(opt, model, *batch(0))
+    x, y = batch(1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -45,12 +45,13 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     prebuilt :class:`~kldwrm_fast.curvature.Curvature` such as the exact
     :class:`~kldwrm_fast.curvature.DenseCurvature` used as a test oracle.
 
-    Numerical faults: a NaN or Inf in any gradient, or in the statistics captured for this step, skips the
-    step — parameters and every piece of optimizer state stay as they were — with a warning, and counts it
-    in :attr:`skipped_steps`. An update that comes out non-finite all the same (damping 0 with a factor
-    that has a zero eigenvalue, an overflow) is not applied: the parameters stay, the statistics of the step
-    are kept, the recursions restart, with a warning, also counted. The checks cost two host
-    synchronisations per step; set ``check_numerics = False`` on the instance to trade them for speed.
+    Numerical faults (Note [numerics on the device]): a NaN or Inf in any gradient, or in the statistics captured
+    for this step, skips the step — parameters and every piece of optimizer state stay as they were — with a
+    warning, and counts it in :attr:`skipped_steps`. An update that comes out non-finite all the same (damping 0
+    with a factor that has a zero eigenvalue, an overflow) is not applied: the parameters stay, the statistics
+    of the step are kept, the recursions restart, with a warning, also counted. On statistics and inverse
+    steps the checks are two host synchronisations; on the plain steps between them they are decided on the
+    device, without one. ``check_numerics = False`` on the instance drops the checks.
 
     Copies: the optimizer holds hooks on the model, so ``copy.copy``, ``copy.deepcopy`` and pickling are
     refused; :meth:`state_dict` / :meth:`load_state_dict` carry everything. Loading checks that the state
@@ -102,7 +103,10 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self.state[GLOBAL] = {
             "step": 0, "lr_prev": None, "world_size": self.data_parallel.world_size, "optimizer": type(self).__name__,
         }  # fmt: skip
-        self.skipped_steps = 0
+        self._skipped_host = 0  # steps skipped by a host-side check
+        self._skipped_device: Optional[Tensor] = None  # plain steps skipped on the device, counted there
+        self._skipped_reported = 0  # of those, already warned about
+        self._accepted: Optional[Tensor] = None  # this plain step's verdict (0-dim bool, on the device)
         self._restart = False
         self._warned_plain: set[str] = set()
         self.estimator = CurvatureEstimator(
@@ -219,10 +223,16 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         blocks = self.curvature.blocks
         stats_due, inverse_due = self.estimator.due()
         unscale = self._grad_unscale(stats_due)
-        if self.check_numerics and not self._all_finite(self._checked_tensors(stats_due)):
-            self._skip(f"NaN or Inf in the gradients or statistics of step {k}")
-            self.curvature.clear()
-            return loss
+        plain_step = not (stats_due or inverse_due)
+        self._accepted = None
+        if self.check_numerics and plain_step:
+            self._accepted = self._finite_on_device(self._checked_tensors(False))
+        elif self.check_numerics:
+            self._report_skipped()
+            if not self._all_finite(self._checked_tensors(stats_due)):
+                self._skip(f"NaN or Inf in the gradients or statistics of step {k}")
+                self.curvature.clear()
+                return loss
         indices, plain = self._participants(inverse_due)
         info = StepInfo(
             lr, stats_due, inverse_due, unscale, indices, self._batches_for(indices), group["eigenvalue_floor"]
@@ -232,16 +242,35 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             grads = [blocks[i].gradient(group["weight_decay"], unscale) for i in indices]
             self._update(group, [blocks[i] for i in indices], grads, info)
         for block in plain:
-            block.add_(block.gradient(group["weight_decay"], unscale), alpha=-lr)
+            block.add_(self._masked(block.gradient(group["weight_decay"], unscale)), alpha=-lr)
         for _, param in self.curvature.other_params:
-            _gradient_descent(param, group, unscale)
+            _gradient_descent(param, group, unscale, self._accepted)
         for extra in self.param_groups[1:]:
             for param in extra["params"]:
-                _gradient_descent(param, extra, unscale)
+                _gradient_descent(param, extra, unscale, self._accepted)
+        if self._accepted is not None:
+            rejected = (~self._accepted).to(torch.int64)
+            self._skipped_device = rejected if self._skipped_device is None else self._skipped_device + rejected
         self.curvature.clear()
         self.global_state["step"] = k + 1
         self.global_state["lr_prev"] = None if self._restart else lr
         return loss
+
+    def compiled_step(self, **compile_options) -> Callable[..., Optional[Tensor]]:
+        """:meth:`step`, with the plain steps (no statistics, no decomposition) run through
+        ``torch.compile(self.step, fullgraph=True, **compile_options)``; statistics and inverse steps, and steps
+        with a closure, run eagerly (they wait for the host: eigensolver flags, numerics checks). A plain step
+        makes no host synchronisation (Note [numerics on the device]), so it traces into one graph; on CUDA,
+        ``mode="reduce-overhead"`` replays it as a CUDA graph. Same results as :meth:`step` up to the compiler's
+        reordering of float operations."""
+        compiled = torch.compile(self.step, fullgraph=True, **compile_options)
+
+        def step(closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+            if closure is not None or any(self.estimator.due()):
+                return self.step(closure)
+            return compiled()
+
+        return step
 
     def _participants(self, inverse_due: bool) -> tuple[tuple[int, ...], list[FactoredBlock]]:
         """Note [which blocks take part]
@@ -275,14 +304,41 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                 )
         return tuple(indices), plain
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for NaN or Inf (reads the device-side count of plain steps: a host sync)."""
+        self._report_skipped()
+        return self._skipped_host + self._skipped_reported
+
     def _skip(self, reason: str) -> None:
-        self.skipped_steps += 1
+        self._skipped_host += 1
         warnings.warn(
             f"{type(self).__name__}: {reason}; step skipped, parameters unchanged "
-            f"({self.skipped_steps} skipped so far)",
+            f"({self._skipped_host + self._skipped_reported} skipped so far)",
             RuntimeWarning,
             stacklevel=4,
         )
+
+    def _report_skipped(self) -> None:
+        """Warn about plain steps skipped on the device since the last report (one host transfer, only once one
+        has been counted); called on statistics and inverse steps and when :attr:`skipped_steps` is read."""
+        if self._skipped_device is None:
+            return
+        count = int(self._skipped_device)
+        new, self._skipped_reported = count - self._skipped_reported, count
+        if new:
+            warnings.warn(
+                f"{type(self).__name__}: {new} step(s) between statistics steps had NaN or Inf in their gradients or "
+                f"update; step skipped, parameters unchanged, the recursions restart "
+                f"({self._skipped_host + count} skipped so far)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _masked(self, update: Tensor) -> Tensor:
+        """``update``, zeroed in place when this plain step was rejected on the device (Note [numerics on the
+        device]); as it is otherwise."""
+        return update if self._accepted is None else update.masked_fill_(~self._accepted, 0.0)
 
     def _kl_clipped_and_finite(self, directions: list[Tensor], vectors: list[Tensor], lr: float, group: dict) -> bool:
         """Scale ``directions`` in place by K-FAC's KL clip factor (:func:`kl_clip_factor` with ``vectors``); then
@@ -299,7 +355,12 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         parameter update with a warning, and the recursions across it restart (``lr_prev`` is dropped), so
         nothing non-finite reaches the parameters or the next step.
         """
-        if not self.check_numerics or self._all_finite(updates):
+        if not self.check_numerics:
+            return True
+        if self._accepted is not None:
+            self._accepted = self._accepted & self._finite_on_device(updates)
+            return True
+        if self._all_finite(updates):
             return True
         self._restart = True
         self._skip(
@@ -332,13 +393,24 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             tensors += [t for block in self.curvature.blocks for t in block.captured()]
         return tensors
 
-    def _all_finite(self, tensors: list[Tensor]) -> bool:
-        """One host sync: are all ``tensors`` (and a loss scaler's ``found_inf``) finite?
+    def _finite_on_device(self, tensors: list[Tensor]) -> Tensor:
+        """Note [numerics on the device]
+            On a plain step (no statistics, no decomposition) the checks are a 0-dim bool on the device,
+            ``self._accepted``: the gradients' check at the start, and'ed with the update's. Every write the step
+            makes is masked by it: parameter updates are zeroed (:meth:`_masked`), KFAC's momentum buffer keeps
+            its value, and the recursion states of SO and Q are zeroed, so they restart at the next step (the host
+            cannot know to drop ``lr_prev``). The step counter advances. Rejected steps are counted on the device and
+            reported on the next statistics or inverse step, or when :attr:`skipped_steps` is read. So a plain step
+            makes no host synchronisation (and traces into one graph under ``torch.compile``).
 
-        The L1 norms of all tensors come from one multi-tensor op per precision (one pass each;
-        ``isfinite().all()`` takes three passes and a launch per tensor); their sum is non-finite whenever any
-        entry is. Only finite entries whose absolute sum overflows (3e38 in float32) would be flagged in error.
-        """
+        Whether all ``tensors`` (and a loss scaler's ``found_inf``) are finite, as a 0-dim bool tensor."""
+        total = self._l1_total(tensors)
+        device = self.curvature.blocks[0].key.device
+        return torch.ones((), dtype=torch.bool, device=device) if total is None else torch.isfinite(total)
+
+    def _l1_total(self, tensors: list[Tensor]) -> Optional[Tensor]:
+        """The sum of the tensors' L1 norms (and ``inf`` for a loss scaler's ``found_inf``): non-finite whenever an
+        entry is. None when there is nothing to check."""
         halves = [t for t in tensors if t.dtype in HALF_DTYPES]
         others = [t for t in tensors if t.dtype not in HALF_DTYPES]
         # Half-precision sums would overflow at 65504: those are summed in float32.
@@ -351,8 +423,19 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         if found_inf is not None:
             totals.append(torch.where(found_inf.reshape(()) > 0, math.inf, 0.0))
         if not totals:
+            return None
+        return sum(t.to(totals[0].device) for t in totals)
+
+    def _all_finite(self, tensors: list[Tensor]) -> bool:
+        """One host sync: are all ``tensors`` (and a loss scaler's ``found_inf``) finite?
+
+        The L1 norms of all tensors come from one multi-tensor op per precision (one pass each;
+        ``isfinite().all()`` takes three passes and a launch per tensor); their sum is non-finite whenever any
+        entry is. Only finite entries whose absolute sum overflows (3e38 in float32) would be flagged in error.
+        """
+        total = self._l1_total(tensors)
+        if total is None:
             return True
-        total = sum(t.to(totals[0].device) for t in totals)
         if not self.data_parallel.active:
             return math.isfinite(total.item())
         # Local statistics differ between ranks: all must agree to skip, or their collectives would part.
@@ -365,12 +448,16 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         raise NotImplementedError
 
 
-def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor]) -> None:
-    """``p ← p − lr (∇p + wd · p)`` with the group's lr and weight decay; untouched when ``p.grad`` is None."""
+def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor], accepted: Optional[Tensor]) -> None:
+    """``p ← p − lr (∇p + wd · p)`` with the group's lr and weight decay; untouched when ``p.grad`` is None, or when
+    ``accepted`` (a plain step's device-side verdict) is false."""
     if param.grad is None:
         return
     grad = param.grad if grad_unscale is None else param.grad * grad_unscale
-    param.add_(torch.add(grad, param, alpha=group["weight_decay"]), alpha=-group["lr"])
+    update = torch.add(grad, param, alpha=group["weight_decay"])
+    if accepted is not None:
+        update.masked_fill_(~accepted, 0.0)
+    param.add_(update, alpha=-group["lr"])
 
 
 def kl_clip_factor(

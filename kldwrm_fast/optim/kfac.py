@@ -71,11 +71,17 @@ class KFAC(CurvatureOptimizer):
         if not self._kl_clipped_and_finite(directions, grads, lr, group):
             return
         momentum = group["momentum"]
+        accepted = self._accepted
         for block, state, d in zip(blocks, states, directions):
             if momentum:
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.zeros_like(d)
-                buf.mul_(momentum).add_(d)
-                d = buf
+                if accepted is None:
+                    d = buf.mul_(momentum).add_(d)
+                else:  # a rejected plain step keeps the buffer (Note [numerics on the device])
+                    buf.copy_(torch.where(accepted, buf * momentum + d, buf))
+                    d = torch.where(accepted, buf, 0.0)
+            else:
+                d = self._masked(d)
             block.add_(d, alpha=-lr * (1.0 - momentum))

@@ -89,8 +89,8 @@ class QKLDWRM(CurvatureOptimizer):
     whose ``‖Ĝ_k‖ > ghat_growth_limit · ‖V_k‖`` (or is not finite) restarts its recursion from
     ``Ĝ_k = V_k``, counted in :attr:`ghat_resets` (``ghat_growth_limit = None`` disables it). The check and
     the restart run on the device without a host synchronisation; resets are counted there and reported
-    (a warning naming the blocks) on inverse steps, which wait for the eigensolver anyway, at least every
-    ``ghat_report_every`` steps, and whenever :attr:`ghat_resets` is read.
+    (a warning naming the blocks) on inverse steps, which wait for the eigensolver anyway, and whenever
+    :attr:`ghat_resets` is read.
 
     ``curvature_sum="exact"`` (the paper's "approach 1") inverts ``Ā ⊗ Γ̄ + lr A ⊗ Γ`` itself instead of
     ``Â ⊗ Γ̂``: on an inverse step each local factor is diagonalised together with its average
@@ -116,7 +116,6 @@ class QKLDWRM(CurvatureOptimizer):
     (they stop at rounding level, :func:`kldwrm_fast.curvature.joint.tolerance`; docs/algorithms.md §3 gives the
     counts measured)."""
     ghat_growth_limit: Optional[float] = 100.0
-    ghat_report_every: int = 100
     _ghat_reset_counts: Optional[torch.Tensor] = None  # per block, on the device
     _ghat_reported_counts: tuple = ()  # the counts last reported, on the host
 
@@ -166,6 +165,8 @@ class QKLDWRM(CurvatureOptimizer):
         g_norms = torch.stack(torch._foreach_norm(g_hats))
         v_norms = torch.stack(torch._foreach_norm(grads))
         violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
+        if self._accepted is not None:  # a rejected plain step's NaN is not a restart of the guard's
+            violated = violated & self._accepted
         for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
             g_hat.copy_(torch.where(violated[index], v, g_hat))
         n_blocks = len(self.curvature.blocks)
@@ -231,7 +232,7 @@ class QKLDWRM(CurvatureOptimizer):
                 self._guard_recursion(
                     [states[i] for i in carried], [vs[i] for i in carried], tuple(info.indices[i] for i in carried)
                 )  # norms are the same in either basis
-                if info.inverse_due or self.global_state["step"] % self.ghat_report_every == 0:
+                if info.inverse_due:  # waits for the eigensolver anyway
                     self._report_resets()
         g_hats = [s["g_hat"] for s in states]
         damping = group["damping"]
@@ -298,19 +299,27 @@ class QKLDWRM(CurvatureOptimizer):
 
     def _apply_clipped(self, group, blocks, steps, lr) -> None:
         """``W̄ ← W̄ + clip(S)``, with all blocks' scales ``min(1, τ/r)`` computed at once on the device; nothing
-        moves when ``lr = 0`` or when a step is not finite (see ``_update_is_finite``)."""
-        if lr == 0 or not self._update_is_finite(steps, group):
+        moves when ``lr = 0`` or when a step is not finite (see ``_update_is_finite``). A plain step rejected on
+        the device also zeroes the recursion, which restarts (Note [numerics on the device])."""
+        applied = lr != 0 and self._update_is_finite(steps, group)
+        if self._accepted is not None:
+            rejected = ~self._accepted
+            for block in blocks:
+                state = self.block_state(block)
+                for key in ("g_hat", "v_prev", "m"):
+                    state[key].masked_fill_(rejected, 0.0)
+        if not applied:
             return
         tau = group["clip"]
         if tau is None:
             for block, step in zip(blocks, steps):
-                block.add_(step)
+                block.add_(self._masked(step))
             return
         # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r).
         ratios = torch._foreach_div(torch._foreach_norm(steps), [tau * lr * math.sqrt(s.numel()) for s in steps])
         scales = torch.stack(ratios).reciprocal_().clamp_(max=1.0)
         for block, step, scale in zip(blocks, steps, scales.unbind()):
-            block.add_(step.mul_(scale))
+            block.add_(self._masked(step.mul_(scale)))
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr

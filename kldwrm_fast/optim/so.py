@@ -57,5 +57,5 @@ class SOKLDWRM(CurvatureOptimizer):
         if not self._kl_clipped_and_finite(directions, differences, lr, group):
             return
         for block, state, v, d in zip(blocks, states, grads, directions):
-            state["v_prev"] = v
-            block.add_(d, alpha=-lr)
+            state["v_prev"] = self._masked(v)  # zero after a rejected plain step: the recursion restarts
+            block.add_(self._masked(d), alpha=-lr)
