@@ -361,7 +361,7 @@ def test_plain_steps_check_numerics_on_the_device_without_reading_a_value(cls, m
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))  # no parameter moved
     if cls is KFAC:
         assert all(torch.equal(before[1][i]["momentum_buffer"], after[1][i]["momentum_buffer"]) for i in (0, 2))
-    else:
+    elif cls is SOKLDWRM:
         assert all((s["v_prev"] == 0).all() for s in opt.block_states())  # the recursion restarts
     for name in names:
         monkeypatch.setattr(torch.Tensor, name, forbidden)
@@ -370,9 +370,25 @@ def test_plain_steps_check_numerics_on_the_device_without_reading_a_value(cls, m
     assert opt.global_state["step"] == 4
     if cls in (QKLDWRM, QEKLDWRM):  # restarted from V: Ĝ_3 = V_3, in the basis the recursion is carried in
         assert all(torch.equal(s["g_hat"], s["v_prev"]) for s in opt.block_states())
+        assert opt.ghat_resets == 0  # that restart is the skip's, not the growth guard's
     with pytest.warns(RuntimeWarning, match=r"1 step\(s\) between statistics steps had NaN or Inf"):
         assert opt.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_without_the_growth_guard_a_rejected_plain_step_zeroes_q_s_recursion():
+    model = small_model()
+    opt = QKLDWRM(model, lr=0.05, stat_freq=4, inv_freq=4)
+    opt.ghat_growth_limit = None
+    step(opt, model, *batch(0))
+    x, y = batch(1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert all((s[key] == 0).all() for s in opt.block_states() for key in ("g_hat", "v_prev", "m"))
+    step(opt, model, *batch(2))
+    assert all(torch.equal(s["g_hat"], s["v_prev"]) for s in opt.block_states())
 
 
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
@@ -387,3 +403,25 @@ def test_a_rejected_plain_step_moves_no_parameter(cls):
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("cls", [QKLDWRM, QEKLDWRM])
+def test_a_resume_right_after_a_rejected_plain_step_restarts_as_the_run_does(cls):
+    extra = dict(n_inner=2) if cls is QEKLDWRM else {}
+    model = small_model()
+    opt = cls(model, lr=0.05, stat_freq=4, inv_freq=4, **extra)
+    for k in range(2):
+        step(opt, model, *batch(k))
+    x, y = batch(2)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[2].bias.grad[1] = float("nan")  # one block's gradient: every block restarts all the same
+    opt.step()
+    twin_model = copy.deepcopy(model)
+    twin = cls(twin_model, lr=0.05, stat_freq=4, inv_freq=4, **extra)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for k in range(3, 6):
+        step(opt, model, *batch(k))
+        step(twin, twin_model, *batch(k))
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)

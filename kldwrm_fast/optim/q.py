@@ -19,6 +19,9 @@ from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positiv
 from kldwrm_fast.optim.base import CurvatureOptimizer
 
 BASIS = "ghat_basis"
+REJECTED = "rejected"
+"""``global_state`` key: the last plain step was rejected on the device (0-dim bool), so every block's recursion
+restarts at the next step (the growth guard's pass does it; saved with the state, so a resume restarts too)."""
 EIGENBASIS, PARAMETER_BASIS = "eigen", "parameter"
 
 
@@ -165,16 +168,20 @@ class QKLDWRM(CurvatureOptimizer):
         g_norms = torch.stack(torch._foreach_norm(g_hats))
         v_norms = torch.stack(torch._foreach_norm(grads))
         violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
-        if self._accepted is not None:  # a rejected plain step's NaN is not a restart of the guard's
-            violated = violated & self._accepted
+        counted = violated if self._accepted is None else violated & self._accepted  # a rejected step's NaN
+        rejected = self.global_state.get(REJECTED)
+        if rejected is not None:  # the last plain step was rejected: every block restarts, not counted
+            counted = counted & ~rejected
+            violated = violated | rejected
         for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
             g_hat.copy_(torch.where(violated[index], v, g_hat))
         n_blocks = len(self.curvature.blocks)
         if len(indices) == n_blocks:
-            counted = violated.to(torch.int64)
+            counted = counted.to(torch.int64)
         else:
-            counted = violated.new_zeros(n_blocks, dtype=torch.int64)
-            counted[list(indices)] = violated.to(torch.int64)
+            per_block = violated.new_zeros(n_blocks, dtype=torch.int64)
+            per_block[list(indices)] = counted.to(torch.int64)
+            counted = per_block
         counts = self._ghat_reset_counts
         self._ghat_reset_counts = counted if counts is None else counts + counted.to(counts.device)
 
@@ -234,6 +241,7 @@ class QKLDWRM(CurvatureOptimizer):
                 )  # norms are the same in either basis
                 if info.inverse_due:  # waits for the eigensolver anyway
                     self._report_resets()
+        self.global_state.pop(REJECTED, None)
         g_hats = [s["g_hat"] for s in states]
         damping = group["damping"]
         step_lr = lr if lr > 0 else 1.0  # lr = 0: S/(−lr) and M are computed with lr 1; S is not applied
@@ -303,11 +311,15 @@ class QKLDWRM(CurvatureOptimizer):
         the device also zeroes the recursion, which restarts (Note [numerics on the device])."""
         applied = lr != 0 and self._update_is_finite(steps, group)
         if self._accepted is not None:
-            rejected = ~self._accepted
-            for block in blocks:
-                state = self.block_state(block)
-                for key in ("g_hat", "v_prev", "m"):
-                    state[key].masked_fill_(rejected, 0.0)
+            if self.ghat_growth_limit is not None:
+                # The guard's pass at the next step restarts every block (without counting it as its own), so
+                # no pass over the state is needed here.
+                self.global_state[REJECTED] = ~self._accepted
+            else:
+                for block in blocks:
+                    state = self.block_state(block)
+                    for key in ("g_hat", "v_prev", "m"):
+                        state[key].masked_fill_(~self._accepted, 0.0)
         if not applied:
             return
         tau = group["clip"]
