@@ -399,10 +399,10 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             ``self._accepted``: the gradients' check at the start, and'ed with the update's. Every write the step
             makes is masked by it: parameter updates are zeroed (:meth:`_masked`), KFAC's momentum buffer keeps
             its value, and the recursions restart at the next step (the host cannot know to drop ``lr_prev``):
-            SO's previous ``V`` is zeroed, Q restarts every block through its growth guard (``QKLDWRM._apply_clipped``).
-            The step counter advances. Rejected steps are counted on the device and
-            reported on the next statistics or inverse step, or when :attr:`skipped_steps` is read. So a plain step
-            makes no host synchronisation (and traces into one graph under ``torch.compile``).
+            SO's previous ``V`` is zeroed; Q restarts every block through its growth guard's pass (see
+            ``QKLDWRM._apply_clipped``). The step counter advances. Rejected steps are counted on the device and
+            reported on the next statistics or inverse step, or when :attr:`skipped_steps` is read. So a plain
+            step makes no host synchronisation, and traces into one graph under ``torch.compile``.
 
         Whether all ``tensors`` (and a loss scaler's ``found_inf``) are finite, as a 0-dim bool tensor."""
         total = self._l1_total(tensors)
