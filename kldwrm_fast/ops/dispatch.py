@@ -2,8 +2,9 @@
 
 ``backend="auto"`` takes the environment override ``KLDWRM_BACKEND`` when set; otherwise, on CUDA tensors,
 each call goes to the implementation the dispatch table names for its operation and size class among those
-that can run (:mod:`kldwrm_fast.ops.dispatch_table`; the eigensolver and the reported backend are the first
-that can run of CUDA extension, Triton), and PyTorch on CPU tensors. It never fails where ``"torch"`` works.
+that can run (:mod:`kldwrm_fast.ops.dispatch_table`; the eigensolver, and the backend the optimizer reports,
+are those of the first of CUDA extension and Triton that can run), and on CPU tensors to PyTorch. It never
+fails where ``"torch"`` works.
 An explicit backend forces its implementation for every call; one that cannot run raises ``RuntimeError``
 saying why.
 """
