@@ -16,7 +16,6 @@ import argparse
 import json
 import pathlib
 import statistics
-import time
 import warnings
 
 import machine
@@ -37,12 +36,7 @@ def measure(workload: str, cadence: str, entries: list[str], repeats: int, min_s
     times: dict = {entry: [] for entry in entries}
     for _ in range(repeats):
         for entry, step in steps.items():
-            machine.synchronize()
-            start = time.perf_counter()
-            for _ in range(n_steps):
-                step()
-            machine.synchronize()
-            times[entry].append((time.perf_counter() - start) / n_steps * 1e3)
+            times[entry].append(machine.ms_per_call(step, n_steps, n_steps))
     base = times[entries[0]]
     return {e: {"ms": t, "ratio": [a / b for a, b in zip(t, base)]} for e, t in times.items()}
 

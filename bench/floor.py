@@ -23,7 +23,6 @@ import argparse
 import json
 import pathlib
 import statistics
-import time
 import warnings
 
 import machine
@@ -113,19 +112,9 @@ def measure(workload: str, cadence: str, optimizers: list[str], repeats: int, mi
     times: dict = {key: [] for key in [*runners, *(f"floor-{name}" for name in optimizers)]}
     for _ in range(repeats):
         for entry, step in runners.items():
-            machine.synchronize()
-            start = time.perf_counter()
-            for _ in range(n_steps):
-                step()
-            machine.synchronize()
-            times[entry].append((time.perf_counter() - start) / n_steps * 1e3)
+            times[entry].append(machine.ms_per_call(step, n_steps, n_steps))
         for name, cycle in floors.items():
-            machine.synchronize()
-            start = time.perf_counter()
-            for _ in range(cycles):
-                cycle()
-            machine.synchronize()
-            times[f"floor-{name}"].append((time.perf_counter() - start) / n_steps * 1e3)
+            times[f"floor-{name}"].append(machine.ms_per_call(cycle, cycles, n_steps))
     result = {}
     for name in optimizers:
         ratios = [

@@ -1,5 +1,7 @@
 """The machine the benchmarks run on: full sizes on CUDA, reduced sizes on CPU; its description for reports."""
 
+import time
+
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -9,6 +11,16 @@ FULL = DEVICE.type == "cuda"
 def synchronize() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
+
+
+def ms_per_call(function, calls: int, per: int) -> float:
+    """Milliseconds per ``per`` units of work of ``calls`` calls of ``function``, timed between device syncs."""
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    synchronize()
+    return (time.perf_counter() - start) / per * 1e3
 
 
 def environment() -> dict:

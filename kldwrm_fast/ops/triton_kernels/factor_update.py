@@ -38,6 +38,12 @@ def _store_symmetric(ptr, values, rows, cols, n):
 
 
 @triton.jit
+def _tile_indices(pid, BLOCK_N: tl.constexpr):
+    """The 64-bit row (or column) indices of tile ``pid``."""
+    return pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _partial_gram(
     x_ptr, R, N, stride_xr, stride_xn, row_start, row_stop, rows, cols,
     PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -93,8 +99,7 @@ def _factor_update_kernel(
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     if pid_i <= pid_j:
-        rows = pid_i.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = pid_j.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = _tile_indices(pid_i, BLOCK_N), _tile_indices(pid_j, BLOCK_N)
         acc = _partial_gram(x_ptr, R, N, stride_xr, stride_xn, 0, R, rows, cols, PRECISION, ACC, BLOCK_N, BLOCK_R)
         _epilogue(acc, ea_ptr, local_ptr, hat_ptr, rows, cols, N, pid_i == pid_j, scale, rho, reweight,
                   FIRST, WITH_HAT, ACC)  # fmt: skip
@@ -111,8 +116,7 @@ def _factor_partial_kernel(
     pid_j = tl.program_id(1)
     if pid_i <= pid_j:
         chunk = tl.program_id(2).to(tl.int64)
-        rows = pid_i.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = pid_j.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = _tile_indices(pid_i, BLOCK_N), _tile_indices(pid_j, BLOCK_N)
         start = chunk * rows_per_chunk
         acc = _partial_gram(
             x_ptr, R, N, stride_xr, stride_xn, start, start + rows_per_chunk, rows, cols, PRECISION, ACC, BLOCK_N,
@@ -132,8 +136,7 @@ def _factor_reduce_kernel(
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     if pid_i <= pid_j:
-        rows = pid_i.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = pid_j.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = _tile_indices(pid_i, BLOCK_N), _tile_indices(pid_j, BLOCK_N)
         inside = (rows[:, None] < N) & (cols[None, :] < N)
         offsets = rows[:, None] * N + cols[None, :]
         plane = N.to(tl.int64) * N  # chunks × n² passes 2³¹ for wide layers
