@@ -82,14 +82,14 @@ def _conjugate_gradient(apply, rhs: Tensor, inverse_diagonal: Tensor, max_iterat
     Returns ``(solution, iterations run)``.
     """
     inner = lambda x, y: (x * y).sum((-2, -1), keepdim=True)  # noqa: E731
-    target = tolerance(rhs.dtype) * rhs.flatten(-2).norm(dim=-1).amax()
+    targets = tolerance(rhs.dtype) * rhs.flatten(-2).norm(dim=-1)
     solution = inverse_diagonal * rhs
     residual = rhs - apply(solution)
     preconditioned = inverse_diagonal * residual
     direction = preconditioned
     rz = inner(residual, preconditioned)
     for iteration in range(max_iterations):
-        if residual.flatten(-2).norm(dim=-1).amax() <= target:
+        if (residual.flatten(-2).norm(dim=-1) <= targets).all():
             return solution, iteration
         applied = apply(direction)
         curvature = inner(direction, applied)
