@@ -107,6 +107,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self._skipped_device: Optional[Tensor] = None  # plain steps skipped on the device, counted there
         self._skipped_reported = 0  # of those, already warned about
         self._accepted: Optional[Tensor] = None  # this plain step's verdict (0-dim bool, on the device)
+        self._rejected: Optional[Tensor] = None  # ~_accepted, made when first needed (None when _accepted changes)
         self._restart = False
         self._warned_plain: set[str] = set()
         self.estimator = CurvatureEstimator(
@@ -224,7 +225,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         stats_due, inverse_due = self.estimator.due()
         unscale = self._grad_unscale(stats_due)
         plain_step = not (stats_due or inverse_due)
-        self._accepted = None
+        self._accepted = self._rejected = None
         if self.check_numerics and plain_step:
             self._accepted = self._finite_on_device(self._checked_tensors(False))
         elif self.check_numerics:
@@ -241,16 +242,20 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         if indices:
             grads = [blocks[i].gradient(group["weight_decay"], unscale) for i in indices]
             self._update(group, [blocks[i] for i in indices], grads, info)
-        for block in plain:
-            block.add_(self._masked(block.gradient(group["weight_decay"], unscale)), alpha=-lr)
+        if plain:
+            self._add_to_parameters(plain, [block.gradient(group["weight_decay"], unscale) for block in plain], -lr)
         for _, param in self.curvature.other_params:
             _gradient_descent(param, group, unscale, self._accepted)
         for extra in self.param_groups[1:]:
             for param in extra["params"]:
                 _gradient_descent(param, extra, unscale, self._accepted)
         if self._accepted is not None:
-            rejected = (~self._accepted).to(torch.int64)
-            self._skipped_device = rejected if self._skipped_device is None else self._skipped_device + rejected
+            count, device = self._skipped_device, self._accepted.device
+            if count is None or count.device != device:  # the first count, or the model moved
+                count = self._skipped_device = torch.zeros((), dtype=torch.int64, device=device) + (
+                    0 if count is None else count.to(device)
+                )
+            count.add_(self._rejected_on_device())
         self.curvature.clear()
         self.global_state["step"] = k + 1
         self.global_state["lr_prev"] = None if self._restart else lr
@@ -335,10 +340,26 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                 stacklevel=4,
             )
 
+    def _rejected_on_device(self) -> Tensor:
+        """``~self._accepted`` (a plain step's verdict must be set), made once per verdict."""
+        if self._rejected is None:
+            self._rejected = ~self._accepted
+        return self._rejected
+
     def _masked(self, update: Tensor) -> Tensor:
         """``update``, zeroed in place when this plain step was rejected on the device (Note [numerics on the
         device]); as it is otherwise."""
-        return update if self._accepted is None else update.masked_fill_(~self._accepted, 0.0)
+        return update if self._accepted is None else update.masked_fill_(self._rejected_on_device(), 0.0)
+
+    def _add_to_parameters(self, blocks, updates: list[Tensor], alpha: float = 1.0, masked: bool = True) -> None:
+        """``W̄ ← W̄ + alpha · U`` for every block (block form ``updates``, any float dtype, rounded once to the
+        parameters' dtype), in one multi-tensor operation. With ``masked``, the updates are first zeroed in place
+        when this plain step was rejected on the device (:meth:`_masked`)."""
+        params, parts = [], []
+        for block, update in zip(blocks, updates, strict=True):
+            params += block.params
+            parts += block.unflatten(self._masked(update) if masked else update)
+        torch._foreach_add_(params, parts, alpha=alpha)
 
     def _kl_clipped_and_finite(self, directions: list[Tensor], vectors: list[Tensor], lr: float, group: dict) -> bool:
         """Scale ``directions`` in place by K-FAC's KL clip factor (:func:`kl_clip_factor` with ``vectors``); then
@@ -359,6 +380,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             return True
         if self._accepted is not None:
             self._accepted = self._accepted & self._finite_on_device(updates)
+            self._rejected = None
             return True
         if self._all_finite(updates):
             return True
@@ -406,8 +428,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
 
         Whether all ``tensors`` (and a loss scaler's ``found_inf``) are finite, as a 0-dim bool tensor."""
         total = self._l1_total(tensors)
-        device = self.curvature.blocks[0].key.device
-        return torch.ones((), dtype=torch.bool, device=device) if total is None else torch.isfinite(total)
+        if total is None:
+            return torch.ones((), dtype=torch.bool, device=self.curvature.blocks[0].key.device)
+        return (total - total) == 0  # exactly when total is finite: two operations where isfinite takes four
 
     def _l1_total(self, tensors: list[Tensor]) -> Optional[Tensor]:
         """The sum of the tensors' L1 norms (and ``inf`` for a loss scaler's ``found_inf``): non-finite whenever an
@@ -425,7 +448,10 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             totals.append(torch.where(found_inf.reshape(()) > 0, math.inf, 0.0))
         if not totals:
             return None
-        return sum(t.to(totals[0].device) for t in totals)
+        total = totals[0]
+        for other in totals[1:]:
+            total = total + other.to(total.device)
+        return total
 
     def _all_finite(self, tensors: list[Tensor]) -> bool:
         """One host sync: are all ``tensors`` (and a loss scaler's ``found_inf``) finite?
@@ -464,9 +490,15 @@ def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor]
 def kl_clip_factor(
     directions: list[Tensor], vectors: list[Tensor], lr: float, kl_clip: Optional[float]
 ) -> Optional[Tensor]:
-    """``ν = min(1, sqrt(kl_clip / (lr² Σ_blocks ⟨d, v⟩)))`` as a device tensor (no host sync), or None."""
-    if kl_clip is None:
+    """``ν = min(1, sqrt(kl_clip / (lr² Σ_blocks ⟨d, v⟩)))`` as a device tensor (no host sync), or None (also for
+    ``lr = 0``, where ν would be 1)."""
+    if kl_clip is None or lr == 0:
         return None
-    total = torch.stack([torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, vectors)])
-    total = total.sum().clamp_min(0.0)
-    return torch.sqrt(kl_clip / (total * lr * lr)).clamp(max=1.0)
+    total = torch.stack([torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, vectors)]).sum()
+    return kl_clip_scale(total, lr, kl_clip)
+
+
+def kl_clip_scale(inner: Tensor, lr: float, kl_clip: float) -> Tensor:
+    """``min(1, sqrt(kl_clip / (lr² · inner)))`` for ``lr > 0`` (1 where ``inner ≤ 0``; NaN stays NaN), as
+    ``rsqrt(inner) · sqrt(kl_clip)/lr``: four device operations, no host sync."""
+    return (inner.clamp_min(0.0).rsqrt() * (math.sqrt(kl_clip) / lr)).clamp(max=1.0)

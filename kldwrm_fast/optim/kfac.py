@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.optim.arguments import _check, validate_positive_or_none
@@ -71,17 +71,32 @@ class KFAC(CurvatureOptimizer):
         if not self._kl_clipped_and_finite(directions, grads, lr, group):
             return
         momentum = group["momentum"]
+        if momentum:
+            buffers = []
+            for state, d in zip(states, directions):
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(d)
+                buffers.append(state["momentum_buffer"])
+            directions = self._heavy_ball(buffers, directions, momentum)
+        self._add_to_parameters(blocks, directions, -lr * (1.0 - momentum), masked=not momentum)
+
+    def _heavy_ball(self, buffers: list[Tensor], directions: list[Tensor], momentum: float) -> list[Tensor]:
+        """``buf ← μ buf + d`` for every block in multi-tensor operations; returns the updates (the buffers).
+
+        A plain step rejected on the device (Note [numerics on the device]) keeps the buffers as they were and
+        returns zero updates: the directions are zeroed first (they may hold NaN), the buffers are scaled by 1
+        instead of μ (μ made in each buffer's dtype, so an accepted step rounds as the unmasked one does), and
+        the finite buffers are multiplied by the verdict.
+        """
         accepted = self._accepted
-        for block, state, d in zip(blocks, states, directions):
-            if momentum:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.zeros_like(d)
-                if accepted is None:
-                    d = buf.mul_(momentum).add_(d)
-                else:  # a rejected plain step keeps the buffer (Note [numerics on the device])
-                    buf.copy_(torch.where(accepted, buf * momentum + d, buf))
-                    d = torch.where(accepted, buf, 0.0)
-            else:
-                d = self._masked(d)
-            block.add_(d, alpha=-lr * (1.0 - momentum))
+        if accepted is None:
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, directions)
+            return buffers
+        for d in directions:
+            self._masked(d)
+        for dtype in {buf.dtype for buf in buffers}:
+            kept = torch.full((), momentum, dtype=dtype, device=accepted.device)
+            torch._foreach_mul_([buf for buf in buffers if buf.dtype == dtype], torch.where(accepted, kept, 1.0))
+        torch._foreach_add_(buffers, directions)
+        return torch._foreach_mul(buffers, accepted)

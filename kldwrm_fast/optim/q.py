@@ -16,7 +16,7 @@ from kldwrm_fast.curvature.joint import exact_step
 from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS, JOINT_EIGEN_KEYS
 from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer
+from kldwrm_fast.optim.base import CurvatureOptimizer, kl_clip_scale
 
 BASIS = "ghat_basis"
 REJECTED = "rejected"
@@ -176,14 +176,16 @@ class QKLDWRM(CurvatureOptimizer):
         for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
             g_hat.copy_(torch.where(violated[index], v, g_hat))
         n_blocks = len(self.curvature.blocks)
-        if len(indices) == n_blocks:
-            counted = counted.to(torch.int64)
-        else:
+        if len(indices) < n_blocks:
             per_block = violated.new_zeros(n_blocks, dtype=torch.int64)
             per_block[list(indices)] = counted.to(torch.int64)
             counted = per_block
         counts = self._ghat_reset_counts
-        self._ghat_reset_counts = counted if counts is None else counts + counted.to(counts.device)
+        if counts is None or counts.device != counted.device:  # the first count, or the model moved
+            counts = self._ghat_reset_counts = counted.new_zeros(n_blocks, dtype=torch.int64) + (
+                0 if counts is None else counts.to(counted.device)
+            )
+        counts.add_(counted)
 
     def _report_resets(self) -> None:
         """Warn about restarts counted since the last report (one host transfer)."""
@@ -282,8 +284,7 @@ class QKLDWRM(CurvatureOptimizer):
         (two more GEMMs per block, only with ``kl_clip``)."""
         same_basis = batches.rotate(self._ops, states, steps) if in_eigenbasis else steps
         total = torch.stack([torch.vdot(s.flatten(), g.flatten()) for s, g in zip(same_basis, g_hats)]).sum()
-        nu = torch.sqrt(kl_clip / (-lr * total).clamp_min(0.0)).clamp(max=1.0)
-        torch._foreach_mul_(steps, nu)
+        torch._foreach_mul_(steps, kl_clip_scale(total * (-1.0 / lr), lr, kl_clip))
 
     def _change_basis(self, basis: str, taking_part: tuple[int, ...]) -> None:
         """Move the recursion into the eigenbasis of the current ``Ā_j, Γ̄_j`` (``EIGENBASIS``, after an inverse
@@ -314,24 +315,23 @@ class QKLDWRM(CurvatureOptimizer):
             if self.ghat_growth_limit is not None:
                 # The guard's pass at the next step restarts every block (without counting it as its own), so
                 # no pass over the state is needed here.
-                self.global_state[REJECTED] = ~self._accepted
+                self.global_state[REJECTED] = self._rejected_on_device()
             else:
                 for block in blocks:
                     state = self.block_state(block)
                     for key in ("g_hat", "v_prev", "m"):
-                        state[key].masked_fill_(~self._accepted, 0.0)
+                        self._masked(state[key])
         if not applied:
             return
         tau = group["clip"]
         if tau is None:
-            for block, step in zip(blocks, steps):
-                block.add_(self._masked(step))
+            self._add_to_parameters(blocks, steps)
             return
         # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r).
         ratios = torch._foreach_div(torch._foreach_norm(steps), [tau * lr * math.sqrt(s.numel()) for s in steps])
         scales = torch.stack(ratios).reciprocal_().clamp_(max=1.0)
-        for block, step, scale in zip(blocks, steps, scales.unbind()):
-            block.add_(self._masked(step.mul_(scale)))
+        torch._foreach_mul_(steps, scales.unbind())
+        self._add_to_parameters(blocks, steps)
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import nn
 
 from kldwrm_fast.curvature import Curvature
@@ -50,12 +51,14 @@ class SOKLDWRM(CurvatureOptimizer):
         states = [self.block_state(block) for block in blocks]
         # λ_k/λ_{k−1} = lr_{k−1}/lr_k is taken as 0 across a zero lr on either side: the recursion restarts.
         coef = group["rho"] * lr_prev / lr if lr_prev and lr else 0.0
-        differences = [
-            v - coef * state["v_prev"] if coef and "v_prev" in state else v for state, v in zip(states, grads)
-        ]
+        differences = grads
+        if coef and all("v_prev" in state for state in states):
+            differences = torch._foreach_sub(grads, torch._foreach_mul([state["v_prev"] for state in states], coef))
+        elif coef:
+            differences = [v - coef * s["v_prev"] if "v_prev" in s else v for s, v in zip(states, grads)]
         directions = info.batches.precondition(self._ops, states, differences, group["damping"])
         if not self._kl_clipped_and_finite(directions, differences, lr, group):
             return
-        for block, state, v, d in zip(blocks, states, grads, directions):
+        for state, v in zip(states, grads):
             state["v_prev"] = self._masked(v)  # zero after a rejected plain step: the recursion restarts
-            block.add_(self._masked(d), alpha=-lr)
+        self._add_to_parameters(blocks, directions, -lr)
