@@ -174,7 +174,7 @@ class QKLDWRM(CurvatureOptimizer):
             counted = counted & ~rejected
             violated = violated | rejected
         for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
-            g_hat.copy_(torch.where(violated[index], v, g_hat))
+            torch.where(violated[index], v, g_hat, out=g_hat)
         n_blocks = len(self.curvature.blocks)
         if len(indices) < n_blocks:
             per_block = violated.new_zeros(n_blocks, dtype=torch.int64)
