@@ -85,8 +85,9 @@ class KFAC(CurvatureOptimizer):
 
         A plain step rejected on the device (Note [numerics on the device]) keeps the buffers as they were and
         returns zero updates: the directions are zeroed first (they may hold NaN), the buffers are scaled by 1
-        instead of μ (μ made in each buffer's dtype, so an accepted step rounds as the unmasked one does), and
-        the finite buffers are multiplied by the verdict.
+        instead of μ, and the finite buffers are multiplied by the verdict. Both factors are made in each
+        buffer's dtype: an accepted step rounds as the unmasked one does, and on CUDA the multi-tensor kernels
+        take their one-launch path only when the factor's dtype is the tensors'.
         """
         accepted = self._accepted
         if accepted is None:
@@ -95,8 +96,13 @@ class KFAC(CurvatureOptimizer):
             return buffers
         for d in directions:
             self._masked(d)
+        updates: list = [None] * len(buffers)
         for dtype in {buf.dtype for buf in buffers}:
+            members = [i for i, buf in enumerate(buffers) if buf.dtype == dtype]
+            same = [buffers[i] for i in members]
             kept = torch.full((), momentum, dtype=dtype, device=accepted.device)
-            torch._foreach_mul_([buf for buf in buffers if buf.dtype == dtype], torch.where(accepted, kept, 1.0))
-        torch._foreach_add_(buffers, directions)
-        return torch._foreach_mul(buffers, accepted)
+            torch._foreach_mul_(same, torch.where(accepted, kept, 1.0))
+            torch._foreach_add_(same, [directions[i] for i in members])
+            for i, update in zip(members, torch._foreach_mul(same, accepted.to(dtype))):
+                updates[i] = update
+        return updates
