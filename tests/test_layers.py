@@ -13,6 +13,11 @@ CONV_CASES = [
     dict(kernel_size=3, padding="same", padding_mode="reflect"),
     dict(kernel_size=2, stride=(1, 2), padding=1, padding_mode="circular", bias=False),
     dict(kernel_size=3, padding=1, padding_mode="replicate"),
+    # kernel widths ≥ layers.VIEW_COPY_MIN_WIDTH copy the patches from a strided view of the input
+    dict(kernel_size=5),
+    dict(kernel_size=(2, 5), stride=(2, 1), padding=(1, 2), padding_mode="reflect"),
+    dict(kernel_size=5, stride=2, padding=2, bias=False),
+    dict(kernel_size=5, dilation=(1, 2), padding=3),
 ]
 
 
