@@ -68,3 +68,43 @@ def test_reduce_overhead_replays_plain_steps_as_cuda_graphs_and_follows_eager(cl
     model, twin = side_by_side(cls, "cuda", mode="reduce-overhead")
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_learning_rate_schedule_follows_eager_also_when_compiled_from_the_caches(tmp_path, monkeypatch):
+    """lr is read from the param group at every step: a decaying lr must reach the compiled step, also when the
+    second compilation could load the first one's graphs from torch's on-disk caches (with torch 2.14 a graph from
+    AOTAutograd's cache ignored the changing lr: compiled_step does not use that cache)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    for _ in range(2):
+        torch._dynamo.reset()
+        model, twin, batches = twins()
+        eager, compiled_opt = build(KFAC, model), build(KFAC, twin)
+        step = compiled_opt.compiled_step()
+        for i, (x, y) in enumerate(batches):
+            for net, opt in ((model, eager), (twin, compiled_opt)):
+                opt.param_groups[0]["lr"] = 0.05 * 0.9**i
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+            eager.step()
+            step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_past_the_recompile_limit_plain_steps_run_eagerly_with_one_warning(monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model, twin, batches = twins()
+    eager, compiled_opt = build(QKLDWRM, model), build(QKLDWRM, twin)
+    step = compiled_opt.compiled_step()
+    with pytest.warns(RuntimeWarning, match="recompile limit") as record:
+        for x, y in batches:  # the step counter's first change recompiles: over a limit of one
+            for net, opt in ((model, eager), (twin, compiled_opt)):
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+            eager.step()
+            step()
+    assert sum("recompile limit" in str(w.message) for w in record) == 1
+    assert compiled_opt.global_state["step"] == eager.global_state["step"] == len(batches)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

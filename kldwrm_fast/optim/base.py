@@ -26,6 +26,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch._functorch import config as functorch_config
 
 from kldwrm_fast import distributed
 from kldwrm_fast.curvature import Curvature, KroneckerCurvature
@@ -215,10 +216,8 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         lr = group["lr"]
-        _check(
-            isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr),
-            f"Invalid lr: {lr!r}; expected lr >= 0 (set by a scheduler?)",
-        )
+        if not torch.compiler.is_compiling():  # compiled_step checks it on the host (lr is symbolic there)
+            self._check_lr(lr)
         self._follow_parameters()
         k = self.global_state["step"]
         blocks = self.curvature.blocks
@@ -267,15 +266,49 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         with a closure, run eagerly (they wait for the host: eigensolver flags, numerics checks). A plain step
         makes no host synchronisation (Note [numerics on the device]), so it traces into one graph; on CUDA,
         ``mode="reduce-overhead"`` replays it as a CUDA graph. Same results as :meth:`step` up to the compiler's
-        reordering of float operations."""
+        reordering of float operations.
+
+        torch.compile keeps a limited number of compiled versions per function
+        (``torch._dynamo.config.recompile_limit``), and every optimizer's ``step`` is the same function to it;
+        each instance takes one or two. When the limit is reached the plain steps run eagerly from then on, with
+        one warning (the compiler raises before running anything, so no step is lost or taken twice).
+
+        With torch's default backend (inductor; ``mode`` and ``options`` as for ``torch.compile``) the compilation
+        does not use AOTAutograd's cache: with torch 2.14, a graph loaded from it ignored a learning rate that
+        changes between steps (a float the compiler turns into a graph input), so a second run trained with wrong
+        steps, silently (reproduced by ``tests/test_compiled_step.py``)."""
+        if "backend" not in compile_options:
+            mode, options = compile_options.pop("mode", None), compile_options.pop("options", None)
+            compile_options["backend"] = _inductor_without_autograd_cache(mode, options)
         compiled = torch.compile(self.step, fullgraph=True, **compile_options)
+        eager = False
 
         def step(closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
-            if closure is not None or any(self.estimator.due()):
+            nonlocal eager
+            if eager or closure is not None or any(self.estimator.due()):
                 return self.step(closure)
-            return compiled()
+            self._check_lr(self.param_groups[0]["lr"])
+            try:
+                return compiled()
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                eager = True
+                warnings.warn(
+                    f"{type(self).__name__}.compiled_step: torch.compile reached its recompile limit "
+                    f"(torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}; every "
+                    "optimizer's step counts against it); plain steps run eagerly from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self.step()
 
         return step
+
+    @staticmethod
+    def _check_lr(lr) -> None:
+        _check(
+            isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr),
+            f"Invalid lr: {lr!r}; expected lr >= 0 (set by a scheduler?)",
+        )
 
     def _participants(self, inverse_due: bool) -> tuple[tuple[int, ...], list[FactoredBlock]]:
         """Note [which blocks take part]
@@ -473,6 +506,20 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     def _update(self, group: dict, blocks, grads: list[Tensor], info: StepInfo):
         """Apply the step rule of docs/algorithms.md §3 to the blocks (gradients ``grads`` in block form)."""
         raise NotImplementedError
+
+
+def _inductor_without_autograd_cache(mode: Optional[str], options: Optional[dict]) -> Callable:
+    """torch.compile's default backend, inductor with the settings of ``mode`` and ``options``, compiling with
+    AOTAutograd's cache off (see :meth:`CurvatureOptimizer.compiled_step`); the switch costs nothing per call."""
+    from torch._inductor.compile_fx import compile_fx  # imported when compiling: inductor is slow to import
+
+    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **(options or {})}
+
+    def backend(graph, example_inputs):
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(graph, example_inputs, config_patches=patches)
+
+    return backend
 
 
 def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor], accepted: Optional[Tensor]) -> None:
