@@ -49,12 +49,14 @@ def make_step(entry, model, x, y, cadence):
             opt.step()
 
         return opt, step
-    name, backend = entry.rsplit("-", 1)
+    compiled = entry.endswith("-compiled")  # plain steps through opt.compiled_step()
+    name, backend = entry.removesuffix("-compiled").rsplit("-", 1)
     opt = OURS[name](model, stat_freq=stat_freq, inv_freq=inv_freq, backend=backend)
+    optimizer_step = opt.compiled_step() if compiled else opt.step
 
     def step():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        opt.step()
+        optimizer_step()
 
     return opt, step

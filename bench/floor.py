@@ -12,9 +12,11 @@ shapes, called directly with torch (no capture, im2col, recursion, checks or boo
 SGD's iteration (forward, backward, update) and each floor are timed in the same process, in turns with our
 optimizers, for ``--repeats`` rounds. Reported per optimizer: median ms per iteration and the figure of merit
 ``ours / (SGD + floor)`` (median and range over rounds). A ratio of 1 means our step costs nothing beyond that
-arithmetic.
+arithmetic. With ``--compiled`` our optimizers take their plain steps through ``opt.compiled_step()`` (SGD stays
+eager): on small models the plain step's host time is most of what separates us from the floor.
 
-    python bench/floor.py --workload mlp --cadence 30/30 [--optimizers kfac,so,q] [--repeats 3] [--json out.json]
+    python bench/floor.py --workload mlp --cadence 30/30 [--optimizers kfac,so,q] [--repeats 3] [--compiled]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -95,17 +97,20 @@ def floor_cycle(kind: str, shapes, cadence: tuple[int, int], device, dtype=torch
     return cycle
 
 
-def measure(workload: str, cadence: str, optimizers: list[str], repeats: int, min_steps: int = 10) -> dict:
+def measure(
+    workload: str, cadence: str, optimizers: list[str], repeats: int, min_steps: int = 10, compiled: bool = False
+) -> dict:
     stat_inv = CADENCES[cadence]
     model, x, y = build(workload, machine.FULL, machine.DEVICE)
     shapes = layer_shapes(model, x)
+    suffix = "-torch-compiled" if compiled else "-torch"
     runners = {}
-    for entry in ["sgd"] + [f"{name}-torch" for name in optimizers]:
+    for entry in ["sgd"] + [f"{name}{suffix}" for name in optimizers]:
         model, x, y = build(workload, machine.FULL, machine.DEVICE)
         _, step = make_step(entry, model, x, y, stat_inv)
-        for _ in range(2):
+        for _ in range(3):  # the first plain step compiles (with --compiled), the second may recompile
             step()
-        runners[entry] = step
+        runners[entry.removesuffix("-compiled")] = step
     floors = {name: floor_cycle(name, shapes, stat_inv, machine.DEVICE) for name in optimizers}
     cycles = -(-min_steps // stat_inv[1])  # whole cadence cycles, at least min_steps steps
     n_steps = cycles * stat_inv[1]
@@ -133,6 +138,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default="kfac,so,q", help="comma-separated subset of kfac,so,q")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-steps", type=int, default=10, help="steps per turn (whole cadence cycles)")
+    parser.add_argument("--compiled", action="store_true", help="our plain steps through opt.compiled_step()")
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
@@ -141,10 +147,11 @@ def main() -> None:
         parser.error(f"--optimizers takes kfac, so, q (got {unknown}); --repeats and --min-steps >= 1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
-        result = measure(args.workload, args.cadence, optimizers, args.repeats, args.min_steps)
+        result = measure(args.workload, args.cadence, optimizers, args.repeats, args.min_steps, args.compiled)
     env = machine.environment()
     sgd = statistics.median(result["sgd"]["ms"])
-    print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, {args.repeats} rounds; "
+    how = "compiled plain steps" if args.compiled else "eager"
+    print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, {args.repeats} rounds, {how}; "
           f"SGD {sgd:.2f} ms/iteration")  # fmt: skip
     for name in optimizers:
         r = result[name]
@@ -152,7 +159,7 @@ def main() -> None:
         merit = f"{statistics.median(ratio):5.2f} [{min(ratio):.2f}, {max(ratio):.2f}]"
         print(f"  {name:5s} {ms:9.2f} ms  floor {floor:8.2f} ms  ours/(SGD+floor) {merit}")
     if args.json:
-        meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats)
+        meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats, compiled=args.compiled)
         args.json.write_text(json.dumps({"environment": meta, "optimizers": result}, indent=1))
 
 

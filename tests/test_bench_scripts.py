@@ -75,6 +75,19 @@ def test_the_floor_comparison_reports_a_ratio_per_optimizer_and_round(tmp_path):
     assert "ours/(SGD+floor)" in result.stdout
 
 
+def test_the_floor_comparison_runs_compiled_plain_steps(tmp_path):
+    out = tmp_path / "floor.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "floor.py"), "--workload", "paper-cnn", "--cadence", "10/100",
+         "--optimizers", "kfac", "--repeats", "1", "--min-steps", "1", "--compiled", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["environment"]["compiled"] is True and report["optimizers"]["kfac"]["ratio"][0] > 0
+    assert "compiled plain steps" in result.stdout
+
+
 def test_the_floor_counts_every_layer_of_the_paper_cnn():
     """(rows, n_in with bias, n_out) per layer at batch 128: the convolutions' rows are batch × output locations."""
     code = (
