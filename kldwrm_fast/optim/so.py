@@ -50,12 +50,11 @@ class SOKLDWRM(CurvatureOptimizer):
         lr_prev = self.global_state["lr_prev"]
         states = [self.block_state(block) for block in blocks]
         # λ_k/λ_{k−1} = lr_{k−1}/lr_k is taken as 0 across a zero lr on either side: the recursion restarts.
-        restart = lr_prev is None or lr_prev == 0 or lr == 0  # comparisons, not truth values: see compiled_step
-        coef = 0.0 if restart else group["rho"] * lr_prev / lr
+        coef = group["rho"] * lr_prev / lr if lr_prev and lr else 0.0
         differences = grads
-        if not restart and all("v_prev" in state for state in states):
+        if coef and all("v_prev" in state for state in states):
             differences = torch._foreach_sub(grads, torch._foreach_mul([state["v_prev"] for state in states], coef))
-        elif not restart:
+        elif coef:
             differences = [v - coef * s["v_prev"] if "v_prev" in s else v for s, v in zip(states, grads)]
         directions = info.batches.precondition(self._ops, states, differences, group["damping"])
         if not self._kl_clipped_and_finite(directions, differences, lr, group):
