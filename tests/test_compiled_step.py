@@ -108,3 +108,23 @@ def test_past_the_recompile_limit_plain_steps_run_eagerly_with_one_warning(monke
     assert compiled_opt.global_state["step"] == eager.global_state["step"] == len(batches)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_plain_step_does_not_depend_on_the_cadence(tmp_path, monkeypatch):
+    """The cadence test stays out of the graph. Traced, ``k % stat_freq != 0`` became a guard; a run at another
+    cadence that loaded the graph from torch's on-disk caches took that guard along, and it failed at that run's
+    plain steps where ``k`` is a multiple of the first run's ``stat_freq`` (a recompile each time)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    compiles = []
+    for stat_freq, inv_freq in ((10, 20), (30, 30)):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model, _, batches = twins()
+        opt = KFAC(model, lr=0.05, stat_freq=stat_freq, inv_freq=inv_freq)
+        step = opt.compiled_step()
+        for x, y in batches + batches[:9]:  # 29 steps: at the second cadence 10 and 20 are plain
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            step()
+        compiles.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert compiles == [2, 2]  # the first plain step's counter is specialised, the next one's is symbolic

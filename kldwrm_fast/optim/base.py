@@ -66,6 +66,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
     check_numerics = True
+    _known_plain = False  # set by compiled_step around a step it knows to be plain
 
     def __init__(
         self,
@@ -221,7 +222,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self._follow_parameters()
         k = self.global_state["step"]
         blocks = self.curvature.blocks
-        stats_due, inverse_due = self.estimator.due()
+        stats_due, inverse_due = (False, False) if self._known_plain else self.estimator.due()
         unscale = self._grad_unscale(stats_due)
         plain_step = not (stats_due or inverse_due)
         self._accepted = self._rejected = None
@@ -288,6 +289,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             if eager or closure is not None or any(self.estimator.due()):
                 return self.step(closure)
             self._check_lr(self.param_groups[0]["lr"])
+            # step() skips the cadence test: traced, its modular arithmetic on the step counter became guards that
+            # failed (and recompiled) at other steps, or in another run that loaded the graph from torch's caches.
+            self._known_plain = True
             try:
                 return compiled()
             except torch._dynamo.exc.FailOnRecompileLimitHit:
@@ -300,6 +304,8 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                     stacklevel=2,
                 )
                 return self.step()
+            finally:
+                self._known_plain = False
 
         return step
 
