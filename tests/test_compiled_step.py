@@ -91,13 +91,13 @@ def test_a_learning_rate_schedule_follows_eager_also_when_compiled_from_the_cach
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_past_the_recompile_limit_plain_steps_run_eagerly_with_one_warning(monkeypatch):
+def test_past_the_recompile_limit_plain_steps_run_eagerly_with_one_warning():
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model, twin, batches = twins()
     eager, compiled_opt = build(QKLDWRM, model), build(QKLDWRM, twin)
     step = compiled_opt.compiled_step()
-    with pytest.warns(RuntimeWarning, match="recompile limit") as record:
+    limit = torch._dynamo.config.patch(recompile_limit=1)  # monkeypatch's undo breaks this config entry
+    with limit, pytest.warns(RuntimeWarning, match="recompile limit") as record:
         for x, y in batches:  # the step counter's first change recompiles: over a limit of one
             for net, opt in ((model, eager), (twin, compiled_opt)):
                 opt.zero_grad()
