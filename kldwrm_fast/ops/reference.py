@@ -156,6 +156,27 @@ def ghat_recursion(
     # Multi-tensor ops: five launches for all blocks on a GPU, the same element-wise arithmetic as a loop.
     torch._foreach_sub_(g_hat, v_prev)
     torch._foreach_sub_(g_hat, m)
-    torch._foreach_mul_(g_hat, coef)
+    scale_(g_hat, coef)
     torch._foreach_add_(g_hat, v_new)
     torch._foreach_copy_(v_prev, v_new)
+
+
+def scale_(tensors: Sequence[Tensor], scalar: float) -> None:
+    """``t ← scalar · t`` for every tensor, in place: one multi-tensor op, or, while torch.compile traces, one op per
+    tensor. The compiler specialises a Python float passed to a multi-tensor op (a guard on its value), so a
+    factor that depends on the learning rate would recompile the step whenever the rate changes; in a single op
+    per tensor it becomes a graph input, and the compiled kernels fuse the loop anyway."""
+    if torch.compiler.is_compiling():
+        for tensor in tensors:
+            tensor.mul_(scalar)
+    else:
+        torch._foreach_mul_(tensors, scalar)
+
+
+def scaled_add_(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: float) -> None:
+    """``t ← t + alpha · o`` for aligned lists, in place; one multi-tensor op, as :func:`scale_`."""
+    if torch.compiler.is_compiling():
+        for tensor, other in zip(tensors, others, strict=True):
+            tensor.add_(other * alpha)  # add_'s alpha would be specialised too
+    else:
+        torch._foreach_add_(tensors, others, alpha=alpha)

@@ -34,7 +34,7 @@ from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
 from kldwrm_fast.curvature.estimator import CurvatureEstimator, StepInfo
 from kldwrm_fast.curvature.state import has_curvature
-from kldwrm_fast.ops import Operations, operations_for
+from kldwrm_fast.ops import Operations, operations_for, reference
 from kldwrm_fast.optim.arguments import _check, validate_common, validate_structure
 from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
 
@@ -278,9 +278,10 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         does not use AOTAutograd's cache: with torch 2.14, a graph loaded from it ignored a learning rate that
         changes between steps (a float the compiler turns into a graph input), so a second run trained with wrong
         steps, silently (reproduced by ``tests/test_compiled_step.py``)."""
-        if "backend" not in compile_options:
+        if compile_options.get("backend", "inductor") == "inductor":
             mode, options = compile_options.pop("mode", None), compile_options.pop("options", None)
-            compile_options["backend"] = _inductor_without_autograd_cache(mode, options)
+            backend = _InductorWithoutAutogradCache(mode, options, compile_options.get("dynamic"))
+            compile_options["backend"] = backend
         compiled = torch.compile(self.step, fullgraph=True, **compile_options)
         eager = False
 
@@ -398,7 +399,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         for block, update in zip(blocks, updates, strict=True):
             params += block.params
             parts += block.unflatten(self._masked(update) if masked else update)
-        torch._foreach_add_(params, parts, alpha=alpha)
+        reference.scaled_add_(params, parts, alpha)
 
     def _kl_clipped_and_finite(self, directions: list[Tensor], vectors: list[Tensor], lr: float, group: dict) -> bool:
         """Scale ``directions`` in place by K-FAC's KL clip factor (:func:`kl_clip_factor` with ``vectors``); then
@@ -514,18 +515,15 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         raise NotImplementedError
 
 
-def _inductor_without_autograd_cache(mode: Optional[str], options: Optional[dict]) -> Callable:
-    """torch.compile's default backend, inductor with the settings of ``mode`` and ``options``, compiling with
-    AOTAutograd's cache off (see :meth:`CurvatureOptimizer.compiled_step`); the switch costs nothing per call."""
-    from torch._inductor.compile_fx import compile_fx  # imported when compiling: inductor is slow to import
+class _InductorWithoutAutogradCache(torch._TorchCompileInductorWrapper):
+    """torch.compile's default backend (inductor, with ``mode``, ``options`` and ``dynamic`` as there), compiling with
+    AOTAutograd's cache off (see :meth:`CurvatureOptimizer.compiled_step`); the switch costs nothing per call. It
+    is torch's own inductor wrapper, so the compiler treats it as inductor: a plain callable would make it
+    specialise the learning rate and recompile whenever it changes."""
 
-    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **(options or {})}
-
-    def backend(graph, example_inputs):
+    def __call__(self, graph, example_inputs, **kwargs):
         with functorch_config.patch(enable_autograd_cache=False):
-            return compile_fx(graph, example_inputs, config_patches=patches)
-
-    return backend
+            return super().__call__(graph, example_inputs, **kwargs)
 
 
 def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor], accepted: Optional[Tensor]) -> None:

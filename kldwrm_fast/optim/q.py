@@ -328,8 +328,9 @@ class QKLDWRM(CurvatureOptimizer):
             self._add_to_parameters(blocks, steps)
             return
         # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r).
-        ratios = torch._foreach_div(torch._foreach_norm(steps), [tau * lr * math.sqrt(s.numel()) for s in steps])
-        scales = torch.stack(ratios).reciprocal_().clamp_(max=1.0)
+        ratios = torch._foreach_div(torch._foreach_norm(steps), [math.sqrt(s.numel()) for s in steps])
+        # (1/(τ lr) on the stacked tensor, not in the list: a float there would be specialised; see scale_)
+        scales = torch.stack(ratios).mul_(1.0 / (tau * lr)).reciprocal_().clamp_(max=1.0)
         torch._foreach_mul_(steps, scales.unbind())
         self._add_to_parameters(blocks, steps)
 

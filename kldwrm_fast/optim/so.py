@@ -52,7 +52,8 @@ class SOKLDWRM(CurvatureOptimizer):
         # λ_k/λ_{k−1} = lr_{k−1}/lr_k is taken as 0 across a zero lr on either side: the recursion restarts.
         coef = group["rho"] * lr_prev / lr if lr_prev and lr else 0.0
         differences = grads
-        if coef and all("v_prev" in state for state in states):
+        if coef and all("v_prev" in state for state in states) and not torch.compiler.is_compiling():
+            # (compiled: one op per block, so that coef, which follows the lr, is not specialised; see scale_)
             differences = torch._foreach_sub(grads, torch._foreach_mul([state["v_prev"] for state in states], coef))
         elif coef:
             differences = [v - coef * s["v_prev"] if "v_prev" in s else v for s, v in zip(states, grads)]
