@@ -141,11 +141,6 @@ class FactoredBlock:
             v.add_(self.matrix([p.detach() for p in self.params]).to(self.dtype), alpha=weight_decay)
         return v
 
-    def add_(self, delta: Tensor, alpha: float = 1.0) -> None:
-        """Add ``alpha · delta`` (block form, any float dtype) to the parameters, rounded once to their dtype."""
-        for param, part in zip(self.params, self.unflatten(delta), strict=True):
-            param.add_(part, alpha=alpha)
-
     @staticmethod
     def _fold(state: State, ops, side: str, x: Tensor, scale: float, rho: float, reweight):
         """Update ``side`` ("A" or "G"): local factor, average, and the reweighted factor when asked."""
