@@ -250,12 +250,8 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             for param in extra["params"]:
                 _gradient_descent(param, extra, unscale, self._accepted)
         if self._accepted is not None:
-            count, device = self._skipped_device, self._accepted.device
-            if count is None or count.device != device:  # the first count, or the model moved
-                count = self._skipped_device = torch.zeros((), dtype=torch.int64, device=device) + (
-                    0 if count is None else count.to(device)
-                )
-            count.add_(self._rejected_on_device())
+            self._skipped_device = device_counter(self._skipped_device, (), self._accepted.device)
+            self._skipped_device.add_(self._rejected_on_device())
         self.curvature.clear()
         self.global_state["step"] = k + 1
         self.global_state["lr_prev"] = None if self._restart else lr
@@ -536,6 +532,14 @@ def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor]
     if accepted is not None:
         update.masked_fill_(~accepted, 0.0)
     param.add_(update, alpha=-group["lr"])
+
+
+def device_counter(count: Optional[Tensor], size: tuple, device: torch.device) -> Tensor:
+    """An int64 counter of ``size`` on ``device``: zeros the first time, ``count`` moved there after the model
+    moved, ``count`` itself otherwise (counted on the device, in place, without a host sync)."""
+    if count is None:
+        return torch.zeros(size, dtype=torch.int64, device=device)
+    return count if count.device == device else count.to(device)
 
 
 def kl_clip_factor(

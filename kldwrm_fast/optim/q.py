@@ -16,7 +16,7 @@ from kldwrm_fast.curvature.joint import exact_step
 from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS, JOINT_EIGEN_KEYS
 from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer, kl_clip_scale
+from kldwrm_fast.optim.base import CurvatureOptimizer, device_counter, kl_clip_scale
 
 BASIS = "ghat_basis"
 REJECTED = "rejected"
@@ -180,12 +180,8 @@ class QKLDWRM(CurvatureOptimizer):
             per_block = violated.new_zeros(n_blocks, dtype=torch.int64)
             per_block[list(indices)] = counted.to(torch.int64)
             counted = per_block
-        counts = self._ghat_reset_counts
-        if counts is None or counts.device != counted.device:  # the first count, or the model moved
-            counts = self._ghat_reset_counts = counted.new_zeros(n_blocks, dtype=torch.int64) + (
-                0 if counts is None else counts.to(counted.device)
-            )
-        counts.add_(counted)
+        self._ghat_reset_counts = device_counter(self._ghat_reset_counts, (n_blocks,), counted.device)
+        self._ghat_reset_counts.add_(counted)
 
     def _report_resets(self) -> None:
         """Warn about restarts counted since the last report (one host transfer)."""
