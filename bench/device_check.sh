@@ -6,7 +6,7 @@
 # trajectories against the reference), bench/gpu_check.py (accuracy and timing tables, and the dispatch table
 # measured on this GPU for KLDWRM_DISPATCH_TABLE), then the step-time
 # suite on the paper CNN and the MLP at the 10/100 cadence (the issue's GPU targets), and the host time and
-# operation count of a plain step (what bounds a launch-bound small model).
+# operation count of a plain step (what bounds a launch-bound small model), and last the floor table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-check}
@@ -21,3 +21,12 @@ python -m pytest bench/test_step_time.py --benchmark-only -q -k "10/100 and (pap
   --benchmark-json "$out/step_time.json" 2>&1 | tail -60 | tee "$out/step_time.txt"
 python -m pytest bench/test_host_overhead.py --benchmark-only -q --benchmark-json "$out/host_overhead.json" 2>&1 \
   | tail -25 | tee "$out/host_overhead.txt"
+# Last (it may be cut by the run's time limit; each cell stops after 30 s): the nine cells against the
+# linear-algebra floor with backend="auto" (issue 17's GPU target: ours / (SGD + floor) <= 1.10).
+for workload in paper-cnn mlp wide-cnn; do
+  for cadence in every-step 10/100 30/30; do
+    name="floor-$workload-${cadence//\//_}"
+    timeout 30 python bench/floor.py --workload "$workload" --cadence "$cadence" --repeats 2 \
+      --json "$out/$name.json" 2>&1 | tail -4 | tee "$out/$name.txt"
+  done
+done

@@ -16,7 +16,7 @@ arithmetic. With ``--compiled`` our optimizers take their plain steps through ``
 eager): on small models the plain step's host time is most of what separates us from the floor.
 
     python bench/floor.py --workload mlp --cadence 30/30 [--optimizers kfac,so,q] [--repeats 3] [--compiled]
-        [--json out.json]
+        [--backend B] [--json out.json]
 """
 
 from __future__ import annotations
@@ -98,12 +98,18 @@ def floor_cycle(kind: str, shapes, cadence: tuple[int, int], device, dtype=torch
 
 
 def measure(
-    workload: str, cadence: str, optimizers: list[str], repeats: int, min_steps: int = 10, compiled: bool = False
+    workload: str,
+    cadence: str,
+    optimizers: list[str],
+    repeats: int,
+    min_steps: int = 10,
+    compiled: bool = False,
+    backend: str = "auto",
 ) -> dict:
     stat_inv = CADENCES[cadence]
     model, x, y = build(workload, machine.FULL, machine.DEVICE)
     shapes = layer_shapes(model, x)
-    suffix = "-torch-compiled" if compiled else "-torch"
+    suffix = f"-{backend}-compiled" if compiled else f"-{backend}"
     if compiled:  # every optimizer's step is one function to the compiler: they share its recompile limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(optimizers))
     runners = {}
@@ -128,9 +134,9 @@ def measure(
     for name in optimizers:
         ratios = [
             ours / (sgd + floor)
-            for ours, sgd, floor in zip(times[f"{name}-torch"], times["sgd"], times[f"floor-{name}"])
+            for ours, sgd, floor in zip(times[f"{name}-{backend}"], times["sgd"], times[f"floor-{name}"])
         ]  # fmt: skip
-        result[name] = {"ms": times[f"{name}-torch"], "floor_ms": times[f"floor-{name}"], "ratio": ratios}
+        result[name] = {"ms": times[f"{name}-{backend}"], "floor_ms": times[f"floor-{name}"], "ratio": ratios}
     result["sgd"] = {"ms": times["sgd"]}
     return result
 
@@ -143,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-steps", type=int, default=10, help="steps per turn (whole cadence cycles)")
     parser.add_argument("--compiled", action="store_true", help="our plain steps through opt.compiled_step()")
+    parser.add_argument("--backend", default="auto", help="our optimizers' backend (auto: torch on a CPU)")
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
@@ -151,7 +158,9 @@ def main() -> None:
         parser.error(f"--optimizers takes kfac, so, q (got {unknown}); --repeats and --min-steps >= 1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
-        result = measure(args.workload, args.cadence, optimizers, args.repeats, args.min_steps, args.compiled)
+        result = measure(
+            args.workload, args.cadence, optimizers, args.repeats, args.min_steps, args.compiled, args.backend
+        )
     env = machine.environment()
     sgd = statistics.median(result["sgd"]["ms"])
     how = "compiled plain steps" if args.compiled else "eager"
@@ -164,6 +173,7 @@ def main() -> None:
         print(f"  {name:5s} {ms:9.2f} ms  floor {floor:8.2f} ms  ours/(SGD+floor) {merit}")
     if args.json:
         meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats, compiled=args.compiled)
+        meta["backend"] = args.backend
         args.json.write_text(json.dumps({"environment": meta, "optimizers": result}, indent=1))
 
 
