@@ -24,16 +24,19 @@ def build(cls, model, **extra):
     return cls(model, lr=0.05, stat_freq=5, inv_freq=10, **extra)
 
 
-def side_by_side(cls, device="cpu", **compile_options):
-    """Train the twins, one with ``step()``, the other with ``compiled_step(**compile_options)``; both models."""
+def side_by_side(cls, device="cpu", lr_at=None, **compile_options):
+    """Train the twins, one with ``step()``, the other with ``compiled_step(**compile_options)``; both models.
+    ``lr_at(i)``, when given, sets both optimizers' lr before step i."""
     torch._dynamo.reset()
     model, twin, batches = twins()
     model, twin = model.to(device), twin.to(device)
     eager, compiled_opt = build(cls, model), build(cls, twin)
     step = compiled_opt.compiled_step(**compile_options)
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         for net, opt in ((model, eager), (twin, compiled_opt)):
+            if lr_at is not None:
+                opt.param_groups[0]["lr"] = lr_at(i)
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
         eager.step()
@@ -79,19 +82,9 @@ def test_a_learning_rate_schedule_follows_eager_without_recompiling(cls, tmp_pat
     AOTAutograd's cache ignored the changing lr: compiled_step does not use that cache)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     for _ in range(2):
-        torch._dynamo.reset()
-        model, twin, batches = twins()
-        eager, compiled_opt = build(cls, model), build(cls, twin)
-        step = compiled_opt.compiled_step()
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            for i, (x, y) in enumerate(batches):
-                for net, opt in ((model, eager), (twin, compiled_opt)):
-                    opt.param_groups[0]["lr"] = 0.05 * 0.9**i
-                    opt.zero_grad()
-                    F.cross_entropy(net(x), y).backward()
-                eager.step()
-                step()
+            model, twin = side_by_side(cls, lr_at=lambda i: 0.05 * 0.9**i)
         assert not [w for w in record if "recompile limit" in str(w.message)]
         for a, b in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
