@@ -267,7 +267,8 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
 
         torch.compile keeps a limited number of compiled versions per function
         (``torch._dynamo.config.recompile_limit``), and every optimizer's ``step`` is the same function to it;
-        each instance takes one or two. When the limit is reached the plain steps run eagerly from then on, with
+        each instance takes two to four (the step counter's first value is specialised; Q's state gains keys
+        over its first steps). When the limit is reached the plain steps run eagerly from then on, with
         one warning (the compiler raises before running anything, so no step is lost or taken twice).
 
         With torch's default backend (inductor; ``mode`` and ``options`` as for ``torch.compile``) the compilation
