@@ -13,7 +13,6 @@ CONV_CASES = [
     dict(kernel_size=3, padding="same", padding_mode="reflect"),
     dict(kernel_size=2, stride=(1, 2), padding=1, padding_mode="circular", bias=False),
     dict(kernel_size=3, padding=1, padding_mode="replicate"),
-    # kernel widths ≥ layers.VIEW_COPY_MIN_WIDTH copy the patches from a strided view of the input
     dict(kernel_size=5),
     dict(kernel_size=(2, 5), stride=(2, 1), padding=(1, 2), padding_mode="reflect"),
     dict(kernel_size=5, stride=2, padding=2, bias=False),
@@ -22,10 +21,13 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("options", CONV_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("batched", [True, False])
-def test_conv_rows_reproduce_the_weight_gradient(options, batched):
+@pytest.mark.parametrize("layout", ["batched", "unbatched", "channels_last"])
+def test_conv_rows_reproduce_the_weight_gradient(options, layout):
     conv = nn.Conv2d(2, 3, **options).double()
+    batched = layout != "unbatched"
     x = torch.randn(*((4,) if batched else ()), 2, 7, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
     out = conv(x)
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
@@ -33,6 +35,8 @@ def test_conv_rows_reproduce_the_weight_gradient(options, batched):
     a = layers.input_rows(conv, x, with_bias)
     e = layers.output_rows(conv, weights)  # d(sum(out * weights))/d(out) = weights
     grad = e.T @ a
+    # the patches are copied feature-major unless the output is narrower than the kernel: both layouts are covered
+    assert a.t().is_contiguous() == (out.shape[-1] >= conv.kernel_size[1])
     torch.testing.assert_close(grad[:, : a.shape[1] - with_bias], conv.weight.grad.reshape(3, -1))
     if with_bias:
         torch.testing.assert_close(grad[:, -1], conv.bias.grad)

@@ -44,11 +44,20 @@ def preconditioner_inputs(n_out, n_in, dtype, batch=()):
     return q_g, d_g, q_a, d_a, v
 
 
+def captured_rows(rows: int, n: int, dtype, layout: str):
+    """(rows, n) rows as a layer captures them: row-major, or feature-major (a convolution's, the transpose of a
+    contiguous (n, rows) tensor)."""
+    if layout == "feature-major":
+        return torch.randn(n, rows, dtype=dtype, device=DEVICE).T
+    return torch.randn(rows, n, dtype=dtype, device=DEVICE)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("first,with_reweighted", [(True, True), (False, True), (False, False)])
-def test_factor_update_matches_reference(dtype, n, first, with_reweighted):
-    x = torch.randn(2 * n + 5, n, dtype=dtype, device=DEVICE)
+@pytest.mark.parametrize("layout", ["row-major", "feature-major"])
+def test_factor_update_matches_reference(dtype, n, first, with_reweighted, layout):
+    x = captured_rows(2 * n + 5, n, dtype, layout)
     ea = spd(n, dtype)
     results = {}
     for name, ops in BACKENDS.items():
@@ -69,14 +78,17 @@ def test_factor_update_matches_reference(dtype, n, first, with_reweighted):
     ids=["partial-last-chunk", "exact-chunks", "chunk-edge-two-tiles", "one-row", "odd"],
 )
 @pytest.mark.parametrize("first,with_reweighted", [(True, True), (False, True), (False, False)])
-def test_the_row_parallel_factor_update_matches_reference(monkeypatch, dtype, rows, n, chunks, first, with_reweighted):
+@pytest.mark.parametrize("layout", ["row-major", "feature-major"])
+def test_the_row_parallel_factor_update_matches_reference(
+    monkeypatch, dtype, rows, n, chunks, first, with_reweighted, layout
+):
     """Chunks of 32 rows (the row tile) force the two-stage path on small inputs: chunk edges, a partial last chunk,
     several tiles, one row. Exactly symmetric, and the same result on a second run (fixed reduction order)."""
     kernels = importlib.import_module("kldwrm_fast.ops.triton_kernels.factor_update")
     monkeypatch.setattr(kernels, "ROWS_PER_CHUNK", 32)
     block_n, block_r = kernels.tile(n, largest=kernels.LARGEST_TILE[dtype]), kernels.tile(rows, largest=32)
     assert kernels.row_chunks(rows, n, block_n, block_r)[0] == chunks
-    x = torch.randn(rows, n, dtype=dtype, device=DEVICE)
+    x = captured_rows(rows, n, dtype, layout)
     ea = spd(n, dtype)
     expected = [ea.clone(), torch.full_like(ea, 7.0)]
     local_expected = REFERENCE_OPS["factor_update"](x, *expected, 0.3, 0.9, 1.2, first, with_reweighted)

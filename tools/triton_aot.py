@@ -134,6 +134,15 @@ def launches():
                 name,
                 lambda x=x, ea=ea, out=hat_out, f=first, h=hat: factor_update(x, ea, out, 0.5, 0.9, 0.2, f, h),
             )
+        # a convolution's rows are feature-major (unit stride along the rows), a separate specialisation
+        for n, rows in itertools.product(sizes, (40, 5000)):
+            x = torch.ones(n, rows, dtype=dtype).T
+            ea, hat_out = torch.zeros(n, n, dtype=dtype), torch.zeros(n, n, dtype=dtype)
+            yield (
+                f"factor_update n={n} rows={rows} feature-major",
+                name,
+                lambda x=x, ea=ea, out=hat_out: factor_update(x, ea, out, 0.5, 0.9, 0.2, False, True),
+            )
         for n_out, n_in in itertools.product(sizes, sizes):
             q_g, q_a = torch.eye(n_out, dtype=dtype), torch.eye(n_in, dtype=dtype)
             d_g, d_a = torch.ones(n_out, dtype=dtype), torch.ones(n_in, dtype=dtype)
