@@ -118,9 +118,16 @@ def test_factor_update_matches_reference(cuda_ext, dtype, rows, n, first, with_r
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows, n", [(262144, 28), (20000, 65), (9000, 3)])  # 64, 5 and 3 row chunks
-def test_the_row_parallel_factor_update_matches_reference_and_repeats_bit_for_bit(cuda_ext, dtype, rows, n):
+@pytest.mark.parametrize("feature_major", [False, True], ids=["row-major", "feature-major"])  # a convolution's rows
+def test_the_row_parallel_factor_update_matches_reference_and_repeats_bit_for_bit(
+    cuda_ext, dtype, rows, n, feature_major
+):
     g = torch.Generator().manual_seed(rows + n)
-    x = torch.randn(rows, n, generator=g, dtype=dtype)
+    x = (
+        torch.randn(n, rows, generator=g, dtype=dtype).T
+        if feature_major
+        else torch.randn(rows, n, generator=g, dtype=dtype)
+    )
     ea = torch.eye(n, dtype=dtype)
     ea_ref = ea.clone()
     local_ref = reference.factor_update(x, ea_ref, torch.empty(0, dtype=dtype), 1 / rows, 0.95, 0.0, False, False)
