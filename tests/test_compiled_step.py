@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kldwrm_fast import KFAC, QKLDWRM, SOKLDWRM
+from kldwrm_fast.ops.dispatch import Operations
+from kldwrm_fast.ops.library import REFERENCE_OPS
 
 
 def twins():
@@ -24,13 +26,16 @@ def build(cls, model, **extra):
     return cls(model, lr=0.05, stat_freq=5, inv_freq=10, **extra)
 
 
-def side_by_side(cls, device="cpu", lr_at=None, **compile_options):
+def side_by_side(cls, device="cpu", lr_at=None, ops=None, **compile_options):
     """Train the twins, one with ``step()``, the other with ``compiled_step(**compile_options)``; both models.
-    ``lr_at(i)``, when given, sets both optimizers' lr before step i."""
+    ``lr_at(i)``, when given, sets both optimizers' lr before step i; ``ops``, when given, replaces both
+    optimizers' operations."""
     torch._dynamo.reset()
     model, twin, batches = twins()
     model, twin = model.to(device), twin.to(device)
     eager, compiled_opt = build(cls, model), build(cls, twin)
+    if ops is not None:
+        eager._ops = compiled_opt._ops = ops
     step = compiled_opt.compiled_step(**compile_options)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
@@ -88,6 +93,21 @@ def test_a_learning_rate_schedule_follows_eager_without_recompiling(cls, tmp_pat
         assert not [w for w in record if "recompile limit" in str(w.message)]
         for a, b in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+def test_a_learning_rate_schedule_does_not_recompile_with_registered_ops(cls):
+    """The GPU backends' fused operations are ``torch.library`` custom ops, whose float arguments the compiler
+    specialises: one that follows lr (Q's recursion coefficient) would recompile the step at every change of lr,
+    and past the limit the plain steps would run eagerly. The reference operations, registered the same way
+    (``kldwrm_fast::<op>``, which run on a CPU), stand in for them here."""
+    registered = Operations("registered", REFERENCE_OPS)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model, twin = side_by_side(cls, lr_at=lambda i: 0.05 * 0.9**i, ops=registered)
+    assert not [w for w in record if "recompile limit" in str(w.message)]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_past_the_recompile_limit_plain_steps_run_eagerly_with_one_warning():
