@@ -8,6 +8,8 @@ averaged over the current mini-batch: categorical from logits (S99) or unit-vari
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -98,21 +100,34 @@ class WakeObjective:
                 params[self.names[id(param)]] = param.detach() + part.to(param.dtype)
         return functional_call(self.model, params, self.args, self.kwargs)
 
+    def divergence(self, steps: list[Tensor]) -> Optional[Tensor]:
+        """Φ's KL term ``λ Σ_i ζ(i) ρ^{k−i} D(θ_i, θ_k + s)`` as a scalar tensor (differentiable in ``steps``); None
+        without stored networks."""
+        if self.stored is None:
+            return None
+        output = self.output_at(steps)
+        return (stored_divergences(self.stored, output, self.predictive) * self.weights).sum()
+
     def value(self, steps: list[Tensor]) -> Tensor:
         """Φ(s) as a scalar tensor (differentiable in ``steps``)."""
         total = 0.0
         for v, s, (a, g) in zip(self.gradients, steps, self.local_factors):
             total = total + (v * s).sum() + 0.5 * (s * (g @ s @ a)).sum()
-        output = self.output_at(steps)
-        if self.stored is not None:
-            total = total + (stored_divergences(self.stored, output, self.predictive) * self.weights).sum()
-        return total
+        divergence = self.divergence(steps)
+        return total if divergence is None else total + divergence
 
     def gradient(self, steps: list[Tensor]) -> list[Tensor]:
-        """∇Φ(s) by autograd through the functional forward pass."""
+        """∇Φ(s) per block: ``V + Γ s A`` (Γ and A are symmetric) plus the KL term's gradient, by autograd through
+        the functional forward pass. Two GEMMs per block for the quadratic term, where autograd through
+        ``½⟨s, Γ s A⟩`` takes four; and no forward pass without stored networks."""
+        gradients = [v + g @ s @ a for v, s, (a, g) in zip(self.gradients, steps, self.local_factors)]
         with torch.enable_grad():
             leaves = [s.detach().requires_grad_() for s in steps]
-            return list(torch.autograd.grad(self.value(leaves), leaves))
+            divergence = self.divergence(leaves)
+            if divergence is None:
+                return gradients
+            kl = torch.autograd.grad(divergence, leaves, allow_unused=True, materialize_grads=True)
+        return [gradient.add_(part) for gradient, part in zip(gradients, kl)]
 
     def minimise(self, steps: list[Tensor], n_steps: int, lr: float) -> list[Tensor]:
         """``n_steps`` of plain gradient descent with learning rate ``lr`` from ``steps``."""
