@@ -9,13 +9,19 @@ shapes, called directly with torch (no capture, im2col, recursion, checks or boo
   eigenbasis (Q);
 - every step, per layer, the four GEMMs of the preconditioning (Q: two more for ``M`` on inverse steps).
 
+QE's figure of merit is the issue's: QE's iteration ÷ (Q's iteration + ``n_inner`` forward/backward passes of the
+model, each timed as a forward, the loss and its backward); listing ``qe`` times Q as well. That budget leaves out
+two things QE's step cannot skip (docs/algorithms.md §3): each inner step's ``B s = Γ S A`` (two GEMMs per
+layer) and the ``n_cap`` forwards of the stored networks. A second figure adds them, timed directly
+(``ours/(Q + inner steps + stored)``).
+
 SGD's iteration (forward, backward, update) and each floor are timed in the same process, in turns with our
 optimizers, for ``--repeats`` rounds. Reported per optimizer: median ms per iteration and the figure of merit
 ``ours / (SGD + floor)`` (median and range over rounds). A ratio of 1 means our step costs nothing beyond that
 arithmetic. With ``--compiled`` our optimizers take their plain steps through ``opt.compiled_step()`` (SGD stays
 eager): on small models the plain step's host time is most of what separates us from the floor.
 
-    python bench/floor.py --workload mlp --cadence 30/30 [--optimizers kfac,so,q] [--repeats 3] [--compiled]
+    python bench/floor.py --workload mlp --cadence 30/30 [--optimizers kfac,so,q,qe] [--repeats 3] [--compiled]
         [--backend B] [--json out.json]
 """
 
@@ -29,6 +35,7 @@ import warnings
 
 import machine
 import torch
+import torch.nn.functional as F
 from entries import CADENCES, make_step
 from torch import nn
 from workloads import WORKLOADS, build
@@ -110,21 +117,28 @@ def measure(
     model, x, y = build(workload, machine.FULL, machine.DEVICE)
     shapes = layer_shapes(model, x)
     suffix = f"-{backend}-compiled" if compiled else f"-{backend}"
+    if "qe" in optimizers and "q" not in optimizers:
+        optimizers = [*optimizers, "q"]  # QE's floor is Q's iteration plus its passes
     if compiled:  # every optimizer's step is one function to the compiler: they share its recompile limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(optimizers))
-    runners = {}
+    runners, n_inner, n_cap = {}, 0, 0
     for entry in ["sgd"] + [f"{name}{suffix}" for name in optimizers]:
         model, x, y = build(workload, machine.FULL, machine.DEVICE)
-        _, step = make_step(entry, model, x, y, stat_inv)
+        opt, step = make_step(entry, model, x, y, stat_inv)
+        if entry.startswith("qe-"):
+            n_inner, n_cap = opt.param_groups[0]["n_inner"], opt.param_groups[0]["n_cap"]
         # compiled: a whole cycle and two steps, so that every variant the compiler makes (before and after an
         # inverse step, before and after the first plain step's state) is made before the timing
         for _ in range(stat_inv[1] + 2 if compiled else 3):
             step()
         runners[entry.removesuffix("-compiled")] = step
-    floors = {name: floor_cycle(name, shapes, stat_inv, machine.DEVICE) for name in optimizers}
+    if n_inner:
+        runners["pass"], runners["forward"] = forward_backward(workload)
+        runners["matvec"] = kronecker_matvecs(shapes, machine.DEVICE)
+    floors = {name: floor_cycle(name, shapes, stat_inv, machine.DEVICE) for name in optimizers if name != "qe"}
     cycles = -(-min_steps // stat_inv[1])  # whole cadence cycles, at least min_steps steps
     n_steps = cycles * stat_inv[1]
-    times: dict = {key: [] for key in [*runners, *(f"floor-{name}" for name in optimizers)]}
+    times: dict = {key: [] for key in [*runners, *(f"floor-{name}" for name in floors)]}
     for _ in range(repeats):
         for entry, step in runners.items():
             times[entry].append(machine.ms_per_call(step, n_steps, n_steps))
@@ -132,13 +146,55 @@ def measure(
             times[f"floor-{name}"].append(machine.ms_per_call(cycle, cycles, n_steps))
     result = {}
     for name in optimizers:
-        ratios = [
-            ours / (sgd + floor)
-            for ours, sgd, floor in zip(times[f"{name}-{backend}"], times["sgd"], times[f"floor-{name}"])
-        ]  # fmt: skip
-        result[name] = {"ms": times[f"{name}-{backend}"], "floor_ms": times[f"floor-{name}"], "ratio": ratios}
+        if name == "qe":
+            floor_ms = [q + n_inner * one for q, one in zip(times[f"q-{backend}"], times["pass"])]
+            ratios = [ours / floor for ours, floor in zip(times[f"qe-{backend}"], floor_ms)]
+            parts = zip(times[f"q-{backend}"], times["pass"], times["matvec"], times["forward"])
+            full = [q + n_inner * (one + matvec) + n_cap * forward for q, one, matvec, forward in parts]
+            result["qe_passes"] = {
+                "n_inner": n_inner, "n_cap": n_cap, "pass_ms": times["pass"], "matvec_ms": times["matvec"],
+                "forward_ms": times["forward"], "floor_ms": full,
+                "ratio": [ours / floor for ours, floor in zip(times[f"qe-{backend}"], full)],
+            }  # fmt: skip
+        else:
+            floor_ms = times[f"floor-{name}"]
+            ours_ms = times[f"{name}-{backend}"]
+            ratios = [ours / (sgd + floor) for ours, sgd, floor in zip(ours_ms, times["sgd"], floor_ms)]
+        result[name] = {"ms": times[f"{name}-{backend}"], "floor_ms": floor_ms, "ratio": ratios}
     result["sgd"] = {"ms": times["sgd"]}
     return result
+
+
+def forward_backward(workload: str):
+    """Two functions: one forward/backward pass of the workload's model (forward, the loss, its backward, no
+    update), and one forward alone (no autograd graph)."""
+    model, x, y = build(workload, machine.FULL, machine.DEVICE)
+
+    def run():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    run()
+    return run, forward
+
+
+def kronecker_matvecs(shapes, device, dtype=torch.float32):
+    """A function computing ``Γ S A`` once per layer (QE's ``B s``, one inner step's), on the layers' shapes."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    operands = [
+        [torch.randn(*shape, generator=gen, dtype=dtype).to(device) for shape in ((o, o), (o, i), (i, i))]
+        for _, i, o in shapes
+    ]
+
+    def run():
+        for g, s, a in operands:
+            g @ s @ a
+
+    return run
 
 
 def main() -> None:
@@ -153,9 +209,9 @@ def main() -> None:
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
-    unknown = [name for name in optimizers if name not in ("kfac", "so", "q")]
+    unknown = [name for name in optimizers if name not in ("kfac", "so", "q", "qe")]
     if unknown or args.repeats < 1 or args.min_steps < 1:
-        parser.error(f"--optimizers takes kfac, so, q (got {unknown}); --repeats and --min-steps >= 1")
+        parser.error(f"--optimizers takes kfac, so, q, qe (got {unknown}); --repeats and --min-steps >= 1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
         result = measure(
@@ -166,11 +222,17 @@ def main() -> None:
     how = "compiled plain steps" if args.compiled else "eager"
     print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, {args.repeats} rounds, {how}; "
           f"SGD {sgd:.2f} ms/iteration")  # fmt: skip
-    for name in optimizers:
+    for name in [name for name in ("kfac", "so", "q", "qe") if name in result]:
         r = result[name]
         ms, floor, ratio = statistics.median(r["ms"]), statistics.median(r["floor_ms"]), r["ratio"]
         merit = f"{statistics.median(ratio):5.2f} [{min(ratio):.2f}, {max(ratio):.2f}]"
-        print(f"  {name:5s} {ms:9.2f} ms  floor {floor:8.2f} ms  ours/(SGD+floor) {merit}")
+        of = "ours/(Q + n_inner passes)" if name == "qe" else "ours/(SGD+floor)"
+        print(f"  {name:5s} {ms:9.2f} ms  floor {floor:8.2f} ms  {of} {merit}")
+        if name == "qe":
+            full, ratio = result["qe_passes"]["floor_ms"], result["qe_passes"]["ratio"]
+            merit = f"{statistics.median(ratio):5.2f} [{min(ratio):.2f}, {max(ratio):.2f}]"
+            print(f"  {'':5s} {'':9s}     with B s and the stored forwards {statistics.median(full):8.2f} ms  "
+                  f"ours/(Q + inner steps + stored) {merit}")  # fmt: skip
     if args.json:
         meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats, compiled=args.compiled)
         meta["backend"] = args.backend

@@ -64,15 +64,23 @@ def test_the_floor_comparison_reports_a_ratio_per_optimizer_and_round(tmp_path):
     out = tmp_path / "floor.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "floor.py"), "--workload", "paper-cnn", "--cadence", "every-step",
-         "--optimizers", "kfac,q", "--repeats", "2", "--min-steps", "1", "--json", str(out)],
+         "--optimizers", "kfac,qe", "--repeats", "2", "--min-steps", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     optimizers = json.loads(out.read_text())["optimizers"]
-    assert set(optimizers) == {"kfac", "q", "sgd"}
-    for name in ("kfac", "q"):
+    assert set(optimizers) == {"kfac", "q", "qe", "qe_passes", "sgd"}  # QE's floor takes Q's iteration
+    for name in ("kfac", "q", "qe"):
         assert len(optimizers[name]["ratio"]) == 2 and all(f > 0 for f in optimizers[name]["floor_ms"])
-    assert "ours/(SGD+floor)" in result.stdout
+    passes = optimizers["qe_passes"]
+    assert passes["n_inner"] == 10 and passes["n_cap"] == 4  # QEKLDWRM's defaults
+    for floor, q, one in zip(optimizers["qe"]["floor_ms"], optimizers["q"]["ms"], passes["pass_ms"]):
+        assert floor == pytest.approx(q + 10 * one)
+    for full, q, one, matvec, forward in zip(
+        passes["floor_ms"], optimizers["q"]["ms"], passes["pass_ms"], passes["matvec_ms"], passes["forward_ms"]
+    ):
+        assert full == pytest.approx(q + 10 * (one + matvec) + 4 * forward) and matvec > 0 and forward > 0
+    assert "ours/(SGD+floor)" in result.stdout and "ours/(Q + n_inner passes)" in result.stdout
 
 
 def test_the_floor_comparison_runs_compiled_plain_steps(tmp_path):
