@@ -17,6 +17,7 @@ of that class; ``KLDWRM_DISPATCH_TABLE=FILE`` then makes ``backend="auto"`` use 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -107,14 +108,16 @@ def cases(device, smoke: bool):
     """(op name, shape label, args builder, bytes, flops) for every case."""
     factor_sizes = [3, 17, 33] if smoke else [33, 257, 1025, 4097]
     rows = 64 if smoke else 8192
-    for n in factor_sizes:
+    for n, layout in itertools.product(factor_sizes, ("row-major", "feature-major")):
 
-        def build(n=n):
-            x = torch.randn(rows, n, device=device)
+        def build(n=n, layout=layout):  # a convolution's rows are feature-major (curvature/layers.py)
+            feature_major = layout == "feature-major"
+            x = torch.randn(*((n, rows) if feature_major else (rows, n)), device=device)
+            x = x.T if feature_major else x
             ea = spd(1, n, device)[0]
             return (x, ea, torch.empty_like(ea), 1.0 / rows, 0.95, 0.06, False, True)
 
-        yield "factor_update", f"rows={rows} n={n}", build, 4 * (rows * n + 4 * n * n), 2 * rows * n * n
+        yield "factor_update", f"rows={rows} n={n} {layout}", build, 4 * (rows * n + 4 * n * n), 2 * rows * n * n
     shapes = [(2, 3, 5), (1, 17, 33)] if smoke else [(64, 33, 65), (16, 255, 257), (4, 513, 1025), (1, 4097, 4097)]
     for batch, n_out, n_in in shapes:
 
@@ -239,12 +242,12 @@ def main() -> None:
     print(f"device: {gpu}; torch {torch.__version__}; cuda {torch.version.cuda}; backends: {', '.join(backends)}")
     print(f"ceilings: copy {limits['copy_gb_s']:.0f} GB/s, fp32 GEMM {limits['gemm_tflop_s']:.1f} TFLOP/s")
     print(
-        f"{'op':<15} {'shape':<26} {'backend':<7} {'rel err':>9} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+        f"{'op':<15} {'shape':<32} {'backend':<7} {'rel err':>9} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
         f"{'TFLOP/s':>8} {'%gemm':>6}"
     )
     for r in rows:
         print(
-            f"{r.op:<15} {r.shape:<26} {r.backend:<7} {r.rel_error:>9.2e} {r.ms:>9.3f} {r.gb_per_s:>8.1f} "
+            f"{r.op:<15} {r.shape:<32} {r.backend:<7} {r.rel_error:>9.2e} {r.ms:>9.3f} {r.gb_per_s:>8.1f} "
             f"{100 * r.gb_per_s / limits['copy_gb_s']:>6.1f} {r.tflop_per_s:>8.2f} "
             f"{100 * r.tflop_per_s / limits['gemm_tflop_s']:>6.1f}"
         )
