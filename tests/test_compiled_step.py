@@ -26,10 +26,10 @@ def build(cls, model, **extra):
     return cls(model, lr=0.05, stat_freq=5, inv_freq=10, **extra)
 
 
-def side_by_side(cls, device="cpu", lr_at=None, ops=None, **compile_options):
+def side_by_side(cls, device="cpu", lr_at=None, ops=None, damping_at=None, **compile_options):
     """Train the twins, one with ``step()``, the other with ``compiled_step(**compile_options)``; both models.
-    ``lr_at(i)``, when given, sets both optimizers' lr before step i; ``ops``, when given, replaces both
-    optimizers' operations."""
+    ``lr_at(i)`` and ``damping_at(i)``, when given, set both optimizers' lr and damping before step i; ``ops``,
+    when given, replaces both optimizers' operations."""
     torch._dynamo.reset()
     model, twin, batches = twins()
     model, twin = model.to(device), twin.to(device)
@@ -42,6 +42,8 @@ def side_by_side(cls, device="cpu", lr_at=None, ops=None, **compile_options):
         for net, opt in ((model, eager), (twin, compiled_opt)):
             if lr_at is not None:
                 opt.param_groups[0]["lr"] = lr_at(i)
+            if damping_at is not None:
+                opt.param_groups[0]["damping"] = damping_at(i)
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
         eager.step()
@@ -96,15 +98,17 @@ def test_a_learning_rate_schedule_follows_eager_without_recompiling(cls, tmp_pat
 
 
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
-def test_a_learning_rate_schedule_does_not_recompile_with_registered_ops(cls):
+@pytest.mark.parametrize("schedule", ["lr", "damping"])
+def test_schedules_do_not_recompile_with_registered_ops(cls, schedule):
     """The GPU backends' fused operations are ``torch.library`` custom ops, whose float arguments the compiler
-    specialises: one that follows lr (Q's recursion coefficient) would recompile the step at every change of lr,
-    and past the limit the plain steps would run eagerly. The reference operations, registered the same way
-    (``kldwrm_fast::<op>``, which run on a CPU), stand in for them here."""
+    specialises: one that changes between steps (damping, or Q's recursion coefficient, which follows lr) would
+    recompile the step at every value, and past the limit the plain steps would run eagerly. The reference
+    operations, registered the same way (``kldwrm_fast::<op>``, which run on a CPU), stand in for them here."""
     registered = Operations("registered", REFERENCE_OPS)
+    value_at = (lambda i: 0.05 * 0.9**i) if schedule == "lr" else (lambda i: 0.01 * (1 + i))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        model, twin = side_by_side(cls, lr_at=lambda i: 0.05 * 0.9**i, ops=registered)
+        model, twin = side_by_side(cls, **{f"{schedule}_at": value_at}, ops=registered)
     assert not [w for w in record if "recompile limit" in str(w.message)]
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

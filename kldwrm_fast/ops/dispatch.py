@@ -24,6 +24,10 @@ from kldwrm_fast.ops.table import NAMES, OPERATIONS
 
 ENV_OVERRIDE = "KLDWRM_BACKEND"
 
+REFERENCE_FUNCTIONS: dict[str, Callable] = {operation.name: operation.reference for operation in OPERATIONS}
+"""The PyTorch reference of every operation, by name: the ``"torch"`` backend, and every backend while
+``torch.compile`` traces (see :class:`Operations`)."""
+
 
 @dataclass(frozen=True)
 class Operations:
@@ -33,6 +37,11 @@ class Operations:
 
     ``takes_unbatched``: the matrix operations also accept single blocks without a leading batch dimension
     (the PyTorch reference does; the kernels take a stacked batch).
+
+    While ``torch.compile`` traces, every operation is the PyTorch reference, whatever the backend: the Triton and
+    CUDA operations are custom ops, opaque to the compiler, which specialises their float arguments (a guard on
+    each value), so a damping or a learning-rate-dependent coefficient that changes between steps would
+    recompile the step every time; the compiler fuses the reference's code itself.
     """
 
     backend: str
@@ -46,8 +55,9 @@ class Operations:
             raise ValueError(f"backend {self.backend!r} lacks the operations {sorted(missing)}")
 
     def __getattr__(self, name: str) -> Callable:
+        functions = REFERENCE_FUNCTIONS if torch.compiler.is_compiling() else self.__dict__["functions"]
         try:
-            return self.__dict__["functions"][name]
+            return functions[name]
         except KeyError:
             raise AttributeError(name) from None
 
@@ -76,7 +86,7 @@ def _torch_operations() -> Operations:
     # The reference functions themselves: the registered kldwrm_fast::<op> wraps the same code, and its
     # custom-op dispatch costs ~65 µs a call on CPU (measured), several per step; plain PyTorch code
     # needs no opaque op to be traced by torch.compile.
-    return Operations("torch", {operation.name: operation.reference for operation in OPERATIONS}, takes_unbatched=True)
+    return Operations("torch", REFERENCE_FUNCTIONS, takes_unbatched=True)
 
 
 def _triton_operations() -> Operations:

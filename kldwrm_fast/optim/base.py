@@ -269,10 +269,10 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         (``torch._dynamo.config.recompile_limit``), and every optimizer's ``step`` is the same function to it;
         each instance takes two to four (the step counter's first value is specialised; Q's state gains keys
         over its first steps). When the limit is reached the plain steps run eagerly from then on, with
-        one warning (the compiler raises before running anything, so no step is lost or taken twice). The GPU
-        backends' fused operations are custom ops, whose float arguments the compiler specialises: Q's recursion
-        (its coefficient follows lr) runs as the reference's torch code while compiling, but a ``damping`` that
-        changes between steps recompiles.
+        one warning (the compiler raises before running anything, so no step is lost or taken twice). The step is
+        traced with the PyTorch reference of the fused operations, whatever the backend: the Triton and CUDA ones
+        are custom ops, whose float arguments (damping, Q's lr-dependent coefficient) the compiler would
+        specialise, recompiling whenever one changes (see :class:`~kldwrm_fast.ops.dispatch.Operations`).
 
         With torch's default backend (inductor; ``mode`` and ``options`` as for ``torch.compile``) the compilation
         does not use AOTAutograd's cache: with torch 2.14, a graph loaded from it ignored a learning rate that

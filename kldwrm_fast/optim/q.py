@@ -229,11 +229,7 @@ class QKLDWRM(CurvatureOptimizer):
             else:
                 state["g_hat"], state["v_prev"], state["m"] = v.clone(), v.clone(), torch.zeros_like(v)
         if carried:
-            # While torch.compile traces, the recursion is the reference's torch code: the GPU backends' fused ops
-            # are custom ops, whose float arguments the compiler specialises, and coef follows lr, so the step
-            # would recompile at every change of lr. The compiler fuses the reference's element-wise ops itself.
-            recursion = reference.ghat_recursion if torch.compiler.is_compiling() else self._ops.ghat_recursion
-            recursion(
+            self._ops.ghat_recursion(
                 [vs[i] for i in carried], [states[i]["g_hat"] for i in carried],
                 [states[i]["v_prev"] for i in carried], [states[i]["m"] for i in carried], coef,
             )  # fmt: skip
