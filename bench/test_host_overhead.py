@@ -43,7 +43,7 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-COMPILED_BACKEND = "cuda" if "cuda" in BACKENDS else "torch"  # the extension's ops carry fake implementations
+COMPILED_BACKEND = "cuda" if "cuda" in BACKENDS else "torch"  # the eager steps around it use our kernels
 COMPILED = [f"{name}-{COMPILED_BACKEND}" for name in ("kfac", "so", "q", "qexact")]
 
 
