@@ -99,7 +99,8 @@ def symmetric_eig(
 
 
 def _eigh_batched(stack: Tensor, solver: Optional[BatchedSolver]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(values, vectors, ok)`` of a (batch, n, n) stack without a host sync; ``ok`` (batch,) bool on the device.
+    """``(values, vectors, ok)`` of a (batch, n, n) stack without a host sync; ``ok`` (batch,) bool on the device:
+    the solver converged, and the stack and its decomposition are finite.
 
     Raises ``RuntimeError`` when the solver (or ``torch.linalg.eigh``, with ``LinAlgError``) rejects the batch
     as a whole.
@@ -109,14 +110,15 @@ def _eigh_batched(stack: Tensor, solver: Optional[BatchedSolver]) -> tuple[Tenso
         converged = info == 0
     elif stack.is_cuda and stack.shape[0] == 1 and stack.shape[-1] <= HOST_MAX_N:
         values, vectors = (t.to(stack.device) for t in _torch_eigh(stack.cpu()))
-        converged = True
+        converged = None
     else:
         values, vectors = _torch_eigh(stack)
-        converged = True
+        converged = None
     # One summing pass per tensor instead of isfinite's three: a sum is non-finite if any entry is, and
-    # orthonormal eigenvectors and eigenvalues of a finite factor cannot overflow it.
-    ok = torch.isfinite(values.sum(-1) + vectors.sum((-2, -1))) & converged
-    return values, vectors, ok
+    # orthonormal eigenvectors and eigenvalues of a finite factor cannot overflow it (a factor whose entries
+    # sum past the float range is a false alarm, which only costs a ladder run).
+    ok = torch.isfinite(values.sum(-1) + vectors.sum((-2, -1)) + stack.sum((-2, -1)))
+    return values, vectors, ok if converged is None else ok & converged
 
 
 def decompose_many(
@@ -149,7 +151,6 @@ def decompose_many(
             values, vectors, ok = _eigh_batched(stack, solver)
         except RuntimeError:  # LinAlgError from torch, any error of the extension's solver: ladder per member
             continue
-        ok = ok & torch.isfinite(stack.sum((-2, -1)))  # a false alarm (overflow) only costs a ladder run
         launched.append((indices, values.clamp_min_(0.0), vectors, ok))
     flags = torch.cat([ok.to(launched[0][3].device) for *_, ok in launched]).tolist() if launched else []
     results: list = [None] * len(requests)
