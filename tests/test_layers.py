@@ -21,13 +21,15 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("options", CONV_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("layout", ["batched", "unbatched", "channels_last"])
+@pytest.mark.parametrize("layout", ["batched", "unbatched", "channels_last", "channel_slice"])
 def test_conv_rows_reproduce_the_weight_gradient(options, layout):
     conv = nn.Conv2d(2, 3, **options).double()
     batched = layout != "unbatched"
     x = torch.randn(*((4,) if batched else ()), 2, 7, 6, dtype=torch.float64)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
+    if layout == "channel_slice":  # a view with a storage offset and a batch stride of five channels
+        x = torch.randn(4, 5, 7, 6, dtype=torch.float64)[:, 2:4]
     out = conv(x)
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
