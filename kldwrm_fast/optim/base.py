@@ -553,8 +553,12 @@ def kl_clip_factor(
     ``lr = 0``, where ν would be 1)."""
     if kl_clip is None or lr == 0:
         return None
-    total = torch.stack([torch.vdot(d.flatten(), v.flatten()) for d, v in zip(directions, vectors)]).sum()
-    return kl_clip_scale(total, lr, kl_clip)
+    return kl_clip_scale(summed_inner(directions, vectors), lr, kl_clip)
+
+
+def summed_inner(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """``Σ_blocks ⟨x, y⟩`` over aligned lists of equal-shape tensors, as a 0-dim device tensor (no host sync)."""
+    return torch.stack([torch.vdot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)]).sum()
 
 
 def kl_clip_scale(inner: Tensor, lr: float, kl_clip: float) -> Tensor:

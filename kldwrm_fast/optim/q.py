@@ -16,7 +16,7 @@ from kldwrm_fast.curvature.joint import exact_step
 from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS, JOINT_EIGEN_KEYS
 from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer, device_counter, kl_clip_scale
+from kldwrm_fast.optim.base import CurvatureOptimizer, device_counter, kl_clip_scale, summed_inner
 
 BASIS = "ghat_basis"
 REJECTED = "rejected"
@@ -279,7 +279,7 @@ class QKLDWRM(CurvatureOptimizer):
         Between inverse steps ``Ĝ`` is held in the eigenbasis, so ``S`` is rotated there for the inner product
         (two more GEMMs per block, only with ``kl_clip``)."""
         same_basis = batches.rotate(self._ops, states, steps) if in_eigenbasis else steps
-        total = torch.stack([torch.vdot(s.flatten(), g.flatten()) for s, g in zip(same_basis, g_hats)]).sum()
+        total = summed_inner(same_basis, g_hats)
         torch._foreach_mul_(steps, kl_clip_scale(total * (-1.0 / lr), lr, kl_clip))
 
     def _change_basis(self, basis: str, taking_part: tuple[int, ...]) -> None:
