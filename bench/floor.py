@@ -40,6 +40,13 @@ from entries import CADENCES, make_step
 from torch import nn
 from workloads import WORKLOADS, build
 
+OPTIMIZERS = ("kfac", "so", "q", "qe")
+
+
+def merit(ratios: list[float]) -> str:
+    """Median and range of per-round ratios, as printed."""
+    return f"{statistics.median(ratios):5.2f} [{min(ratios):.2f}, {max(ratios):.2f}]"
+
 
 def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(rows, n_in with the bias column, n_out)`` of every Linear and Conv2d layer for input ``x``."""
@@ -209,9 +216,9 @@ def main() -> None:
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
-    unknown = [name for name in optimizers if name not in ("kfac", "so", "q", "qe")]
+    unknown = [name for name in optimizers if name not in OPTIMIZERS]
     if unknown or args.repeats < 1 or args.min_steps < 1:
-        parser.error(f"--optimizers takes kfac, so, q, qe (got {unknown}); --repeats and --min-steps >= 1")
+        parser.error(f"--optimizers takes {', '.join(OPTIMIZERS)} (got {unknown}); --repeats and --min-steps >= 1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
         result = measure(
@@ -222,17 +229,15 @@ def main() -> None:
     how = "compiled plain steps" if args.compiled else "eager"
     print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, {args.repeats} rounds, {how}; "
           f"SGD {sgd:.2f} ms/iteration")  # fmt: skip
-    for name in [name for name in ("kfac", "so", "q", "qe") if name in result]:
+    for name in [name for name in OPTIMIZERS if name in result]:
         r = result[name]
-        ms, floor, ratio = statistics.median(r["ms"]), statistics.median(r["floor_ms"]), r["ratio"]
-        merit = f"{statistics.median(ratio):5.2f} [{min(ratio):.2f}, {max(ratio):.2f}]"
+        ms, floor = statistics.median(r["ms"]), statistics.median(r["floor_ms"])
         of = "ours/(Q + n_inner passes)" if name == "qe" else "ours/(SGD+floor)"
-        print(f"  {name:5s} {ms:9.2f} ms  floor {floor:8.2f} ms  {of} {merit}")
+        print(f"  {name:5s} {ms:9.2f} ms  floor {floor:8.2f} ms  {of} {merit(r['ratio'])}")
         if name == "qe":
-            full, ratio = result["qe_passes"]["floor_ms"], result["qe_passes"]["ratio"]
-            merit = f"{statistics.median(ratio):5.2f} [{min(ratio):.2f}, {max(ratio):.2f}]"
-            print(f"  {'':5s} {'':9s}     with B s and the stored forwards {statistics.median(full):8.2f} ms  "
-                  f"ours/(Q + inner steps + stored) {merit}")  # fmt: skip
+            full = result["qe_passes"]
+            print(f"  {'':5s} {'':9s}     with B s and the stored forwards {statistics.median(full['floor_ms']):8.2f} "
+                  f"ms  ours/(Q + inner steps + stored) {merit(full['ratio'])}")  # fmt: skip
     if args.json:
         meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats, compiled=args.compiled)
         meta["backend"] = args.backend
