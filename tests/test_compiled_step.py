@@ -151,3 +151,76 @@ def test_the_compiled_plain_step_does_not_depend_on_the_cadence(tmp_path, monkey
             step()
         compiles.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert compiles == [2, 2]  # the first plain step's counter is specialised, the next one's is symbolic
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+def test_a_compiled_plain_step_with_a_non_finite_gradient_is_skipped_as_eagerly(cls, bad):
+    """The compiled step decides the numerics check on the device with its own reductions (not ``_foreach_norm``):
+    a NaN or Inf gradient entry leaves the parameters as they were, is counted, and both twins go on alike."""
+    torch._dynamo.reset()
+    model, twin, batches = twins()
+    eager, compiled_opt = build(cls, model), build(cls, twin)
+    step = compiled_opt.compiled_step()
+    for i, (x, y) in enumerate(batches[:8]):
+        before = [p.detach().clone() for p in twin.parameters()]
+        for net in (model, twin):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            if i == 3:  # a plain step (statistics every 5 steps)
+                net[2].weight.grad[1, 2] = bad
+        eager.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            step()
+        if i == 3:
+            assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), before))
+    assert eager.skipped_steps == compiled_opt.skipped_steps == 1
+    if cls is QKLDWRM:
+        assert eager.ghat_resets == compiled_opt.ghat_resets
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_plain_steps_count_recursion_restarts_as_eagerly():
+    """Q's growth guard counts restarts on the device; compiled plain steps count them too."""
+    torch._dynamo.reset()
+    model, twin, batches = twins()
+    eager, compiled_opt = build(QKLDWRM, model), build(QKLDWRM, twin)
+    eager.ghat_growth_limit = compiled_opt.ghat_growth_limit = 1.0  # Ĝ exceeds ‖V‖ often: restarts happen
+    step = compiled_opt.compiled_step()
+    for x, y in batches[:10]:
+        for net in (model, twin):
+            net.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            eager.step()
+            step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert compiled_opt.ghat_resets == eager.ghat_resets > 0
+
+
+@pytest.mark.parametrize("cls", [KFAC, QKLDWRM])
+def test_compiled_plain_steps_follow_eager_after_the_model_changes_dtype(cls):
+    """The state follows the parameters before the traced step, once: traced, the change of layout was never
+    recorded (the step drops assignments to the optimizer's attributes), so every plain step compiled anew."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, twin, batches = twins()
+    eager, compiled_opt = build(cls, model), build(cls, twin)
+    step = compiled_opt.compiled_step()
+    for i, (x, y) in enumerate(batches[:9]):
+        if i == 3:  # between plain steps
+            model.double(), twin.double()
+        for net in (model, twin):
+            net.zero_grad()
+            F.cross_entropy(net(x.to(net[0].weight.dtype)), y).backward()
+        eager.step()
+        step()
+    assert all(s.dtype == torch.float64 for s in compiled_opt.state[twin[0].weight].values() if torch.is_tensor(s))
+    usual = 2 if cls is KFAC else 3  # Q's state gains keys over its first steps
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= usual + 1  # one more for float64
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -290,6 +290,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             if eager or closure is not None or any(self.estimator.due()):
                 return self.step(closure)
             self._check_lr(self.param_groups[0]["lr"])
+            self._before_traced_step()
             # step() skips the cadence test: traced, its modular arithmetic on the step counter became guards that
             # failed (and recompiled) at other steps, or in another run that loaded the graph from torch's caches.
             self._known_plain = True
@@ -309,6 +310,16 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                 self._known_plain = False
 
         return step
+
+    def _before_traced_step(self) -> None:
+        """Run eagerly before each compiled plain step: what the step would otherwise do on attributes of the
+        optimizer. torch.compile (2.14) drops assignments to an optimizer's attributes made inside the traced
+        ``step`` (writes into tensors are kept), so the device-side counters are made here, and the state follows
+        the parameters here (a changed layout would be noticed in every trace and never recorded). Without this,
+        rejected plain steps went uncounted and unreported when no eager plain step had made the counter
+        (reproduced by ``tests/test_compiled_step.py``)."""
+        self._follow_parameters()
+        self._skipped_device = device_counter(self._skipped_device, (), self.curvature.blocks[0].key.device)
 
     @staticmethod
     def _check_lr(lr) -> None:

@@ -161,6 +161,11 @@ class QKLDWRM(CurvatureOptimizer):
         self._report_resets()
         return sum(self._ghat_reported_counts)
 
+    def _before_traced_step(self) -> None:
+        super()._before_traced_step()
+        device = self.curvature.blocks[0].key.device
+        self._ghat_reset_counts = device_counter(self._ghat_reset_counts, (len(self.curvature.blocks),), device)
+
     def _guard_recursion(self, states: list[dict], grads, indices: tuple[int, ...]) -> None:
         """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring);
         ``indices``: the blocks' positions in ``curvature.blocks``, where the counts are kept."""
