@@ -485,15 +485,22 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
 
     def _l1_total(self, tensors: list[Tensor]) -> Optional[Tensor]:
         """The sum of the tensors' L1 norms (and ``inf`` for a loss scaler's ``found_inf``): non-finite whenever an
-        entry is. None when there is nothing to check."""
-        halves = [t for t in tensors if t.dtype in HALF_DTYPES]
-        others = [t for t in tensors if t.dtype not in HALF_DTYPES]
-        # Half-precision sums would overflow at 65504: those are summed in float32.
-        totals = [
-            torch.stack(torch._foreach_norm(group, 1, dtype=dtype)).sum()
-            for group, dtype in ((others, None), (halves, torch.float32))
-            if group
-        ]
+        entry is. None when there is nothing to check.
+
+        While torch.compile traces, the sum of ``t · 0`` over every entry instead: 0 when all are finite, NaN
+        otherwise (never a false alarm from overflow). To the compiler ``_foreach_norm`` is an opaque call (on the
+        CPU, a norm per tensor); these sums fuse into the step's own kernels."""
+        if torch.compiler.is_compiling():
+            totals = [(t * 0).sum(dtype=torch.float32) for t in tensors]
+        else:
+            halves = [t for t in tensors if t.dtype in HALF_DTYPES]
+            others = [t for t in tensors if t.dtype not in HALF_DTYPES]
+            # Half-precision sums would overflow at 65504: those are summed in float32.
+            totals = [
+                torch.stack(torch._foreach_norm(group, 1, dtype=dtype)).sum()
+                for group, dtype in ((others, None), (halves, torch.float32))
+                if group
+            ]
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
             totals.append(torch.where(found_inf.reshape(()) > 0, math.inf, 0.0))
