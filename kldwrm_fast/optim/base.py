@@ -574,6 +574,15 @@ def kl_clip_factor(
     return kl_clip_scale(summed_inner(directions, vectors), lr, kl_clip)
 
 
+def tensor_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """The L2 norm of each tensor (0-dim, on its device): one multi-tensor op, or, while torch.compile traces, a
+    norm per tensor, which the compiler fuses into the step's kernels (``_foreach_norm`` is an opaque call to
+    it; on the CPU, a norm per tensor)."""
+    if torch.compiler.is_compiling():
+        return [torch.linalg.vector_norm(t) for t in tensors]
+    return list(torch._foreach_norm(tensors))
+
+
 def summed_inner(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """``Σ_blocks ⟨x, y⟩`` over aligned lists of equal-shape tensors, as a 0-dim device tensor (no host sync)."""
     return torch.stack([torch.vdot(x.flatten(), y.flatten()) for x, y in zip(xs, ys)]).sum()

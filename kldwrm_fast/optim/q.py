@@ -16,7 +16,7 @@ from kldwrm_fast.curvature.joint import exact_step
 from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS, JOINT_EIGEN_KEYS
 from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer, device_counter, kl_clip_scale, summed_inner
+from kldwrm_fast.optim.base import CurvatureOptimizer, device_counter, kl_clip_scale, summed_inner, tensor_norms
 
 BASIS = "ghat_basis"
 REJECTED = "rejected"
@@ -170,8 +170,8 @@ class QKLDWRM(CurvatureOptimizer):
         """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring);
         ``indices``: the blocks' positions in ``curvature.blocks``, where the counts are kept."""
         g_hats = [s["g_hat"] for s in states]
-        g_norms = torch.stack(torch._foreach_norm(g_hats))
-        v_norms = torch.stack(torch._foreach_norm(grads))
+        g_norms = torch.stack(tensor_norms(g_hats))
+        v_norms = torch.stack(tensor_norms(grads))
         violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
         counted = violated if self._accepted is None else violated & self._accepted  # a rejected step's NaN
         rejected = self.global_state.get(REJECTED)
@@ -329,7 +329,7 @@ class QKLDWRM(CurvatureOptimizer):
             self._add_to_parameters(blocks, steps)
             return
         # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r).
-        ratios = torch._foreach_div(torch._foreach_norm(steps), [math.sqrt(s.numel()) for s in steps])
+        ratios = torch._foreach_div(tensor_norms(steps), [math.sqrt(s.numel()) for s in steps])
         # (1/(τ lr) on the stacked tensor, not in the list: a float there would be specialised; see scale_)
         scales = torch.stack(ratios).mul_(1.0 / (tau * lr)).reciprocal_().clamp_(max=1.0)
         torch._foreach_mul_(steps, scales.unbind())
