@@ -219,6 +219,8 @@ def main() -> None:
     unknown = [name for name in optimizers if name not in OPTIMIZERS]
     if unknown or args.repeats < 1 or args.min_steps < 1:
         parser.error(f"--optimizers takes {', '.join(OPTIMIZERS)} (got {unknown}); --repeats and --min-steps >= 1")
+    if args.compiled and "qe" in optimizers:
+        parser.error("--compiled applies to kfac, so and q: QEKLDWRM has no compiled_step (its step runs autograd)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
         result = measure(

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kldwrm_fast import KFAC, QKLDWRM, SOKLDWRM
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.ops.dispatch import Operations
 from kldwrm_fast.ops.library import REFERENCE_OPS
 
@@ -224,3 +224,9 @@ def test_compiled_plain_steps_follow_eager_after_the_model_changes_dtype(cls):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= usual + 1  # one more for float64
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_qe_refuses_compiled_step_in_one_line():
+    model, _, _ = twins()
+    with pytest.raises(NotImplementedError, match=r"^QEKLDWRM.compiled_step: .*call opt.step\(\)"):
+        QEKLDWRM(model).compiled_step()
