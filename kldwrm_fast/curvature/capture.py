@@ -1,5 +1,8 @@
 """Capture of layer inputs and output gradients from an ``nn.Module`` with hooks (docs/algorithms.md §1, §4).
 
+The hooks are excluded from ``torch.compile`` (``torch._dynamo.disable``): in a compiled model each runs eagerly
+at a graph break. Traced, they lost statistics with the sampled Fisher (``tests/test_compiled_model.py``).
+
 Every supported layer gets a forward hook that, on statistics steps only (``capture_due()``), in train
 mode and with gradients enabled, keeps the layer input and puts a tensor hook on the layer output. The
 tensor hook keeps output gradients either from the training loss's own backward (``fisher="empirical"``)
@@ -101,13 +104,13 @@ class KroneckerCurvature(Curvature):
         self._forwards = 0  # root forward calls so far: the id of the pass in progress
         self._passes: set[int] = set()  # ids of the passes whose output gradients were recorded
         self._handles = [
-            module.register_forward_hook(self._layer_hook(block, module))
+            module.register_forward_hook(torch._dynamo.disable(self._layer_hook(block, module)))
             for block in self.blocks
             for module in block.modules
         ]
         # Hooks are plain closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's
         # owner (this object) into the copy.
-        self._handles.append(model.register_forward_hook(lambda *args: self._root_hook(*args)))
+        self._handles.append(model.register_forward_hook(torch._dynamo.disable(lambda *args: self._root_hook(*args))))
 
     def _capturing(self, module: nn.Module, output) -> bool:
         return (

@@ -105,7 +105,7 @@ class QEKLDWRM(QKLDWRM):
         self._snapshot_names = [names[id(p)] for p in self._snapshot_params]
         self._inputs = None
         self._input_hook = model.register_forward_pre_hook(
-            lambda *args: self._remember_inputs(*args), with_kwargs=True
+            torch._dynamo.disable(lambda *args: self._remember_inputs(*args)), with_kwargs=True
         )  # a closure, so that copy.deepcopy(model) does not deep-copy the optimizer
 
     def compiled_step(self, **compile_options):
