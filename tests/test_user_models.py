@@ -65,6 +65,40 @@ def test_a_transformer_layer_trains_with_its_attention_projections_on_gradient_d
     assert "encoder.linear1" in names and "encoder.self_attn.out_proj" not in names
 
 
+def _old_weight_norm(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated, still used
+        return torch.nn.utils.weight_norm(module)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        nn.utils.parametrizations.weight_norm,
+        nn.utils.parametrizations.spectral_norm,
+        _old_weight_norm,
+        lambda m: nn.utils.parametrizations.weight_norm(m, name="bias", dim=None),
+    ],
+    ids=["weight_norm", "spectral_norm", "old_weight_norm", "bias_norm"],
+)
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_layer_with_a_computed_weight_takes_gradient_descent_on_the_parameters_behind_it(cls, wrap):
+    """A parametrized layer's weight is not a parameter (torch.optim refused it as a non-leaf tensor): the
+    parameters behind it take plain gradient descent, named in the warning; the other layers are preconditioned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(wrap(nn.Linear(5, 6)), nn.Tanh(), nn.Linear(6, 3))
+    with pytest.warns(UserWarning, match=r"computed.*: 0\.") as caught:
+        opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    assert "2.weight" not in str(caught[0].message)
+    assert [block.name for block in opt.curvature.blocks] == ["2"]
+    behind = [p for name, p in model.named_parameters() if name.startswith("0.")]
+    before = [p.detach().clone() for p in behind]
+    for k in range(3):
+        train_step(opt, model, *batch(k))
+    assert finite(model)
+    assert all(not torch.equal(b, p) for b, p in zip(before, behind))
+
+
 class Branches(nn.Module):
     def __init__(self):
         super().__init__()

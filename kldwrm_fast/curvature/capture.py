@@ -16,6 +16,7 @@ import contextlib
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from kldwrm_fast.curvature.base import Curvature
 from kldwrm_fast.curvature.blocks import BiasBlock, FactoredBlock, KroneckerBlock
@@ -26,6 +27,17 @@ from kldwrm_fast.curvature.layers import is_supported
 def _attention_projections(model: nn.Module) -> set[int]:
     """Linear modules whose weights ``nn.MultiheadAttention`` uses without calling them (its ``out_proj``)."""
     return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _computed_parameters(module: nn.Module) -> bool:
+    """Whether the layer's weight or bias is computed from other parameters (``torch.nn.utils.parametrize``, so
+    ``weight_norm`` and ``spectral_norm``, or the older hook-based ``weight_norm``) instead of being its own
+    parameter: the optimizer cannot update it, so the parameters behind it take plain gradient descent. Reads no
+    parametrized attribute (``spectral_norm`` would run a power iteration on access)."""
+    if parametrize.is_parametrized(module):
+        return True
+    own = module._parameters
+    return not isinstance(own.get("weight"), nn.Parameter) or (own.get("bias") is None and module.bias is not None)
 
 
 def _same_layer(first: nn.Module, second: nn.Module) -> bool:
@@ -45,7 +57,9 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
     skipped = _attention_projections(model)
     by_weight: dict[int, KroneckerBlock] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if not is_supported(module) or not module.weight.requires_grad or id(module) in skipped:
+        if not is_supported(module) or id(module) in skipped or _computed_parameters(module):
+            continue
+        if not module.weight.requires_grad:
             continue
         block = by_weight.get(id(module.weight))
         if block is None:

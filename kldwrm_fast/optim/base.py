@@ -119,8 +119,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             names = ", ".join(name for name, _ in curvature.other_params)
             warnings.warn(
                 f"{type(self).__name__}: parameters outside nn.Linear/nn.Conv2d(groups=1) layers (and attention "
-                f"projections that nn.MultiheadAttention uses without calling them) get plain gradient descent "
-                f"with the same lr and weight decay: {names}",
+                f"projections that nn.MultiheadAttention uses without calling them, and layers whose weight or bias "
+                f"is computed: parametrizations, weight_norm, spectral_norm) get plain gradient descent with the "
+                f"same lr and weight decay: {names}",
                 UserWarning,
                 stacklevel=3,
             )
