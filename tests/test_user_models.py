@@ -13,6 +13,7 @@ from test_robustness import small_model as mlp
 from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
+from kldwrm_fast.curvature.state import has_curvature
 
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
 CADENCES = [(1, 1), (1, 3), (2, 4)]
@@ -97,6 +98,53 @@ def test_a_layer_with_a_computed_weight_takes_gradient_descent_on_the_parameters
         train_step(opt, model, *batch(k))
     assert finite(model)
     assert all(not torch.equal(b, p) for b, p in zip(before, behind))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.reentrant = reentrant  # None: no checkpointing
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.head(self.body(x))
+        return self.head(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_activation_checkpointing_without_reentry_gives_the_statistics_of_the_plain_model(cls, fisher):
+    plain, checkpointed = Checkpointed(), Checkpointed(reentrant=False)
+    optimizers = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(2)
+        optimizers.append(cls(model, lr=0.05, stat_freq=1, inv_freq=2, fisher=fisher))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(3):
+            for model, opt in zip((plain, checkpointed), optimizers):
+                train_step(opt, model, *batch(k))
+    assert not [w for w in caught if "inside a backward" in str(w.message)]  # the recomputation is no fault
+    for a, b in zip(*(opt.block_states() for opt in optimizers)):
+        for key in ("A_ea", "G_ea"):  # QE's inner forwards go through the checkpoint: rounding differs
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+def test_reentrant_checkpointing_is_named_and_its_layers_take_gradient_descent(fisher):
+    """Reentrant checkpointing runs the layers' forward without gradients and again inside the backward, where
+    no statistics can be captured: with the training loss's gradients they had been counted as a second pass
+    (Γ wrong by that factor, silently)."""
+    model = Checkpointed(reentrant=True)
+    opt = KFAC(model, lr=0.05, stat_freq=1, inv_freq=1, fisher=fisher)
+    x, y = batch(0)
+    with pytest.warns(UserWarning, match=r"layer 'body\.0' ran its forward inside a backward.*use_reentrant=False"):
+        train_step(opt, model, x.requires_grad_(), y)
+    curved = [block.name for block, state in zip(opt.curvature.blocks, opt.block_states()) if has_curvature(state)]
+    assert curved == ["head"]
 
 
 class Branches(nn.Module):

@@ -13,6 +13,7 @@ or from one extra ``torch.autograd.grad`` of a sampled loss taken in a forward h
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +118,8 @@ class KroneckerCurvature(Curvature):
         self._paused = False
         self._forwards = 0  # root forward calls so far: the id of the pass in progress
         self._passes: set[int] = set()  # ids of the passes whose output gradients were recorded
+        self._hooked: set[str] = set()  # blocks captured in a forward since the last step
+        self._warned_recomputed: set[str] = set()
         self._handles = [
             module.register_forward_hook(torch._dynamo.disable(self._layer_hook(block, module)))
             for block in self.blocks
@@ -141,6 +144,11 @@ class KroneckerCurvature(Curvature):
             # A deep copy of the model carries this hook along; its calls are not ours.
             if module is not layer or not self._capturing(module, output):
                 return
+            if torch._C._current_graph_task_id() != -1:  # activation checkpointing recomputes inside a backward
+                if block.name not in self._hooked:
+                    self._recomputed(block)
+                return
+            self._hooked.add(block.name)
             # The input is kept only once its output gradient arrives, so that a forward without a backward
             # (a training metric, say) adds no unmatched rows. A tensor hook sees the gradient of the output as
             # the layer produced it, even if a later in-place op (ReLU(inplace=True)) rewrites that tensor.
@@ -150,6 +158,23 @@ class KroneckerCurvature(Curvature):
                 self._pending.append((block, output, output._version))
 
         return hook
+
+    def _recomputed(self, block: KroneckerBlock) -> None:
+        """A layer whose forward ran inside a backward pass without having been captured in a forward before:
+        reentrant activation checkpointing (its first forward ran without gradients). Nothing is captured there:
+        the sampled Fisher's backward has already run, and the training loss's would be counted as another pass
+        (non-reentrant checkpointing recomputes inside the backward too, after a forward that was captured).
+        Warned once per layer."""
+        if block.name in self._warned_recomputed:
+            return
+        self._warned_recomputed.add(block.name)
+        warnings.warn(
+            f"layer {block.name!r} ran its forward inside a backward pass (reentrant activation checkpointing, "
+            "torch.utils.checkpoint(..., use_reentrant=True)), where its statistics cannot be captured, so it gets "
+            "no curvature; checkpoint with use_reentrant=False",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _record(self, block: KroneckerBlock, x: Tensor, grad: Tensor, forward: int) -> None:
         """Keep an input with its output gradient from the right backward: the sampled one, or the training
@@ -212,6 +237,7 @@ class KroneckerCurvature(Curvature):
         super().clear()
         self._pending = []
         self._passes = set()
+        self._hooked = set()
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
