@@ -147,6 +147,37 @@ def test_reentrant_checkpointing_is_named_and_its_layers_take_gradient_descent(f
     assert curved == ["head"]
 
 
+class TiedLanguageModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(12, 6)
+        self.mix = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 12, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mix(self.embed(tokens))).mean(dim=1))
+
+
+@pytest.mark.parametrize("bias", ["folded", "separate"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_weight_tied_to_an_embedding_is_named_in_a_warning(cls, bias):
+    """The output layer's weight is also the embedding's table: its gradient has both uses, its curvature only the
+    layer's, so the construction says so (and nothing for layers that use only their own parameters)."""
+    model = TiedLanguageModel()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2, bias=bias)
+    tied = [str(w.message) for w in caught if "tied weights" in str(w.message)]
+    assert len(tied) == 1 and "out (with embed, Embedding)" in tied[0] and "mix" not in tied[0]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens, y = torch.randint(0, 12, (8, 4), generator=gen), torch.randint(0, 12, (8,), generator=gen)
+        train_step(opt, model, tokens, y)
+    assert finite(model)
+
+
 class Branches(nn.Module):
     def __init__(self):
         super().__init__()

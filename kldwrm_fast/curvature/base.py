@@ -16,7 +16,11 @@ class Curvature:
         blocks: the blocks, in a fixed order.
         other_params: ``(name, parameter)`` pairs outside every block (plain gradient descent).
         capture_due: called by capture hooks; True when the coming step collects statistics.
+        shared_with_other_modules: ``"layer (with module, type)"`` for block parameters that another module also
+            uses (a tied embedding): their curvature covers the layer's use only.
     """
+
+    shared_with_other_modules: list[str] = []
 
     blocks: list[FactoredBlock]
     other_params: list[tuple[str, Tensor]]

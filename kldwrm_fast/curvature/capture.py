@@ -41,6 +41,24 @@ def _computed_parameters(module: nn.Module) -> bool:
     return not isinstance(own.get("weight"), nn.Parameter) or (own.get("bias") is None and module.bias is not None)
 
 
+def _uses_elsewhere(model: nn.Module, blocks: list[FactoredBlock]) -> list[str]:
+    """``"layer (with module)"`` for each block parameter that another module also holds as its own parameter and
+    uses without the block's layer (a tied embedding and output layer): the curvature sees only the layer's use."""
+    layers_of = {
+        id(p): (block, block.partner.modules if isinstance(block, BiasBlock) else block.modules)
+        for block in blocks
+        for p in block.params
+    }
+    found = []
+    for name, module in model.named_modules():
+        for param in module._parameters.values():
+            block, layers = layers_of.get(id(param), (None, ()))
+            if block is not None and all(module is not layer for layer in layers):
+                found.append(f"{block.name} (with {name}, {type(module).__name__})")
+                break
+    return found
+
+
 def _same_layer(first: nn.Module, second: nn.Module) -> bool:
     """Whether two modules with one weight compute the same function of their inputs (so one block fits both)."""
     if type(first) is not type(second) or first.bias is not second.bias:
@@ -106,6 +124,7 @@ class KroneckerCurvature(Curvature):
         self.fisher = fisher
         self.predictive = predictive
         self.blocks, self.other_params = _discover(model, separate_bias)
+        self.shared_with_other_modules = _uses_elsewhere(model, self.blocks)
         if not self.blocks:
             raise ValueError(
                 f"Invalid model: {type(model).__name__} has no trainable nn.Linear or nn.Conv2d (groups=1) layer"

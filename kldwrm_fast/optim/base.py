@@ -115,6 +115,14 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self.estimator = CurvatureEstimator(
             curvature, self.block_state, self._schedule, self.data_parallel, fisher, ops, type(self).__name__
         )
+        if curvature.shared_with_other_modules:
+            warnings.warn(
+                f"{type(self).__name__}: layers whose weight another module also uses (tied weights) are "
+                f"preconditioned with the layer's own statistics only (their gradient includes the other use, "
+                f"their curvature does not): {', '.join(curvature.shared_with_other_modules)}",
+                UserWarning,
+                stacklevel=3,
+            )
         if curvature.other_params:
             names = ", ".join(name for name, _ in curvature.other_params)
             warnings.warn(
