@@ -68,6 +68,7 @@ def test_the_plain_step_traces_without_a_graph_break():
         opt.step()
     opt.zero_grad()
     F.cross_entropy(model(batches[2][0]), batches[2][1]).backward()
+    opt._known_plain = True  # as compiled_step sets it around the traced step (others run eagerly when traced)
     explained = torch._dynamo.explain(opt.step)()
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
@@ -230,3 +231,26 @@ def test_qe_refuses_compiled_step_in_one_line():
     model, _, _ = twins()
     with pytest.raises(NotImplementedError, match=r"^QEKLDWRM.compiled_step: .*call opt.step\(\)"):
         QEKLDWRM(model).compiled_step()
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+def test_a_users_torch_compile_of_the_step_runs_it_eagerly_and_counts_skipped_steps(cls):
+    """``torch.compile(opt.step)`` (or a compiled training step around it) reaches step() in a trace: it runs eagerly
+    at a graph break. Traced, a NaN gradient's skipped step went uncounted (the count is an attribute)."""
+    torch._dynamo.reset()
+    model, twin, batches = twins()
+    eager, traced = build(cls, model), build(cls, twin)
+    step = torch.compile(traced.step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i, (x, y) in enumerate(batches[:8]):
+            for net in (model, twin):
+                net.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                if i in (3, 5):  # a plain step and a statistics step
+                    net[2].weight.grad[0, 0] = float("nan")
+            eager.step()
+            step()
+        assert eager.skipped_steps == traced.skipped_steps == 2
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

@@ -219,7 +219,18 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         """Take one step; ``closure`` (optional) re-evaluates the model and returns the loss.
 
         See Note [which blocks take part]: a parameter whose ``.grad`` is None is not touched.
+
+        Traced by a ``torch.compile`` of the user's (``torch.compile(opt.step)``, or a compiled training step that
+        calls it), the step runs eagerly at a graph break: torch.compile (2.14) drops assignments to an
+        optimizer's attributes made in traced code, so counts of skipped steps (and flags the next step reads)
+        went missing. :meth:`compiled_step` is the way to compile the plain step.
         """
+        if torch.compiler.is_compiling() and not self._known_plain:
+            return _run_eagerly(self._take_step, closure)
+        return self._take_step(closure)
+
+    @torch.no_grad()
+    def _take_step(self, closure: Optional[Callable[[], Tensor]]) -> Optional[Tensor]:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -551,6 +562,12 @@ class _InductorWithoutAutogradCache(torch._TorchCompileInductorWrapper):
     def __call__(self, graph, example_inputs, **kwargs):
         with functorch_config.patch(enable_autograd_cache=False):
             return super().__call__(graph, example_inputs, **kwargs)
+
+
+@torch._dynamo.disable
+def _run_eagerly(function: Callable, *args):
+    """``function(*args)`` outside any torch.compile trace (a graph break where a trace reaches it)."""
+    return function(*args)
 
 
 def _gradient_descent(param: Tensor, group: dict, grad_unscale: Optional[Tensor], accepted: Optional[Tensor]) -> None:
