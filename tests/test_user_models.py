@@ -514,3 +514,12 @@ def test_moving_the_model_to_the_gpu_midway_moves_the_state_and_picks_the_backen
     assert finite(model) and opt.backend in ("cuda", "triton")
     for state in opt.block_states():
         assert all(value.is_cuda for value in state.values() if torch.is_tensor(value))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_passing_parameters_instead_of_the_model_is_refused_with_one_line(cls):
+    """The torch.optim habit: ``cls(model.parameters())``. The optimizer needs the layers to hook."""
+    model = nn.Linear(3, 2)
+    for wrong in (model.parameters(), list(model.parameters()), [{"params": list(model.parameters())}]):
+        with pytest.raises(TypeError, match=r"^model must be an nn.Module .*pass the model itself, not model\.par"):
+            cls(wrong)

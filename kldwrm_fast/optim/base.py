@@ -92,7 +92,10 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
             curvature = KroneckerCurvature(model, fisher, predictive, seed, separate_bias=bias == "separate")
         else:
-            raise TypeError(f"model must be an nn.Module or a Curvature, got {type(model).__name__}")
+            raise TypeError(
+                f"model must be an nn.Module or a Curvature, got {type(model).__name__}; pass the model itself, not "
+                "model.parameters() (the optimizer hooks its Linear/Conv2d layers to collect curvature)"
+            )
         super().__init__(curvature.parameters(), defaults)
         self.curvature = curvature
         self.fisher = fisher
