@@ -90,7 +90,8 @@ class QEKLDWRM(QKLDWRM):
         )
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}"
+                f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}; "
+                "pass the model itself, not model.parameters()"
             )
         self._inner_solver = dict(n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale)
         super().__init__(
