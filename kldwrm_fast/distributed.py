@@ -42,8 +42,8 @@ def is_ddp(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper, or ``model`` itself."""
-    return model.module if is_ddp(model) else model
+    """The module inside a ``DistributedDataParallel`` or ``nn.DataParallel`` wrapper, or ``model`` itself."""
+    return model.module if is_ddp(model) or isinstance(model, nn.DataParallel) else model
 
 
 def data_parallel_for(model) -> DataParallel:

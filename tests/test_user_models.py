@@ -523,3 +523,17 @@ def test_passing_parameters_instead_of_the_model_is_refused_with_one_line(cls):
     for wrong in (model.parameters(), list(model.parameters()), [{"params": list(model.parameters())}]):
         with pytest.raises(TypeError, match=r"nn.Module.*, got \w+; pass the model itself, not model\.parameters"):
             cls(wrong)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_data_parallel_over_several_gpus_is_refused_with_one_line(cls):
+    """nn.DataParallel replicates the layers at every forward; the hooks see only the originals. On one device (or
+    none) it calls the model itself, which trains as usual."""
+    wrapped = nn.DataParallel(mlp())  # no GPU here: device_ids is empty and the model is called directly
+    opt = cls(wrapped, lr=0.05, stat_freq=1, inv_freq=1)
+    train_step(opt, wrapped, *batch(0))
+    assert all(has_curvature(state) for state in opt.block_states())
+    several = nn.DataParallel(mlp())
+    several.device_ids = [0, 1]  # as on a machine with two GPUs
+    with pytest.raises(ValueError, match=r"^Invalid model: nn.DataParallel over 2 GPUs .*DistributedDataParallel"):
+        cls(several)

@@ -89,6 +89,12 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         if isinstance(model, Curvature):
             curvature = model
         elif isinstance(model, nn.Module):
+            if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+                raise ValueError(
+                    f"Invalid model: nn.DataParallel over {len(model.device_ids)} GPUs runs copies of the layers at "
+                    "every forward, which the curvature hooks do not see (every layer would take plain gradient "
+                    "descent); use DistributedDataParallel (torchrun), or the model on one GPU"
+                )
             seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
             curvature = KroneckerCurvature(model, fisher, predictive, seed, separate_bias=bias == "separate")
         else:

@@ -99,7 +99,7 @@ class QEKLDWRM(QKLDWRM):
             kl_clip=kl_clip, bias=bias, eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum,
         )  # fmt: skip
         self.model = model
-        self._network = distributed.unwrap(model)  # evaluated functionally, outside any DDP wrapper
+        self._network = distributed.unwrap(model)  # evaluated functionally, outside any (D)DP wrapper
         self._snapshot_params = self.curvature.parameters()
         names = {id(p): name for name, p in self._network.named_parameters(remove_duplicate=False)}
         self._names_by_id = names
