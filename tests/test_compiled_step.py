@@ -26,35 +26,50 @@ def build(cls, model, **extra):
     return cls(model, lr=0.05, stat_freq=5, inv_freq=10, **extra)
 
 
-def side_by_side(cls, device="cpu", lr_at=None, ops=None, damping_at=None, **compile_options):
-    """Train the twins, one with ``step()``, the other with ``compiled_step(**compile_options)``; both models.
-    ``lr_at(i)`` and ``damping_at(i)``, when given, set both optimizers' lr and damping before step i; ``ops``,
-    when given, replaces both optimizers' operations."""
+def side_by_side(
+    cls, device="cpu", lr_at=None, ops=None, damping_at=None, steps=20, configure=None, prepare=None, edit=None,
+    step_of=None, check=None, **compile_options,
+):  # fmt: skip
+    """Train the twins, one with ``step()``, the other with ``compiled_step(**compile_options)`` (or the step function
+    ``step_of(optimizer)`` gives); ``(model, twin, eager optimizer, the other)``. Before step i: ``lr_at(i)`` and
+    ``damping_at(i)`` set both optimizers' lr and damping, ``prepare(i, net)`` may change each net; after each
+    net's backward ``edit(i, net)`` may change its gradients; after the steps ``check(i, twin)`` runs.
+    ``configure(optimizer)`` and ``ops`` adjust both optimizers. Warnings of skipped steps and restarts are not
+    shown."""
     torch._dynamo.reset()
     model, twin, batches = twins()
     model, twin = model.to(device), twin.to(device)
     eager, compiled_opt = build(cls, model), build(cls, twin)
     if ops is not None:
         eager._ops = compiled_opt._ops = ops
-    step = compiled_opt.compiled_step(**compile_options)
-    for i, (x, y) in enumerate(batches):
-        x, y = x.to(device), y.to(device)
-        for net, opt in ((model, eager), (twin, compiled_opt)):
-            if lr_at is not None:
-                opt.param_groups[0]["lr"] = lr_at(i)
-            if damping_at is not None:
-                opt.param_groups[0]["damping"] = damping_at(i)
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-        eager.step()
-        step()
-    assert compiled_opt.global_state["step"] == len(batches)
-    return model, twin
+    if configure is not None:
+        configure(eager), configure(compiled_opt)
+    step = step_of(compiled_opt) if step_of else compiled_opt.compiled_step(**compile_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i, (x, y) in enumerate(batches[:steps]):
+            for net, opt in ((model, eager), (twin, compiled_opt)):
+                if lr_at is not None:
+                    opt.param_groups[0]["lr"] = lr_at(i)
+                if damping_at is not None:
+                    opt.param_groups[0]["damping"] = damping_at(i)
+                if prepare is not None:
+                    prepare(i, net)
+                opt.zero_grad()
+                F.cross_entropy(net(x.to(device, net[0].weight.dtype)), y.to(device)).backward()
+                if edit is not None:
+                    edit(i, net)
+            eager.step()
+            step()
+            if check is not None:
+                check(i, twin)
+    assert compiled_opt.global_state["step"] == eager.global_state["step"] > 0
+    return model, twin, eager, compiled_opt
 
 
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
 def test_compiled_plain_steps_follow_eager_over_twenty_steps(cls):
-    model, twin = side_by_side(cls)
+    model, twin, *_ = side_by_side(cls)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -81,7 +96,7 @@ def test_reduce_overhead_replays_plain_steps_as_cuda_graphs_and_follows_eager(cl
     (counted in ``cudagraph_skips``) when the step mutates an input whose address it does not take as static, such
     as a state tensor or a counter updated in place."""
     torch._dynamo.utils.counters.clear()
-    model, twin = side_by_side(cls, "cuda", mode="reduce-overhead")
+    model, twin, *_ = side_by_side(cls, "cuda", mode="reduce-overhead")
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0, dict(torch._dynamo.utils.counters)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -97,7 +112,7 @@ def test_a_learning_rate_schedule_follows_eager_without_recompiling(cls, tmp_pat
     for _ in range(2):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            model, twin = side_by_side(cls, lr_at=lambda i: 0.05 * 0.9**i)
+            model, twin, *_ = side_by_side(cls, lr_at=lambda i: 0.05 * 0.9**i)
         assert not [w for w in record if "recompile limit" in str(w.message)]
         for a, b in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -114,7 +129,7 @@ def test_schedules_do_not_recompile_with_registered_ops(cls, schedule):
     value_at = (lambda i: 0.05 * 0.9**i) if schedule == "lr" else (lambda i: 0.01 * (1 + i))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        model, twin = side_by_side(cls, **{f"{schedule}_at": value_at}, ops=registered)
+        model, twin, *_ = side_by_side(cls, **{f"{schedule}_at": value_at}, ops=registered)
     assert not [w for w in record if "recompile limit" in str(w.message)]
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -159,28 +174,29 @@ def test_the_compiled_plain_step_does_not_depend_on_the_cadence(tmp_path, monkey
     assert compiles == [2, 2]  # the first plain step's counter is specialised, the next one's is symbolic
 
 
+def poison(steps, value=float("nan")):
+    """An ``edit`` for :func:`side_by_side`: one gradient entry set to ``value`` at the given steps."""
+
+    def edit(i, net):
+        if i in steps:
+            net[2].weight.grad[1, 2] = value
+
+    return edit
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
 def test_a_compiled_plain_step_with_a_non_finite_gradient_is_skipped_as_eagerly(cls, bad):
     """The compiled step decides the numerics check on the device with its own reductions (not ``_foreach_norm``):
     a NaN or Inf gradient entry leaves the parameters as they were, is counted, and both twins go on alike."""
-    torch._dynamo.reset()
-    model, twin, batches = twins()
-    eager, compiled_opt = build(cls, model), build(cls, twin)
-    step = compiled_opt.compiled_step()
-    for i, (x, y) in enumerate(batches[:8]):
-        before = [p.detach().clone() for p in twin.parameters()]
-        for net in (model, twin):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            if i == 3:  # a plain step (statistics every 5 steps)
-                net[2].weight.grad[1, 2] = bad
-        eager.step()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            step()
-        if i == 3:
-            assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), before))
+    before = {}
+
+    def check(i, twin):
+        if i == 3:  # a plain step (statistics every 5 steps)
+            assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), before["params"]))
+        before["params"] = [p.detach().clone() for p in twin.parameters()]
+
+    model, twin, eager, compiled_opt = side_by_side(cls, steps=8, edit=poison({3}, bad), check=check)
     assert eager.skipped_steps == compiled_opt.skipped_steps == 1
     if cls is QKLDWRM:
         assert eager.ghat_resets == compiled_opt.ghat_resets
@@ -190,19 +206,11 @@ def test_a_compiled_plain_step_with_a_non_finite_gradient_is_skipped_as_eagerly(
 
 def test_compiled_plain_steps_count_recursion_restarts_as_eagerly():
     """Q's growth guard counts restarts on the device; compiled plain steps count them too."""
-    torch._dynamo.reset()
-    model, twin, batches = twins()
-    eager, compiled_opt = build(QKLDWRM, model), build(QKLDWRM, twin)
-    eager.ghat_growth_limit = compiled_opt.ghat_growth_limit = 1.0  # Ĝ exceeds ‖V‖ often: restarts happen
-    step = compiled_opt.compiled_step()
-    for x, y in batches[:10]:
-        for net in (model, twin):
-            net.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            eager.step()
-            step()
+
+    def configure(opt):
+        opt.ghat_growth_limit = 1.0  # Ĝ exceeds ‖V‖ often: restarts happen
+
+    _, _, eager, compiled_opt = side_by_side(QKLDWRM, steps=10, configure=configure)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert compiled_opt.ghat_resets == eager.ghat_resets > 0
@@ -212,19 +220,13 @@ def test_compiled_plain_steps_count_recursion_restarts_as_eagerly():
 def test_compiled_plain_steps_follow_eager_after_the_model_changes_dtype(cls):
     """The state follows the parameters before the traced step, once: traced, the change of layout was never
     recorded (the step drops assignments to the optimizer's attributes), so every plain step compiled anew."""
-    torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model, twin, batches = twins()
-    eager, compiled_opt = build(cls, model), build(cls, twin)
-    step = compiled_opt.compiled_step()
-    for i, (x, y) in enumerate(batches[:9]):
+
+    def prepare(i, net):
         if i == 3:  # between plain steps
-            model.double(), twin.double()
-        for net in (model, twin):
-            net.zero_grad()
-            F.cross_entropy(net(x.to(net[0].weight.dtype)), y).backward()
-        eager.step()
-        step()
+            net.double()
+
+    model, twin, _, compiled_opt = side_by_side(cls, steps=9, prepare=prepare)
     assert all(s.dtype == torch.float64 for s in compiled_opt.state[twin[0].weight].values() if torch.is_tensor(s))
     usual = 2 if cls is KFAC else 3  # Q's state gains keys over its first steps
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= usual + 1  # one more for float64
@@ -242,20 +244,11 @@ def test_qe_refuses_compiled_step_in_one_line():
 def test_a_users_torch_compile_of_the_step_runs_it_eagerly_and_counts_skipped_steps(cls):
     """``torch.compile(opt.step)`` (or a compiled training step around it) reaches step() in a trace: it runs eagerly
     at a graph break. Traced, a NaN gradient's skipped step went uncounted (the count is an attribute)."""
-    torch._dynamo.reset()
-    model, twin, batches = twins()
-    eager, traced = build(cls, model), build(cls, twin)
-    step = torch.compile(traced.step)
+    model, twin, eager, traced = side_by_side(
+        cls, steps=8, edit=poison({3, 5}), step_of=lambda opt: torch.compile(opt.step)
+    )  # a plain step and a statistics step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for i, (x, y) in enumerate(batches[:8]):
-            for net in (model, twin):
-                net.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-                if i in (3, 5):  # a plain step and a statistics step
-                    net[2].weight.grad[0, 0] = float("nan")
-            eager.step()
-            step()
         assert eager.skipped_steps == traced.skipped_steps == 2
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)

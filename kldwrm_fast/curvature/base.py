@@ -20,7 +20,7 @@ class Curvature:
             uses (a tied embedding): their curvature covers the layer's use only.
     """
 
-    shared_with_other_modules: list[str] = []
+    shared_with_other_modules: tuple[str, ...] | list[str] = ()
 
     blocks: list[FactoredBlock]
     other_params: list[tuple[str, Tensor]]

@@ -77,7 +77,7 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
     by_weight: dict[int, KroneckerBlock] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if not is_supported(module) or id(module) in skipped or _computed_parameters(module):
-            continue
+            continue  # (the parametrized weight is not read: see _computed_parameters)
         if not module.weight.requires_grad:
             continue
         block = by_weight.get(id(module.weight))
