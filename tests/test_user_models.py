@@ -537,3 +537,34 @@ def test_data_parallel_over_several_gpus_is_refused_with_one_line(cls):
     several.device_ids = [0, 1]  # as on a machine with two GPUs
     with pytest.raises(ValueError, match=r"^Invalid model: nn.DataParallel over 2 GPUs .*DistributedDataParallel"):
         cls(several)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_two_losses_with_a_backward_each_give_the_statistics_of_their_sum(cls, fisher):
+    """``loss1.backward(retain_graph=True); loss2.backward()`` leaves ``.grad`` as the summed loss's; the statistics
+    follow. With the training loss's gradients each backward had been kept as a pair of its own (Γ differed,
+    silently)."""
+    results = []
+    for split in (False, True):
+        model = mlp()
+        torch.manual_seed(2)
+        opt = cls(model, lr=0.05, stat_freq=1, inv_freq=1, fisher=fisher)
+        for k in range(2):
+            x, y = batch(k)
+            opt.zero_grad()
+            out = model(x)
+            first, second = F.cross_entropy(out, y), 0.1 * out.pow(2).mean()
+            if split:
+                first.backward(retain_graph=True)
+                second.backward()
+            else:
+                (first + second).backward()
+            opt.step()
+        results.append((opt.block_states(), clones(model)))
+    (whole, params), (split, split_params) = results
+    for a, b in zip(whole, split):
+        for key in ("A_ea", "G_ea"):
+            torch.testing.assert_close(a[key], b[key])
+    for a, b in zip(params, split_params):
+        torch.testing.assert_close(a, b)

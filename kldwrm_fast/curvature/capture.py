@@ -171,8 +171,8 @@ class KroneckerCurvature(Curvature):
             # The input is kept only once its output gradient arrives, so that a forward without a backward
             # (a training metric, say) adds no unmatched rows. A tensor hook sees the gradient of the output as
             # the layer produced it, even if a later in-place op (ReLU(inplace=True)) rewrites that tensor.
-            x, forward = inputs[0].detach(), self._forwards
-            output.register_hook(lambda grad: self._record(block, x, grad, forward))
+            x, forward, slot = inputs[0].detach(), self._forwards, []
+            output.register_hook(lambda grad: self._record(block, x, grad, forward, slot))
             if self.fisher == "sampled":
                 self._pending.append((block, output, output._version))
 
@@ -195,13 +195,21 @@ class KroneckerCurvature(Curvature):
             stacklevel=2,
         )
 
-    def _record(self, block: KroneckerBlock, x: Tensor, grad: Tensor, forward: int) -> None:
+    def _record(self, block: KroneckerBlock, x: Tensor, grad: Tensor, forward: int, slot: list[int]) -> None:
         """Keep an input with its output gradient from the right backward: the sampled one, or the training
-        loss's."""
-        if self._sampling == (self.fisher == "sampled"):
-            block.inputs.append(x)
-            block.output_grads.append(grad.detach())
-            self._passes.add(forward)
+        loss's. ``slot`` belongs to one call of the layer: a second backward through the same forward (two losses
+        with a backward each) adds its gradient to the first one's pair, so that the statistics are those of the
+        summed loss whose gradient ``.grad`` holds (with ``fisher="empirical"`` every backward through the forward
+        counts as the training loss's)."""
+        if self._sampling != (self.fisher == "sampled"):
+            return
+        if slot and slot[0] < len(block.inputs) and block.inputs[slot[0]] is x:
+            block.output_grads[slot[0]] = block.output_grads[slot[0]] + grad.detach()
+            return
+        slot[:] = [len(block.inputs)]
+        block.inputs.append(x)
+        block.output_grads.append(grad.detach())
+        self._passes.add(forward)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
