@@ -21,12 +21,18 @@ def twins():
     return net, copy.deepcopy(net), data
 
 
+def compiled_in_place(model):
+    model.compile()  # nn.Module.compile: the same module object, its calls compiled
+    return model
+
+
+@pytest.mark.parametrize("compile_model", [torch.compile, compiled_in_place], ids=["torch.compile", "Module.compile"])
 @pytest.mark.parametrize("fisher", ["sampled", "empirical"])
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM])
-def test_a_compiled_model_trains_as_the_eager_one(cls, fisher):
+def test_a_compiled_model_trains_as_the_eager_one(cls, fisher, compile_model):
     torch._dynamo.reset()
     net, twin, data = twins()
-    compiled = torch.compile(twin)
+    compiled = compile_model(twin)
     optimizers = []
     for model in (net, compiled):
         torch.manual_seed(2)  # the sampled Fisher's generator is seeded from the global one
