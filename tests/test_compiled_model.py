@@ -26,17 +26,27 @@ def compiled_in_place(model):
     return model
 
 
-@pytest.mark.parametrize("compile_model", [torch.compile, compiled_in_place], ids=["torch.compile", "Module.compile"])
+WAYS = {  # how the model is compiled, and whether before the optimizer is built on it (else after, on the bare one)
+    "torch.compile before": (torch.compile, True),
+    "torch.compile after": (torch.compile, False),
+    "Module.compile": (compiled_in_place, True),
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
 @pytest.mark.parametrize("fisher", ["sampled", "empirical"])
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM])
-def test_a_compiled_model_trains_as_the_eager_one(cls, fisher, compile_model):
+def test_a_compiled_model_trains_as_the_eager_one(cls, fisher, way):
     torch._dynamo.reset()
     net, twin, data = twins()
-    compiled = compile_model(twin)
+    compile_model, before = WAYS[way]
+    compiled = compile_model(twin) if before else twin
     optimizers = []
     for model in (net, compiled):
         torch.manual_seed(2)  # the sampled Fisher's generator is seeded from the global one
         optimizers.append(cls(model, lr=0.05, stat_freq=1, inv_freq=2, fisher=fisher))
+    if not before:
+        compiled = compile_model(twin)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for x, y in data:
