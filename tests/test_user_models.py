@@ -568,3 +568,39 @@ def test_two_losses_with_a_backward_each_give_the_statistics_of_their_sum(cls, f
             torch.testing.assert_close(a[key], b[key])
     for a, b in zip(params, split_params):
         torch.testing.assert_close(a, b)
+
+
+class ScaledLinear(nn.Linear):
+    """Equalized learning rate (as in progressive GANs): the stored weight is scaled in the forward."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight / self.in_features**0.5, self.bias)
+
+
+class RenamedLinear(nn.Linear):
+    """A subclass that computes what nn.Linear does."""
+
+
+class ScaledConv(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2.0 * weight, bias)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_layers_whose_class_replaces_the_forward_are_named_in_a_warning(cls):
+    """The curvature assumes y = W x̄ + b; a subclass that computes something else (a scaled weight) would be
+    preconditioned with the wrong curvature, silently. A subclass that keeps the forward is not named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ScaledConv(1, 2, 3), nn.Flatten(), RenamedLinear(2 * 4 * 4, 6), nn.Tanh(), ScaledLinear(6, 3)
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    named = [str(w.message) for w in caught if "replaces nn.Linear's or nn.Conv2d's forward" in str(w.message)]
+    assert len(named) == 1 and "0 (ScaledConv)" in named[0] and "4 (ScaledLinear)" in named[0]
+    assert "RenamedLinear" not in named[0]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    train_step(opt, model, x, y)
+    assert finite(model)

@@ -18,9 +18,12 @@ class Curvature:
         capture_due: called by capture hooks; True when the coming step collects statistics.
         shared_with_other_modules: ``"layer (with module, type)"`` for block parameters that another module also
             uses (a tied embedding): their curvature covers the layer's use only.
+        own_forwards: ``"layer (class)"`` for layers whose class replaces ``nn.Linear``/``nn.Conv2d``'s forward:
+            their curvature assumes ``y = W x̄``.
     """
 
     shared_with_other_modules: tuple[str, ...] | list[str] = ()
+    own_forwards: tuple[str, ...] | list[str] = ()
 
     blocks: list[FactoredBlock]
     other_params: list[tuple[str, Tensor]]

@@ -59,6 +59,24 @@ def _uses_elsewhere(model: nn.Module, blocks: list[FactoredBlock]) -> list[str]:
     return found
 
 
+def _own_forwards(blocks: list[FactoredBlock]) -> list[str]:
+    """``"layer (class)"`` for each layer of a subclass of ``nn.Linear`` or ``nn.Conv2d`` that replaces how the output
+    is computed (``forward``, or a convolution's ``_conv_forward``): the curvature assumes the base class's
+    ``y = W x̄``, which such a forward may not compute (a scaled weight, say)."""
+    found = []
+    for block in blocks:
+        if not isinstance(block, KroneckerBlock):
+            continue
+        cls = type(block.module)
+        if isinstance(block.module, nn.Linear):
+            own = cls.forward is not nn.Linear.forward
+        else:
+            own = cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+        if own:
+            found.append(f"{block.name} ({cls.__name__})")
+    return found
+
+
 def _same_layer(first: nn.Module, second: nn.Module) -> bool:
     """Whether two modules with one weight compute the same function of their inputs (so one block fits both)."""
     if type(first) is not type(second) or first.bias is not second.bias:
@@ -125,6 +143,7 @@ class KroneckerCurvature(Curvature):
         self.predictive = predictive
         self.blocks, self.other_params = _discover(model, separate_bias)
         self.shared_with_other_modules = _uses_elsewhere(model, self.blocks)
+        self.own_forwards = _own_forwards(self.blocks)
         if not self.blocks:
             raise ValueError(
                 f"Invalid model: {type(model).__name__} has no trainable nn.Linear or nn.Conv2d (groups=1) layer"

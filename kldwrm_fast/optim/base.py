@@ -132,6 +132,14 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
+        if curvature.own_forwards:
+            warnings.warn(
+                f"{type(self).__name__}: layers whose class replaces nn.Linear's or nn.Conv2d's forward are "
+                f"preconditioned as if they computed y = W x + b (their curvature is wrong if they compute something "
+                f"else, such as a scaled weight): {', '.join(curvature.own_forwards)}",
+                UserWarning,
+                stacklevel=3,
+            )
         if curvature.other_params:
             names = ", ".join(name for name, _ in curvature.other_params)
             warnings.warn(
