@@ -153,21 +153,21 @@ def measure(
             times[f"floor-{name}"].append(machine.ms_per_call(cycle, cycles, n_steps))
     result = {}
     for name in optimizers:
+        ours_ms = times[f"{name}-{backend}"]
         if name == "qe":
             floor_ms = [q + n_inner * one for q, one in zip(times[f"q-{backend}"], times["pass"])]
-            ratios = [ours / floor for ours, floor in zip(times[f"qe-{backend}"], floor_ms)]
+            ratios = [ours / floor for ours, floor in zip(ours_ms, floor_ms)]
             parts = zip(times[f"q-{backend}"], times["pass"], times["matvec"], times["forward"])
             full = [q + n_inner * (one + matvec) + n_cap * forward for q, one, matvec, forward in parts]
             result["qe_passes"] = {
                 "n_inner": n_inner, "n_cap": n_cap, "pass_ms": times["pass"], "matvec_ms": times["matvec"],
                 "forward_ms": times["forward"], "floor_ms": full,
-                "ratio": [ours / floor for ours, floor in zip(times[f"qe-{backend}"], full)],
+                "ratio": [ours / floor for ours, floor in zip(ours_ms, full)],
             }  # fmt: skip
         else:
             floor_ms = times[f"floor-{name}"]
-            ours_ms = times[f"{name}-{backend}"]
             ratios = [ours / (sgd + floor) for ours, sgd, floor in zip(ours_ms, times["sgd"], floor_ms)]
-        result[name] = {"ms": times[f"{name}-{backend}"], "floor_ms": floor_ms, "ratio": ratios}
+        result[name] = {"ms": ours_ms, "floor_ms": floor_ms, "ratio": ratios}
     result["sgd"] = {"ms": times["sgd"]}
     return result
 

@@ -124,32 +124,30 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self.estimator = CurvatureEstimator(
             curvature, self.block_state, self._schedule, self.data_parallel, fisher, ops, type(self).__name__
         )
-        if curvature.shared_with_other_modules:
-            warnings.warn(
-                f"{type(self).__name__}: layers whose weight another module also uses (tied weights) are "
-                f"preconditioned with the layer's own statistics only (their gradient includes the other use, "
-                f"their curvature does not): {', '.join(curvature.shared_with_other_modules)}",
-                UserWarning,
-                stacklevel=3,
-            )
-        if curvature.own_forwards:
-            warnings.warn(
-                f"{type(self).__name__}: layers whose class replaces nn.Linear's or nn.Conv2d's forward are "
-                f"preconditioned as if they computed y = W x + b (their curvature is wrong if they compute something "
-                f"else, such as a scaled weight): {', '.join(curvature.own_forwards)}",
-                UserWarning,
-                stacklevel=3,
-            )
-        if curvature.other_params:
-            names = ", ".join(name for name, _ in curvature.other_params)
-            warnings.warn(
-                f"{type(self).__name__}: parameters outside nn.Linear/nn.Conv2d(groups=1) layers (and attention "
-                f"projections that nn.MultiheadAttention uses without calling them, and layers whose weight or bias "
-                f"is computed: parametrizations, weight_norm, spectral_norm) get plain gradient descent with the "
-                f"same lr and weight decay: {names}",
-                UserWarning,
-                stacklevel=3,
-            )
+        # What the curvature leaves out or assumes, each named once at construction.
+        notices = (
+            (
+                curvature.shared_with_other_modules,
+                "layers whose weight another module also uses (tied weights) are preconditioned with the layer's "
+                "own statistics only (their gradient includes the other use, their curvature does not)",
+            ),
+            (
+                curvature.own_forwards,
+                "layers whose class replaces nn.Linear's or nn.Conv2d's forward are preconditioned as if they "
+                "computed y = W x + b (their curvature is wrong if they compute something else, such as a scaled "
+                "weight)",
+            ),
+            (
+                [name for name, _ in curvature.other_params],
+                "parameters outside nn.Linear/nn.Conv2d(groups=1) layers (and attention projections that "
+                "nn.MultiheadAttention uses without calling them, and layers whose weight or bias is computed: "
+                "parametrizations, weight_norm, spectral_norm) get plain gradient descent with the same lr and "
+                "weight decay",
+            ),
+        )
+        for names, what in notices:
+            if names:
+                warnings.warn(f"{type(self).__name__}: {what}: {', '.join(names)}", UserWarning, stacklevel=3)
 
     @property
     def _ops(self) -> Operations:
