@@ -1,6 +1,8 @@
 """The plain step compiles into one graph (``torch.compile(..., fullgraph=True)``) and computes what eager does."""
 
 import copy
+import functools
+import inspect
 import warnings
 
 import pytest
@@ -11,6 +13,8 @@ from torch import nn
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.ops.dispatch import Operations
 from kldwrm_fast.ops.library import REFERENCE_OPS
+
+QEXACT = functools.partial(QKLDWRM, curvature_sum="exact")
 
 
 def twins():
@@ -100,6 +104,83 @@ def test_reduce_overhead_replays_plain_steps_as_cuda_graphs_and_follows_eager(cl
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0, dict(torch._dynamo.utils.counters)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def cuda_graph_verdicts(monkeypatch):
+    """Each graph inductor compiles records inductor's own verdict on replaying it as a CUDA graph given its input
+    mutations (``check_for_mutation_ignore_cuda_graph_managed_tensor``: None, or why it would run without one).
+    Inductor reaches that check only for graphs on a GPU; the inputs it reads are known on any device. The FX
+    graph cache is off, so that every graph is compiled here."""
+    from torch._inductor import config, cudagraph_utils, output_code
+
+    verdicts = []
+    init = output_code.CompiledFxGraph.__init__
+    signature = inspect.signature(init)
+
+    def recording_init(graph, *args, **kwargs):
+        init(graph, *args, **kwargs)
+        bound = signature.bind(graph, *args, **kwargs).arguments
+        verdicts.append(
+            cudagraph_utils.check_for_mutation_ignore_cuda_graph_managed_tensor(
+                bound["gm"], graph.mutated_inputs, graph.mutated_input_idxs, bound["static_input_idxs"]
+            )
+        )
+
+    monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", recording_init)
+    with config.patch(fx_graph_cache=False):
+        yield verdicts
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEXACT])
+def test_reduce_overhead_plain_steps_qualify_for_cuda_graphs(cls, cuda_graph_verdicts):
+    """The compiled plain step mutates parameters, state (momentum buffers, Q's recursion) and counters in place;
+    inductor replays a graph as a CUDA graph only when every mutated input is a static address. Without the
+    optimizer marking its state (torch does so only for optimizers with an ``_init_group``), every graph here
+    failed the check: KFAC's momentum buffers and the skipped-step counter were mutated non-static inputs."""
+    model, twin, *_ = side_by_side(cls, mode="reduce-overhead")
+    verdicts = cuda_graph_verdicts
+    assert verdicts and verdicts == [None] * len(verdicts), verdicts
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEXACT])
+@pytest.mark.parametrize("cadence", [(5, 10), (1, 4)])
+def test_state_keeps_its_storage_across_statistics_and_inverse_steps(cls, cadence):
+    """A CUDA graph reads its static inputs at the addresses it was recorded with; where a state tensor is
+    replaced, torch records the graph again and keeps every earlier recording. So after the first steps every
+    state tensor and counter a plain step reads stays where it is, through statistics and inverse steps (the
+    local factors ``A``, ``G`` alone are new at each statistics step: no plain step reads them)."""
+    stat_freq, inv_freq = cadence
+    addresses = {}
+
+    def configure(opt):
+        opt.param_groups[0].update(stat_freq=stat_freq, inv_freq=inv_freq)
+
+    def check(i, twin):
+        opt = optimizers[0]
+        now = {
+            (index, key): value.data_ptr()
+            for index, state in enumerate(opt.state.values())
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor) and key not in ("A", "G")
+        }
+        now.update({name: getattr(opt, name).data_ptr() for name in ("_skipped_device", "_ghat_reset_counts")
+                    if getattr(opt, name, None) is not None})  # fmt: skip
+        if i == 1:
+            addresses.update(now)
+        elif i > 1:
+            assert now == addresses, (i, {k for k in now.keys() | addresses.keys() if now.get(k) != addresses.get(k)})
+
+    optimizers = []
+
+    def step_of(opt):
+        optimizers.append(opt)
+        return opt.compiled_step()
+
+    side_by_side(cls, configure=configure, check=check, step_of=step_of)
+    assert addresses
 
 
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])

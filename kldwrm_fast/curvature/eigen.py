@@ -69,7 +69,9 @@ def _ladder(matrix: Tensor) -> Optional[tuple[Tensor, Tensor]]:
 
 
 def _fallback(matrix: Tensor, previous: Optional[tuple[Tensor, Tensor]], name: str) -> tuple[Tensor, Tensor]:
-    """The previous decomposition, or the identity when there is none, with a warning."""
+    """A copy of the previous decomposition, or the identity when there is none, with a warning. (A copy: the
+    previous one may be another key's state, which the caller then writes in place; Q's ``Â`` falls back to the
+    tensors of ``Ā``'s decomposition.)"""
     if previous is None:
         warnings.warn(
             f"eigendecomposition of {name} failed and no earlier one exists; using the identity until one succeeds",
@@ -79,7 +81,7 @@ def _fallback(matrix: Tensor, previous: Optional[tuple[Tensor, Tensor]], name: s
         n = matrix.shape[-1]
         return torch.eye(n, dtype=matrix.dtype, device=matrix.device), matrix.new_ones(n)
     warnings.warn(f"eigendecomposition of {name} failed; keeping the previous one", RuntimeWarning, stacklevel=4)
-    return previous
+    return previous[0].clone(), previous[1].clone()
 
 
 def symmetric_eig(

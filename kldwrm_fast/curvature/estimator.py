@@ -25,7 +25,7 @@ from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
 from kldwrm_fast.curvature.eigen import decompose_many
 from kldwrm_fast.curvature.joint import damping_split, whitened_local
-from kldwrm_fast.curvature.state import INPUT, JOINT, OUTPUT, SIDES, average_key, eigen_keys
+from kldwrm_fast.curvature.state import INPUT, JOINT, OUTPUT, SIDES, average_key, eigen_keys, store
 from kldwrm_fast.ops import Operations
 
 
@@ -129,7 +129,8 @@ class CurvatureEstimator:
             for (block, key, _), (vectors, values) in zip(factors, decompose_many(requests, self.ops.eigh, failed)):
                 vectors_key, values_key = eigen_keys(key)
                 state = self.state_of(block)
-                state[vectors_key], state[values_key] = vectors, _floored(values, info.eigenvalue_floor)
+                store(state, vectors_key, vectors)
+                store(state, values_key, _floored(values, info.eigenvalue_floor))
             self._restart_non_finite_averages({factors[i][0] for i in failed})
             info.batches.compact([self.state_of(block) for block in blocks])
 
@@ -243,7 +244,8 @@ class CurvatureEstimator:
             vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
             torch.distributed.broadcast(vectors, src=owner)
             torch.distributed.broadcast(values, src=owner)
-            state[keys[0]], state[keys[1]] = vectors, _floored(values, floor)
+            store(state, keys[0], vectors)
+            store(state, keys[1], _floored(values, floor))
 
 
 def _floored(values: Tensor, floor: float) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+import torch
 from torch import Tensor
 
 INPUT, OUTPUT = "A", "G"
@@ -60,6 +61,35 @@ class BlockState(TypedDict, total=False):
     v_prev: Tensor
     g_hat: Tensor
     m: Tensor
+
+
+def store(state: dict, key: str, value: Tensor) -> None:
+    """``state[key] = value``, written into the tensor already there when it has ``value``'s shape, dtype and device.
+
+    Tensors a plain step reads keep their storage from step to step this way: a compiled plain step replayed
+    as a CUDA graph (``compiled_step(mode="reduce-overhead")``) reads its state at fixed addresses, and a
+    replaced tensor makes torch record the graph again, keeping every earlier recording. ``value`` must not
+    overlap the tensor there unless it is that tensor."""
+    store_all([state], key, [value])
+
+
+def store_all(states: list[dict], key: str, values: list[Tensor]) -> None:
+    """:func:`store` for aligned lists, the in-place writes in one multi-tensor copy."""
+    targets, sources = [], []
+    for state, value in zip(states, values, strict=True):
+        old = state.get(key)
+        if (
+            isinstance(old, Tensor)
+            and old.shape == value.shape
+            and old.dtype == value.dtype
+            and old.device == value.device
+        ):
+            targets.append(old)
+            sources.append(value)
+        else:
+            state[key] = value
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def average_key(side: str) -> str:

@@ -20,9 +20,10 @@ Note [zero learning rate]
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +68,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     check_numerics = True
     _known_plain = False  # set by compiled_step around a step it knows to be plain
+    _unmarked = True  # state tensors may be new since they were last marked static (see _before_traced_step)
 
     def __init__(
         self,
@@ -228,6 +230,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self._batch_cache = {}
         self.backend, self._ops = operations_for(self._requested_backend, self.curvature.blocks[0].key.device)
         self._layout = layout
+        self._unmarked = True
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
@@ -290,6 +293,8 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self.curvature.clear()
         self.global_state["step"] = k + 1
         self.global_state["lr_prev"] = None if self._restart else lr
+        if not torch.compiler.is_compiling():
+            self._unmarked = True
         return loss
 
     def compiled_step(self, **compile_options) -> Callable[..., Optional[Tensor]]:
@@ -352,9 +357,31 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         ``step`` (writes into tensors are kept), so the device-side counters are made here, and the state follows
         the parameters here (a changed layout would be noticed in every trace and never recorded). Without this,
         rejected plain steps went uncounted and unreported when no eager plain step had made the counter
-        (reproduced by ``tests/test_compiled_step.py``)."""
+        (reproduced by ``tests/test_compiled_step.py``).
+
+        It also marks every state tensor and counter as a static address for the compiler. A CUDA graph
+        (``mode="reduce-overhead"``) is only used for a graph whose mutated inputs are all static: torch marks a
+        ``torch.optim`` optimizer's state itself only when the optimizer has an ``_init_group``, so without the
+        marks the momentum buffers and counters the plain step updates in place made inductor skip the CUDA
+        graph (``tests/test_compiled_step.py`` reads inductor's own verdict on a CPU). The marks are unguarded (a
+        replaced tensor makes the CUDA graph re-record, not the step recompile) and are made again only after an
+        eager step, a change of layout or a ``load_state_dict``: the state is written in place
+        (:func:`~kldwrm_fast.curvature.state.store`), so a plain step makes no new state tensor."""
         self._follow_parameters()
-        self._skipped_device = device_counter(self._skipped_device, (), self.curvature.blocks[0].key.device)
+        counters = self._make_counters(self.curvature.blocks[0].key.device)
+        if self._unmarked:
+            for tensor in itertools.chain(counters, *(self._tensors_of(state) for state in self.state.values())):
+                torch._dynamo.mark_static_address(tensor)
+            self._unmarked = False
+
+    def _make_counters(self, device: torch.device) -> list[Tensor]:
+        """Create (or move to ``device``) the device-side counters a plain step updates; returns them."""
+        self._skipped_device = device_counter(self._skipped_device, (), device)
+        return [self._skipped_device]
+
+    @staticmethod
+    def _tensors_of(state: dict) -> Iterator[Tensor]:
+        return (value for value in state.values() if isinstance(value, Tensor))
 
     @staticmethod
     def _check_lr(lr) -> None:

@@ -85,3 +85,4 @@ class Checkpointing:
                 if isinstance(value, Tensor):
                     self.state[param][key] = value.to(param.device, copy=True)
         self.curvature.load_state_dict(curvature_state)
+        self._unmarked = True

@@ -13,15 +13,23 @@ from torch import Tensor, nn
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.joint import exact_step
-from kldwrm_fast.curvature.state import AVERAGE_KEYS, EIGEN_KEYS, HAT_EIGEN_KEYS, JOINT_EIGEN_KEYS
+from kldwrm_fast.curvature.state import (
+    AVERAGE_KEYS,
+    EIGEN_KEYS,
+    HAT_EIGEN_KEYS,
+    JOINT_EIGEN_KEYS,
+    store,
+    store_all,
+)
 from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positive_or_none
 from kldwrm_fast.optim.base import CurvatureOptimizer, device_counter, kl_clip_scale, summed_inner, tensor_norms
 
 BASIS = "ghat_basis"
 REJECTED = "rejected"
-"""``global_state`` key: the last plain step was rejected on the device (0-dim bool), so every block's recursion
-restarts at the next step (the growth guard's pass does it; saved with the state, so a resume restarts too)."""
+"""``global_state`` key: whether the last plain step was rejected on the device (0-dim bool, written in place; absent
+before the first verdict), so every block's recursion restarts at the next step (the growth guard's pass does it,
+and a step without a device verdict resets it; saved with the state, so a resume restarts too)."""
 EIGENBASIS, PARAMETER_BASIS = "eigen", "parameter"
 
 
@@ -161,10 +169,14 @@ class QKLDWRM(CurvatureOptimizer):
         self._report_resets()
         return sum(self._ghat_reported_counts)
 
-    def _before_traced_step(self) -> None:
-        super()._before_traced_step()
-        device = self.curvature.blocks[0].key.device
+    def _make_counters(self, device: torch.device) -> list[Tensor]:
         self._ghat_reset_counts = device_counter(self._ghat_reset_counts, (len(self.curvature.blocks),), device)
+        if self.ghat_growth_limit is not None:  # made here, so that the compiled step finds it and keeps it
+            rejected = self.global_state.get(REJECTED)
+            self.global_state[REJECTED] = (
+                torch.zeros((), dtype=torch.bool, device=device) if rejected is None else rejected.to(device)
+            )
+        return super()._make_counters(device) + [self._ghat_reset_counts]
 
     def _guard_recursion(self, states: list[dict], grads, indices: tuple[int, ...]) -> None:
         """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring);
@@ -232,7 +244,9 @@ class QKLDWRM(CurvatureOptimizer):
             if lr_prev is not None and "g_hat" in state:
                 carried.append(i)
             else:
-                state["g_hat"], state["v_prev"], state["m"] = v.clone(), v.clone(), torch.zeros_like(v)
+                store(state, "g_hat", v.clone())
+                store(state, "v_prev", v.clone())
+                store(state, "m", torch.zeros_like(v))
         if carried:
             self._ops.ghat_recursion(
                 [vs[i] for i in carried], [states[i]["g_hat"] for i in carried],
@@ -244,7 +258,9 @@ class QKLDWRM(CurvatureOptimizer):
                 )  # norms are the same in either basis
                 if info.inverse_due:  # waits for the eigensolver anyway
                     self._report_resets()
-        self.global_state.pop(REJECTED, None)
+        rejected = self.global_state.get(REJECTED)
+        if rejected is not None and self._accepted is None:  # consumed; a device verdict overwrites it instead
+            rejected.fill_(False)
         g_hats = [s["g_hat"] for s in states]
         damping = group["damping"]
         step_lr = lr if lr > 0 else 1.0  # lr = 0: S/(−lr) and M are computed with lr 1; S is not applied
@@ -270,8 +286,7 @@ class QKLDWRM(CurvatureOptimizer):
             for state in states:
                 for key in HAT_EIGEN_KEYS:
                     del state[key]
-        for state, product in zip(states, products):
-            state["m"] = product
+        store_all(states, "m", products)
         if group["kl_clip"] is not None and lr > 0:
             self._kl_clip(group["kl_clip"], info.batches, states, steps, g_hats, lr, in_eigenbasis)
         if info.inverse_due and self.estimator.steps_without_inverse():
@@ -302,9 +317,9 @@ class QKLDWRM(CurvatureOptimizer):
         inverse = basis == PARAMETER_BASIS
         moved = self._batches_for(indices).rotate(self._ops, states, carry, inverse=inverse)
         for state, value in zip(states, moved):
-            state["g_hat"] = value.contiguous()
-            state["v_prev"] = torch.zeros_like(state["g_hat"])
-            state["m"] = torch.zeros_like(state["g_hat"])
+            store(state, "g_hat", value.contiguous())
+            state["v_prev"].zero_()
+            state["m"].zero_()
         self.global_state[BASIS] = basis
 
     def _apply_clipped(self, group, blocks, steps, lr) -> None:
@@ -316,7 +331,7 @@ class QKLDWRM(CurvatureOptimizer):
             if self.ghat_growth_limit is not None:
                 # The guard's pass at the next step restarts every block (without counting it as its own), so
                 # no pass over the state is needed here.
-                self.global_state[REJECTED] = self._rejected_on_device()
+                store(self.global_state, REJECTED, self._rejected_on_device())
             else:
                 for block in blocks:
                     state = self.block_state(block)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kldwrm_fast.curvature import Curvature
+from kldwrm_fast.curvature.state import store_all
 from kldwrm_fast.optim.arguments import validate_positive_or_none
 from kldwrm_fast.optim.base import CurvatureOptimizer
 
@@ -60,6 +61,6 @@ class SOKLDWRM(CurvatureOptimizer):
         directions = info.batches.precondition(self._ops, states, differences, group["damping"])
         if not self._kl_clipped_and_finite(directions, differences, lr, group):
             return
-        for state, v in zip(states, grads):
-            state["v_prev"] = self._masked(v)  # zero after a rejected plain step: the recursion restarts
+        # zero after a rejected plain step: the recursion restarts
+        store_all(states, "v_prev", [self._masked(v) for v in grads])
         self._add_to_parameters(blocks, directions, -lr)
