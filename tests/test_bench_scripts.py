@@ -106,3 +106,26 @@ def test_the_floor_counts_every_layer_of_the_paper_cnn():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[(73728, 26, 5), (8192, 126, 7), (128, 113, 30), (128, 31, 10)]"
+
+
+def test_the_bare_plain_step_updates_every_parameter_in_the_operations_it_claims(monkeypatch):
+    """``kfac-bare`` in the host-time bench: the dispatch floor of a per-block K-FAC plain step quoted in the README
+    (32 compute operations on the paper CNN); it must do the whole step, every layer's weight and bias."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import torch
+    import torch.nn.functional as F
+    from test_host_overhead import BarePlainStep, OpCounter
+    from workloads import WORKLOADS
+
+    make, shape, _ = WORKLOADS["paper-cnn"][False]
+    torch.manual_seed(0)
+    model = make()
+    F.cross_entropy(model(torch.randn(2, *shape)), torch.tensor([1, 2])).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    bare, counter = BarePlainStep(model), OpCounter()
+    with counter:
+        bare.step()
+    assert counter.compute_ops == 32
+    assert len(bare.params) == len(before) == 8
+    for p, old in zip(model.parameters(), before):
+        assert torch.isfinite(p).all() and not torch.equal(p, old)
