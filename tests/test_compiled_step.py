@@ -92,16 +92,32 @@ def test_the_plain_step_traces_without_a_graph_break():
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
+def cuda_graph_recordings() -> int:
+    """How many CUDA graphs inductor's graph trees have recorded on the current device (every recording is kept)."""
+    from torch._inductor.cudagraph_trees import get_manager
+
+    manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+
+    def count(groups):
+        return sum(1 + count(node.children.values()) for nodes in groups for node in nodes)
+
+    return 0 if manager is None else count(manager.roots.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("cls", [KFAC, QKLDWRM])
-def test_reduce_overhead_replays_plain_steps_as_cuda_graphs_and_follows_eager(cls):
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+def test_reduce_overhead_replays_plain_steps_as_cuda_graphs_and_follows_eager(cls, cuda_graph_verdicts):
     """Equal steps alone would not show it: inductor falls back to running the compiled step without a CUDA graph
     (counted in ``cudagraph_skips``) when the step mutates an input whose address it does not take as static, such
-    as a state tensor or a counter updated in place."""
+    as a state tensor or a counter updated in place; and it records a graph again, keeping the old recording,
+    when a static input's address changes (a state tensor replaced at a statistics or inverse step). So: no
+    skip, and no more recordings than compiled graphs, over 20 steps with statistics and inverse steps."""
     torch._dynamo.utils.counters.clear()
     model, twin, *_ = side_by_side(cls, "cuda", mode="reduce-overhead")
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0, dict(torch._dynamo.utils.counters)
+    assert cuda_graph_verdicts == [None] * len(cuda_graph_verdicts)
+    assert 0 < cuda_graph_recordings() <= len(cuda_graph_verdicts)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
