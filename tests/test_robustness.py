@@ -108,6 +108,28 @@ def test_non_finite_gradient_or_statistic_skips_the_step_and_training_continues(
     assert opt.global_state["step"] == 4
 
 
+@pytest.mark.parametrize("cls", [KFAC, QKLDWRM])
+@pytest.mark.parametrize("values", [(float("-inf"),), (float("inf"), float("-inf")), (float("nan"), 1e30)])
+@pytest.mark.parametrize("cadence", [1, 3], ids=["statistics step", "plain step"])
+def test_every_kind_of_non_finite_gradient_skips_the_step(cls, values, cadence):
+    """The checks sum each tensor (on the CPU, raw sums: an L1 norm per tensor was several times slower): a lone
+    ``-inf``, ``+inf`` beside ``-inf`` in one tensor, and NaN are each caught, on statistics steps (a host check)
+    and on plain steps (the verdict stays on the device)."""
+    model = small_model()
+    opt = cls(model, lr=0.05, stat_freq=cadence, inv_freq=cadence)
+    step(opt, model, *batch(0))  # step 1 next: a statistics step at cadence 1, a plain one at cadence 3
+    before = snapshot(opt, model)
+    opt.zero_grad()
+    F.cross_entropy(model(batch(5)[0]), batch(5)[1]).backward()
+    grad = model[0].weight.grad.view(-1)
+    for i, value in enumerate(values):
+        grad[i] = value
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+        assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before[0], snapshot(opt, model)[0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_large_finite_gradients_are_not_taken_for_overflow(dtype):
     # Absolute sums beyond float16's 65504 (and, for float64, beyond float32's range per entry) are finite.
