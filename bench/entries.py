@@ -23,7 +23,9 @@ BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, DEVICE) is None 
 ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]
 
 
-def make_step(entry, model, x, y, cadence):
+def make_step(entry, model, x, y, cadence, **options):
+    """``(optimizer, step)`` for ``entry``: ``step()`` runs one training iteration. ``options`` go to our optimizers'
+    constructors (``fisher="empirical"``, say); the baselines take none."""
     stat_freq, inv_freq = cadence
     if entry in ("sgd", "adam"):
         opt = (
@@ -51,7 +53,7 @@ def make_step(entry, model, x, y, cadence):
         return opt, step
     compiled = entry.endswith("-compiled")  # plain steps through opt.compiled_step()
     name, backend = entry.removesuffix("-compiled").rsplit("-", 1)
-    opt = OURS[name](model, stat_freq=stat_freq, inv_freq=inv_freq, backend=backend)
+    opt = OURS[name](model, stat_freq=stat_freq, inv_freq=inv_freq, backend=backend, **options)
     optimizer_step = opt.compiled_step() if compiled else opt.step
 
     def step():

@@ -19,10 +19,12 @@ SGD's iteration (forward, backward, update) and each floor are timed in the same
 optimizers, for ``--repeats`` rounds. Reported per optimizer: median ms per iteration and the figure of merit
 ``ours / (SGD + floor)`` (median and range over rounds). A ratio of 1 means our step costs nothing beyond that
 arithmetic. With ``--compiled`` our optimizers take their plain steps through ``opt.compiled_step()`` (SGD stays
-eager): on small models the plain step's host time is most of what separates us from the floor.
+eager): on small models the plain step's host time is most of what separates us from the floor. With ``--fisher
+empirical`` our optimizers take their statistics from the training backward: the floor leaves out the sampled
+Fisher's second backward (labels drawn from the model), and this shows what it costs.
 
     python bench/floor.py --workload mlp --cadence 30/30 [--optimizers kfac,so,q,qe] [--repeats 3] [--compiled]
-        [--backend B] [--json out.json]
+        [--backend B] [--fisher sampled|empirical] [--json out.json]
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def measure(
     min_steps: int = 10,
     compiled: bool = False,
     backend: str = "auto",
+    fisher: str = "sampled",
 ) -> dict:
     stat_inv = CADENCES[cadence]
     model, x, y = build(workload, machine.FULL, machine.DEVICE)
@@ -131,7 +134,7 @@ def measure(
     runners, n_inner, n_cap = {}, 0, 0
     for entry in ["sgd"] + [f"{name}{suffix}" for name in optimizers]:
         model, x, y = build(workload, machine.FULL, machine.DEVICE)
-        opt, step = make_step(entry, model, x, y, stat_inv)
+        opt, step = make_step(entry, model, x, y, stat_inv, **({} if entry == "sgd" else {"fisher": fisher}))
         if entry.startswith("qe-"):
             n_inner, n_cap = opt.param_groups[0]["n_inner"], opt.param_groups[0]["n_cap"]
         # compiled: a whole cycle and two steps, so that every variant the compiler makes (before and after an
@@ -213,6 +216,10 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=10, help="steps per turn (whole cadence cycles)")
     parser.add_argument("--compiled", action="store_true", help="our plain steps through opt.compiled_step()")
     parser.add_argument("--backend", default="auto", help="our optimizers' backend (auto: torch on a CPU)")
+    parser.add_argument(
+        "--fisher", choices=("sampled", "empirical"), default="sampled",
+        help="our optimizers' Fisher: empirical takes the statistics from the training backward (no second backward)",
+    )  # fmt: skip
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
@@ -224,11 +231,12 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random data: Q's growth guard and the hooks' notices are expected
         result = measure(
-            args.workload, args.cadence, optimizers, args.repeats, args.min_steps, args.compiled, args.backend
-        )
+            args.workload, args.cadence, optimizers, args.repeats, args.min_steps, args.compiled, args.backend,
+            args.fisher,
+        )  # fmt: skip
     env = machine.environment()
     sgd = statistics.median(result["sgd"]["ms"])
-    how = "compiled plain steps" if args.compiled else "eager"
+    how = ("compiled plain steps" if args.compiled else "eager") + f", {args.fisher} Fisher"
     print(f"{args.workload} {args.cadence} on {env['device']}, torch {env['torch']}, {args.repeats} rounds, {how}; "
           f"SGD {sgd:.2f} ms/iteration")  # fmt: skip
     for name in [name for name in OPTIMIZERS if name in result]:
@@ -242,7 +250,7 @@ def main() -> None:
                   f"ms  ours/(Q + inner steps + stored) {merit(full['ratio'])}")  # fmt: skip
     if args.json:
         meta = dict(env, workload=args.workload, cadence=args.cadence, repeats=args.repeats, compiled=args.compiled)
-        meta["backend"] = args.backend
+        meta.update(backend=args.backend, fisher=args.fisher)
         args.json.write_text(json.dumps({"environment": meta, "optimizers": result}, indent=1))
 
 

@@ -96,6 +96,27 @@ def test_the_floor_comparison_runs_compiled_plain_steps(tmp_path):
     assert "compiled plain steps" in result.stdout
 
 
+def test_the_floor_comparison_takes_the_empirical_fisher(tmp_path, monkeypatch):
+    out = tmp_path / "floor.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "floor.py"), "--workload", "paper-cnn", "--cadence", "every-step",
+         "--optimizers", "kfac", "--repeats", "1", "--min-steps", "1", "--fisher", "empirical", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["environment"]["fisher"] == "empirical" and "empirical Fisher" in result.stdout
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import torch
+    from entries import make_step
+    from workloads import WORKLOADS
+
+    make, shape, _ = WORKLOADS["paper-cnn"][False]
+    x, y = torch.randn(2, *shape), torch.tensor([0, 1])
+    assert make_step("kfac-torch", make(), x, y, (1, 1), fisher="empirical")[0].fisher == "empirical"
+    assert make_step("kfac-torch", make(), x, y, (1, 1))[0].fisher == "sampled"
+
+
 def test_the_floor_counts_every_layer_of_the_paper_cnn():
     """(rows, n_in with bias, n_out) per layer at batch 128: the convolutions' rows are batch × output locations."""
     code = (
