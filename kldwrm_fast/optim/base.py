@@ -551,15 +551,14 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         when there is nothing to check.
 
         How it sums depends on where the tensors are. On a GPU, the L1 norms of all tensors in one multi-tensor
-        op per precision. On the CPU, a sum per tensor of 4096 entries or more: there ``_foreach_norm`` loops over
-        the tensors anyway and is slow per entry (the checks of the bench workloads on this 2-core CPU, two runs:
-        the MLP's gradients 493–526 µs against 127–130 µs, the wide CNN's gradients and statistics 2.76–2.79 ms
-        against 0.61–0.65 ms), and the raw sum is as
-        good a test (±inf and NaN survive it); smaller ones, where a call costs more than the entries, keep the
-        multi-tensor norm. While
-        torch.compile traces, the sum of ``t · 0`` over every entry: 0 when all are finite, NaN otherwise (never a
-        false alarm); to the compiler ``_foreach_norm`` is an opaque call, and these sums fuse into the step's
-        own kernels. Half-precision entries are summed in float32 (their range ends at 65504)."""
+        op per precision. On the CPU, a sum per tensor of 4096 entries or more, and the multi-tensor norm for the
+        smaller ones (where a call costs more than the entries): there ``_foreach_norm`` loops over the tensors
+        anyway and is slow per entry (the checks of the bench workloads on this 2-core CPU, two runs: the MLP's
+        gradients 493–526 µs against 127–130 µs, the wide CNN's gradients and statistics 2.76–2.79 ms against
+        0.61–0.65 ms), and the raw sum is as good a test (±inf and NaN survive it). While torch.compile traces,
+        the sum of ``t · 0`` over every entry: 0 when all are finite, NaN otherwise (never a false alarm); to the
+        compiler ``_foreach_norm`` is an opaque call, and these sums fuse into the step's own kernels.
+        Half-precision entries are summed in float32 (their range ends at 65504)."""
         if torch.compiler.is_compiling():
             totals = [(t * 0).sum(dtype=torch.float32) for t in tensors]
         else:
