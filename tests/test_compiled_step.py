@@ -200,6 +200,39 @@ def test_state_keeps_its_storage_across_statistics_and_inverse_steps(cls, cadenc
 
 
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+def test_a_state_dict_loaded_between_compiled_steps_keeps_them_exact_and_qualifying(cls, cuda_graph_verdicts):
+    """``load_state_dict`` replaces every state tensor: the compiled steps after it follow eager, every graph still
+    qualifies for a CUDA graph, and the loaded tensors then keep their storage through statistics and inverse
+    steps."""
+    optimizers, addresses = [], {}
+
+    def step_of(opt):
+        optimizers.append(opt)
+        return opt.compiled_step(mode="reduce-overhead")
+
+    def prepare(i, net):
+        if i == 8 and optimizers[0].param_groups[0]["params"][0] is net[0].weight:  # between plain steps
+            optimizers[0].load_state_dict(copy.deepcopy(optimizers[0].state_dict()))
+
+    def check(i, twin):
+        now = {
+            (index, key): value.data_ptr()
+            for index, state in enumerate(optimizers[0].state.values())
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor) and key not in ("A", "G")
+        }
+        if i == 8:
+            addresses.update(now)
+        elif i > 8:
+            assert now == addresses, i
+
+    model, twin, *_ = side_by_side(cls, prepare=prepare, check=check, step_of=step_of)
+    assert addresses and cuda_graph_verdicts and cuda_graph_verdicts == [None] * len(cuda_graph_verdicts)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
 def test_a_learning_rate_schedule_follows_eager_without_recompiling(cls, tmp_path, monkeypatch):
     """lr is read from the param group at every step: a decaying lr must reach the compiled step without a
     recompile per value (a float inside a multi-tensor op, or an ``alpha``, is specialised), also when the second
