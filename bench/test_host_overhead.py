@@ -10,7 +10,7 @@ ATen operations the step dispatches (``compute_ops``: kernels on a GPU; ``view_o
 ``compiled`` cases time our optimizers' :meth:`compiled_step` (the plain step through ``torch.compile`` with
 ``fullgraph=True``; on CUDA with ``mode="reduce-overhead"``, replayed as a CUDA graph); their operation count is
 not taken (the compiled graph runs fused kernels, not ATen operations one by one). ``kfac-bare`` is the floor
-of a per-block step's dispatch (:class:`BarePlainStep`).
+of a per-block step's dispatch (:class:`BarePlainStep`); ``kfac-bare-checked`` adds the numerics our step keeps.
 """
 
 import pytest
@@ -54,11 +54,19 @@ class BarePlainStep:
     multiply, with the transposes and the reciprocal ``R = 1/(d_Γ d_Aᵀ + δ)`` made beforehand); then the KL clip's
     inner product over all blocks at once, heavy-ball momentum on one flat buffer and one multi-tensor parameter
     update. No checks, no masking, no bookkeeping. Random orthogonal eigenvectors of the right shapes: the
-    dispatch, not the values, is timed. The host-time floor of a per-block step on this machine."""
+    dispatch, not the values, is timed. The host-time floor of a per-block step on this machine.
 
-    def __init__(self, model: torch.nn.Module, lr: float = 0.01, momentum: float = 0.9, kl_clip: float = 0.1):
+    With ``checked``, also what our plain step promises beyond that (Note [numerics on the device]): the verdict
+    taken from the inner product (non-finite whenever a gradient or direction entry is), a rejected step leaving
+    parameters and momentum as they were, and the count of rejected steps on the device."""
+
+    def __init__(
+        self, model: torch.nn.Module, lr: float = 0.01, momentum: float = 0.9, kl_clip: float = 0.1,
+        checked: bool = False,
+    ):  # fmt: skip
         self.layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-        self.lr, self.momentum, self.kl_clip = lr, momentum, kl_clip
+        self.lr, self.momentum, self.kl_clip, self.checked = lr, momentum, kl_clip, checked
+        self.skipped = torch.zeros((), dtype=torch.int64, device=DEVICE)
         self.blocks, sizes, self.params = [], [], []
         for layer in self.layers:
             n_out, n_in = layer.weight.shape[0], layer.weight[0].numel() + 1
@@ -71,13 +79,15 @@ class BarePlainStep:
         self.buffer = torch.zeros(sum(sizes), device=DEVICE)
         self.directions = torch.zeros(sum(sizes), device=DEVICE)
         self.gradients = torch.zeros(sum(sizes), device=DEVICE)
-        self.updates, self.out_views, self.grad_views = [], [], []
+        self.updates, self.steps, self.out_views, self.grad_views = [], [], [], []
         for layer, part, d, g in zip(
             self.layers, self.buffer.split(sizes), self.directions.split(sizes), self.gradients.split(sizes)
         ):
             n_out, n_in = layer.weight.shape[0], layer.weight[0].numel() + 1
             matrix = part.view(n_out, n_in)
             self.updates += [matrix[:, :-1].unflatten(1, layer.weight.shape[1:]), matrix[:, -1]]
+            step = d.view(n_out, n_in)  # checked: the masked update is written over the directions
+            self.steps += [step[:, :-1].unflatten(1, layer.weight.shape[1:]), step[:, -1]]
             self.out_views.append(d.view(n_out, n_in))
             self.grad_views.append(g.view(n_out, n_in))
 
@@ -91,11 +101,22 @@ class BarePlainStep:
             torch.mm(torch.mm(q_g, torch.mm(torch.mm(q_g_t, g), q_a).mul_(reciprocal)), q_a_t, out=d)
         inner = torch.dot(self.directions, self.gradients)
         nu = torch.rsqrt(inner * (self.lr**2 / self.kl_clip)).clamp_(max=1.0)
-        self.buffer.mul_(self.momentum).add_(self.directions.mul_(nu))
-        torch._foreach_add_(self.params, self.updates, alpha=-self.lr * (1.0 - self.momentum))
+        if not self.checked:
+            self.buffer.mul_(self.momentum).add_(self.directions.mul_(nu))
+            torch._foreach_add_(self.params, self.updates, alpha=-self.lr * (1.0 - self.momentum))
+            return
+        accepted = (inner - inner) == 0
+        self.buffer.mul_(torch.where(accepted, self.momentum, 1.0)).add_(
+            torch.where(accepted, self.directions.mul_(nu), 0.0)
+        )
+        torch.mul(self.buffer, torch.where(accepted, -self.lr * (1.0 - self.momentum), 0.0), out=self.directions)
+        torch._foreach_add_(self.params, self.steps)
+        self.skipped.add_(~accepted)
 
 
-@pytest.mark.parametrize("entry", ENTRIES + [f"{entry}-compiled" for entry in COMPILED] + ["kfac-bare"])
+@pytest.mark.parametrize(
+    "entry", ENTRIES + [f"{entry}-compiled" for entry in COMPILED] + ["kfac-bare", "kfac-bare-checked"]
+)
 def test_plain_step_host_time(benchmark, entry):
     compiled = entry.endswith("-compiled")
     entry = entry.removesuffix("-compiled")
@@ -104,8 +125,8 @@ def test_plain_step_host_time(benchmark, entry):
     model = make().to(DEVICE)
     x = torch.randn(2, *shape, device=DEVICE)
     y = torch.randint(0, 10, (2,), device=DEVICE)
-    if entry == "kfac-bare":
-        opt = BarePlainStep(model)
+    if entry.startswith("kfac-bare"):
+        opt = BarePlainStep(model, checked=entry.endswith("-checked"))
     else:
         opt, step = make_step(entry, model, x, y, (10**6, 10**6))  # statistics and decompositions at step 0 only
         for _ in range(3):

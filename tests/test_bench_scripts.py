@@ -129,9 +129,12 @@ def test_the_floor_counts_every_layer_of_the_paper_cnn():
     assert result.stdout.strip() == "[(73728, 26, 5), (8192, 126, 7), (128, 113, 30), (128, 31, 10)]"
 
 
-def test_the_bare_plain_step_updates_every_parameter_in_the_operations_it_claims(monkeypatch):
+@pytest.mark.parametrize("checked, operations", [(False, 32), (True, 45)])
+def test_the_bare_plain_step_updates_every_parameter_in_the_operations_it_claims(monkeypatch, checked, operations):
     """``kfac-bare`` in the host-time bench: the dispatch floor of a per-block K-FAC plain step quoted in the README
-    (32 compute operations on the paper CNN); it must do the whole step, every layer's weight and bias."""
+    (32 compute operations on the paper CNN); it must do the whole step, every layer's weight and bias. Checked
+    (``kfac-bare-checked``, 45), it must also keep our numerics: a NaN gradient leaves the parameters and the
+    momentum as they were and is counted."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import torch
     import torch.nn.functional as F
@@ -143,10 +146,16 @@ def test_the_bare_plain_step_updates_every_parameter_in_the_operations_it_claims
     model = make()
     F.cross_entropy(model(torch.randn(2, *shape)), torch.tensor([1, 2])).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    bare, counter = BarePlainStep(model), OpCounter()
+    bare, counter = BarePlainStep(model, checked=checked), OpCounter()
     with counter:
         bare.step()
-    assert counter.compute_ops == 32
+    assert counter.compute_ops == operations
     assert len(bare.params) == len(before) == 8
     for p, old in zip(model.parameters(), before):
         assert torch.isfinite(p).all() and not torch.equal(p, old)
+    if checked:
+        after, buffer = [p.detach().clone() for p in model.parameters()], bare.buffer.clone()
+        next(model.parameters()).grad[0, 0, 0, 0] = float("nan")
+        bare.step()
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), after))
+        assert torch.equal(bare.buffer, buffer) and int(bare.skipped) == 1
