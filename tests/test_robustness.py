@@ -130,6 +130,29 @@ def test_every_kind_of_non_finite_gradient_skips_the_step(cls, values, cadence):
     assert all(torch.equal(a, b) for a, b in zip(before[0], snapshot(opt, model)[0]))
 
 
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM])
+@pytest.mark.parametrize("kl_clip", [0.1, None], ids=["clip's inner product", "separate check"])
+def test_a_non_finite_update_on_a_plain_step_is_skipped(cls, kl_clip):
+    """Damping 0 between inverse steps on a singular factor (4 samples, a 6×6 input factor): the plain step's
+    update is not finite. With the KL clip its inner product is the check; without, a pass over the update.
+    Either way the step is skipped on the device: parameters (and KFAC's momentum) unchanged, and counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    opt = cls(model, lr=0.05, kl_clip=kl_clip, stat_freq=5, inv_freq=5)
+    step(opt, model, *batch(0, n=4))
+    opt.param_groups[0]["damping"] = 0.0
+    before = snapshot(opt, model)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        step(opt, model, *batch(1, n=4))
+        assert opt.skipped_steps == 1
+    after = snapshot(opt, model)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    if cls is KFAC:
+        for key, state in before[1].items():
+            if isinstance(state, dict) and "momentum_buffer" in state:
+                assert torch.equal(state["momentum_buffer"], after[1][key]["momentum_buffer"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_large_finite_gradients_are_not_taken_for_overflow(dtype):
     # Absolute sums beyond float16's 65504 (and, for float64, beyond float32's range per entry) are finite.

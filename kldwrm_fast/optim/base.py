@@ -475,15 +475,24 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         reference.scaled_add_(params, parts, alpha)
 
     def _kl_clipped_and_finite(self, directions: list[Tensor], vectors: list[Tensor], lr: float, group: dict) -> bool:
-        """Scale ``directions`` in place by K-FAC's KL clip factor (:func:`kl_clip_factor` with ``vectors``); then
-        whether they are finite (:meth:`_update_is_finite`)."""
-        nu = kl_clip_factor(directions, vectors, lr, group["kl_clip"])
-        if nu is not None:
-            torch._foreach_mul_(directions, nu)
-        return self._update_is_finite(directions, group)
+        """Scale ``directions`` (``P(v)`` per block) in place by K-FAC's KL clip factor ``ν`` (:func:`kl_clip_scale`
+        of ``Σ⟨d, v⟩``); then whether they are finite (:meth:`_update_is_finite`).
 
-    def _update_is_finite(self, updates: list[Tensor], group: dict) -> bool:
-        """Whether the computed updates are finite (one host sync; skipped with ``check_numerics = False``).
+        With the clip, its inner product is the check: it is non-finite whenever an entry of a direction is (an
+        infinite entry times its vector's entry is infinite, or NaN where that is 0), and a non-finite ``v``
+        makes its direction ``P(v)`` non-finite; with it finite, ``ν`` is finite. That spares a pass over the
+        directions. An inner product that overflows with finite directions (past 3e38 in float32) is taken as
+        non-finite: that step is skipped, where ``ν`` would have been 0."""
+        kl_clip = group["kl_clip"]
+        if kl_clip is None or lr == 0:
+            return self._update_is_finite(directions, group)
+        inner = summed_inner(directions, vectors)
+        torch._foreach_mul_(directions, kl_clip_scale(inner, lr, kl_clip))
+        return self._update_is_finite(directions, group, inner)
+
+    def _update_is_finite(self, updates: list[Tensor], group: dict, total: Optional[Tensor] = None) -> bool:
+        """Whether the computed updates are finite (one host sync; skipped with ``check_numerics = False``);
+        ``total``, when given, is a 0-dim tensor that is non-finite whenever an update entry is, checked instead.
 
         A non-finite update (damping 0 with a factor that has a zero eigenvalue, or an overflow) skips the
         parameter update with a warning, and the recursions across it restart (``lr_prev`` is dropped), so
@@ -492,10 +501,11 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         if not self.check_numerics:
             return True
         if self._accepted is not None:
-            self._accepted = self._accepted & self._finite_on_device(updates)
+            finite = self._finite_on_device(updates) if total is None else (total - total) == 0
+            self._accepted = self._accepted & finite
             self._rejected = None
             return True
-        if self._all_finite(updates):
+        if self._all_finite(updates) if total is None else self._is_finite(total):
             return True
         self._restart = True
         self._skip(
@@ -589,8 +599,10 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         launch per tensor).
         """
         total = self._finite_total(tensors)
-        if total is None:
-            return True
+        return True if total is None else self._is_finite(total)
+
+    def _is_finite(self, total: Tensor) -> bool:
+        """Whether the 0-dim ``total`` is finite (one host sync; under data parallelism, on every rank)."""
         if not self.data_parallel.active:
             return math.isfinite(total.item())
         # Local statistics differ between ranks: all must agree to skip, or their collectives would part.
@@ -649,16 +661,6 @@ def device_counter(count: Optional[Tensor], size: tuple, device: torch.device) -
     if count is None:
         return torch.zeros(size, dtype=torch.int64, device=device)
     return count if count.device == device else count.to(device)
-
-
-def kl_clip_factor(
-    directions: list[Tensor], vectors: list[Tensor], lr: float, kl_clip: Optional[float]
-) -> Optional[Tensor]:
-    """``ν = min(1, sqrt(kl_clip / (lr² Σ_blocks ⟨d, v⟩)))`` as a device tensor (no host sync), or None (also for
-    ``lr = 0``, where ν would be 1)."""
-    if kl_clip is None or lr == 0:
-        return None
-    return kl_clip_scale(summed_inner(directions, vectors), lr, kl_clip)
 
 
 def tensor_norms(tensors: list[Tensor]) -> list[Tensor]:
