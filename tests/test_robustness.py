@@ -130,15 +130,17 @@ def test_every_kind_of_non_finite_gradient_skips_the_step(cls, values, cadence):
     assert all(torch.equal(a, b) for a, b in zip(before[0], snapshot(opt, model)[0]))
 
 
-@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM])
-@pytest.mark.parametrize("kl_clip", [0.1, None], ids=["clip's inner product", "separate check"])
-def test_a_non_finite_update_on_a_plain_step_is_skipped(cls, kl_clip):
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+@pytest.mark.parametrize("clipped", [True, False], ids=["the clip's reduction", "separate check"])
+def test_a_non_finite_update_on_a_plain_step_is_skipped(cls, clipped):
     """Damping 0 between inverse steps on a singular factor (4 samples, a 6×6 input factor): the plain step's
-    update is not finite. With the KL clip its inner product is the check; without, a pass over the update.
-    Either way the step is skipped on the device: parameters (and KFAC's momentum) unchanged, and counted."""
+    update is not finite. With a clip, the reduction it takes is the check (the KL clip's inner product for
+    KFAC and SO, the norms of Q's step clip); without, a pass over the update. Either way the step is skipped
+    on the device: parameters (and KFAC's momentum) unchanged, and counted."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-    opt = cls(model, lr=0.05, kl_clip=kl_clip, stat_freq=5, inv_freq=5)
+    clip = {"clip": 2.0 if clipped else None} if cls is QKLDWRM else {"kl_clip": 0.1 if clipped else None}
+    opt = cls(model, lr=0.05, stat_freq=5, inv_freq=5, **clip)
     step(opt, model, *batch(0, n=4))
     opt.param_groups[0]["damping"] = 0.0
     before = snapshot(opt, model)

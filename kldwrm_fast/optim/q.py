@@ -326,7 +326,10 @@ class QKLDWRM(CurvatureOptimizer):
         """``W̄ ← W̄ + clip(S)``, with all blocks' scales ``min(1, τ/r)`` computed at once on the device; nothing
         moves when ``lr = 0`` or when a step is not finite (see ``_update_is_finite``). A plain step rejected on
         the device also zeroes the recursion, which restarts (Note [numerics on the device])."""
-        applied = lr != 0 and self._update_is_finite(steps, group)
+        tau = group["clip"]
+        norms = tensor_norms(steps) if lr != 0 and tau is not None else None
+        # The clip's norms are the check of the steps too: a norm is non-finite whenever an entry is.
+        applied = lr != 0 and self._update_is_finite(steps, group, None if norms is None else torch.stack(norms).sum())
         if self._accepted is not None:
             if self.ghat_growth_limit is not None:
                 # The guard's pass at the next step restarts every block (without counting it as its own), so
@@ -339,12 +342,11 @@ class QKLDWRM(CurvatureOptimizer):
                         self._masked(state[key])
         if not applied:
             return
-        tau = group["clip"]
         if tau is None:
             self._add_to_parameters(blocks, steps)
             return
         # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r).
-        ratios = torch._foreach_div(tensor_norms(steps), [math.sqrt(s.numel()) for s in steps])
+        ratios = torch._foreach_div(norms, [math.sqrt(s.numel()) for s in steps])
         # (1/(τ lr) on the stacked tensor, not in the list: a float there would be specialised; see scale_)
         scales = torch.stack(ratios).mul_(1.0 / (tau * lr)).reciprocal_().clamp_(max=1.0)
         torch._foreach_mul_(steps, scales.unbind())
