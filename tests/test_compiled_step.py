@@ -161,6 +161,21 @@ def test_reduce_overhead_plain_steps_qualify_for_cuda_graphs(cls, cuda_graph_ver
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def state_addresses(opt) -> dict:
+    """The storage address of every state tensor and counter a plain step reads (all but the local factors
+    ``A``, ``G``, which only statistics steps and QE use), keyed by (state index, key) or counter name."""
+    addresses = {
+        (index, key): value.data_ptr()
+        for index, state in enumerate(opt.state.values())
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor) and key not in ("A", "G")
+    }
+    for name in ("_skipped_device", "_ghat_reset_counts"):
+        if getattr(opt, name, None) is not None:
+            addresses[name] = getattr(opt, name).data_ptr()
+    return addresses
+
+
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEXACT])
 @pytest.mark.parametrize("cadence", [(5, 10), (1, 4)])
 def test_state_keeps_its_storage_across_statistics_and_inverse_steps(cls, cadence):
@@ -175,15 +190,7 @@ def test_state_keeps_its_storage_across_statistics_and_inverse_steps(cls, cadenc
         opt.param_groups[0].update(stat_freq=stat_freq, inv_freq=inv_freq)
 
     def check(i, twin):
-        opt = optimizers[0]
-        now = {
-            (index, key): value.data_ptr()
-            for index, state in enumerate(opt.state.values())
-            for key, value in state.items()
-            if isinstance(value, torch.Tensor) and key not in ("A", "G")
-        }
-        now.update({name: getattr(opt, name).data_ptr() for name in ("_skipped_device", "_ghat_reset_counts")
-                    if getattr(opt, name, None) is not None})  # fmt: skip
+        now = state_addresses(optimizers[0])
         if i == 1:
             addresses.update(now)
         elif i > 1:
@@ -215,12 +222,7 @@ def test_a_state_dict_loaded_between_compiled_steps_keeps_them_exact_and_qualify
             optimizers[0].load_state_dict(copy.deepcopy(optimizers[0].state_dict()))
 
     def check(i, twin):
-        now = {
-            (index, key): value.data_ptr()
-            for index, state in enumerate(optimizers[0].state.values())
-            for key, value in state.items()
-            if isinstance(value, torch.Tensor) and key not in ("A", "G")
-        }
+        now = state_addresses(optimizers[0])
         if i == 8:
             addresses.update(now)
         elif i > 8:
