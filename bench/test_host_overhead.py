@@ -86,9 +86,9 @@ class BarePlainStep:
             n_out, n_in = layer.weight.shape[0], layer.weight[0].numel() + 1
             matrix = part.view(n_out, n_in)
             self.updates += [matrix[:, :-1].unflatten(1, layer.weight.shape[1:]), matrix[:, -1]]
-            step = d.view(n_out, n_in)  # checked: the masked update is written over the directions
-            self.steps += [step[:, :-1].unflatten(1, layer.weight.shape[1:]), step[:, -1]]
-            self.out_views.append(d.view(n_out, n_in))
+            direction = d.view(n_out, n_in)  # checked: the masked update is written over the directions
+            self.steps += [direction[:, :-1].unflatten(1, layer.weight.shape[1:]), direction[:, -1]]
+            self.out_views.append(direction)
             self.grad_views.append(g.view(n_out, n_in))
 
     @torch.no_grad()
