@@ -5,7 +5,8 @@ one stacked tensor, so later steps pass the stacked tensor without copying. A gr
 only when some member's tensor was replaced, i.e. after an inverse step or ``load_state_dict``; in-place
 updates of the averages write through the views. A block alone in its group goes to a backend that takes
 unbatched blocks as it is: on the host-bound paths (small models, CPU) the batch-of-one views and batched
-matmuls cost more than the arithmetic.
+matmuls cost more than the arithmetic. With the PyTorch reference, preconditioning goes block by block
+(:meth:`BlockBatches.precondition`), bit for bit what the batched call gives.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class BlockBatches:
             key = (block.shape, block.key.dtype, block.key.device)
             groups.setdefault(key, []).append(index)
         self.groups = list(groups.values())
+        self._eigenvalue_terms: dict[int, tuple] = {}  # see eigenvalue_terms
 
     def _shared(self, group: list[int], states: list[dict], key: str) -> Tensor:
         """The (len(group), ...) tensor whose views are ``states[i][key]``; restacked when a member changed."""
@@ -98,9 +100,44 @@ class BlockBatches:
         return outputs
 
     def precondition(self, ops: Operations, states: list[dict], vs: list[Tensor], damping: float) -> list[Tensor]:
-        """``P(V)`` for every block with its cached eigendecomposition."""
+        """``P(V)`` for every block with its cached eigendecomposition.
+
+        Where the backend's operation is the PyTorch reference (outside torch.compile), block by block, with each
+        block's denominator ``d_Γ d_Aᵀ + δ`` kept from call to call (:meth:`eigenvalue_terms`): a plain step is
+        host-bound there, and the denominator's four operations per block (two of them views) and the batching's
+        bookkeeping cost more than the GEMMs on a small model (the paper CNN's four blocks: 235–240 → 140 µs on the
+        2-core development CPU). The result is the reference's, bit for bit: the same operations on the same
+        values, made at another time."""
+        if ops.functions["precondition"] is reference.precondition and not torch.compiler.is_compiling():
+            q_g, q_a = EIGENVECTOR_KEYS
+            denominators = [self.eigenvalue_terms(i, state, 1.0, damping)[1] for i, state in enumerate(states)]
+            return [
+                reference.divided_precondition(state[q_g], state[q_a], denominator, v)
+                for state, denominator, v in zip(states, denominators, vs, strict=True)
+            ]
         (out,) = self.per_group(ops, states, EIGEN_KEYS, vs, lambda _, *args: ops.precondition(*args, damping))
         return out
+
+    def eigenvalue_terms(self, index: int, state: dict, scale: float, damping: float) -> tuple[Tensor, Tensor]:
+        """``(d_Γ d_Aᵀ, scale · d_Γ d_Aᵀ + δ)`` (n_out, n_in) of block ``index`` (:func:`reference.damped`), made
+        again only when its eigenvalues, ``scale`` or ``damping`` changed. Callers must not write them. The cache
+        holds the eigenvalue tensors they were made from, with their version counters (bumped by every in-place
+        write, an inverse step's included). Eigenvalues made under ``torch.inference_mode`` have no version counter
+        and are not cached."""
+        d_g, d_a = state[EIGEN_KEYS[1]], state[EIGEN_KEYS[3]]
+        if d_g.is_inference() or d_a.is_inference():
+            products = reference.eigenvalue_products(d_g, d_a)
+            return products, reference.damped(products, scale, damping)
+        versions = (d_g._version, d_a._version)
+        cached = self._eigenvalue_terms.get(index)
+        if cached is None or cached[0] is not d_g or cached[1] is not d_a or cached[2] != versions:
+            cached = (d_g, d_a, versions, reference.eigenvalue_products(d_g, d_a), {})
+            self._eigenvalue_terms[index] = cached
+        products, denominators = cached[3], cached[4]
+        if (scale, damping) not in denominators:
+            denominators.clear()  # one is kept: a schedule of lr or damping makes a new one per step
+            denominators[scale, damping] = reference.damped(products, scale, damping)
+        return products, denominators[scale, damping]
 
     def rotate(self, ops: Operations, states: list[dict], vs: list[Tensor], inverse: bool = False) -> list[Tensor]:
         """``Q_Γᵀ V Q_A`` per block with its cached eigenvectors (``inverse``: ``Q_Γ V Q_Aᵀ``)."""

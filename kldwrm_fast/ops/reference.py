@@ -76,9 +76,24 @@ def precondition(q_g: Tensor, d_g: Tensor, q_a: Tensor, d_a: Tensor, v: Tensor, 
     Returns:
         (..., n_out, n_in) tensor ``≈ (Y ⊗ X + δ I)⁻¹ vec(V)`` in matrix form, dtype of ``v``.
     """
-    projected = torch.matmul(torch.matmul(q_g.transpose(-1, -2), v), q_a)
-    projected = projected / (d_g.unsqueeze(-1) * d_a.unsqueeze(-2) + damping)
-    return torch.matmul(torch.matmul(q_g, projected), q_a.transpose(-1, -2))
+    return divided_precondition(q_g, q_a, damped(eigenvalue_products(d_g, d_a), 1.0, damping), v)
+
+
+def eigenvalue_products(d_g: Tensor, d_a: Tensor) -> Tensor:
+    """``d_Γ d_Aᵀ`` (..., n_out, n_in): the eigenvalues of ``Y ⊗ X`` in block form."""
+    return d_g.unsqueeze(-1) * d_a.unsqueeze(-2)
+
+
+def damped(products: Tensor, scale: float, damping: float) -> Tensor:
+    """``scale · products + δ``, the denominator of the preconditioners below (a new tensor; ``scale = 1`` skips
+    the multiplication, which would leave every value as it is)."""
+    return (products if scale == 1.0 else products * scale) + damping
+
+
+def divided_precondition(q_g: Tensor, q_a: Tensor, denominator: Tensor, v: Tensor) -> Tensor:
+    """:func:`precondition` with its denominator ``d_Γ d_Aᵀ + δ`` (:func:`damped`) made beforehand:
+    ``Q_Γ [(Q_Γᵀ V Q_A) ⊘ denominator] Q_Aᵀ``, the same operations on the same values."""
+    return unrotate(q_g, q_a, rotate(q_g, q_a, v).div_(denominator))
 
 
 def q_precondition(
@@ -136,9 +151,17 @@ def q_cached_step(
         basis, and ``M̃ = Q_Γᵀ M Q_A = (d_Γ d_Aᵀ) ⊙ R ⊘ (s_Γ s_A d_Γ d_Aᵀ + δ)`` (``M = −λ Γ̄_j S Ā_j`` is
         diagonal there) in the eigenbasis. Two GEMMs, as for ``P`` without its rotation.
     """
-    products = d_g.unsqueeze(-1) * d_a.unsqueeze(-2)
-    scaled = rotated / (products * (scale_g * scale_a) + damping)
-    return unrotate(q_g, q_a, scaled).mul_(-lr), products.mul_(scaled)
+    products = eigenvalue_products(d_g, d_a)
+    return q_divided_step(q_g, q_a, products, damped(products, scale_g * scale_a, damping), rotated, lr)
+
+
+def q_divided_step(
+    q_g: Tensor, q_a: Tensor, products: Tensor, denominator: Tensor, rotated: Tensor, lr: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`q_cached_step` with ``d_Γ d_Aᵀ`` (:func:`eigenvalue_products`) and its denominator (:func:`damped`)
+    made beforehand; neither is written."""
+    scaled = rotated / denominator
+    return unrotate(q_g, q_a, scaled).mul_(-lr), products * scaled
 
 
 def ghat_recursion(

@@ -52,7 +52,19 @@ def q_cached_steps(
     scales: list[tuple[float, float]],
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
     """``(S, M̃)`` per block on a step without new statistics (:func:`kldwrm_fast.ops.reference.q_cached_step`,
-    ``rotated`` = ``Q_Γᵀ Ĝ Q_A``; ``scales`` per block, equal within a group)."""
+    ``rotated`` = ``Q_Γᵀ Ĝ Q_A``; ``scales`` per block, equal within a group).
+
+    On the PyTorch backend (outside torch.compile) block by block, with ``d_Γ d_Aᵀ`` and the denominator kept from
+    step to step (:meth:`BlockBatches.eigenvalue_terms`), as for K-FAC's preconditioning; bit for bit the same."""
+    if ops.takes_unbatched and not torch.compiler.is_compiling():
+        q_g, q_a = EIGEN_KEYS[0], EIGEN_KEYS[2]
+        results = [
+            reference.q_divided_step(
+                state[q_g], state[q_a], *batches.eigenvalue_terms(i, state, scale_g * scale_a, damping), r, lr
+            )
+            for i, (state, r, (scale_g, scale_a)) in enumerate(zip(states, rotated, scales, strict=True))
+        ]
+        return [step for step, _ in results], [product for _, product in results]
 
     def compute(group, *args):
         return reference.q_cached_step(*args, damping, lr, *scales[group[0]])
