@@ -108,13 +108,14 @@ def test_non_finite_gradient_or_statistic_skips_the_step_and_training_continues(
     assert opt.global_state["step"] == 4
 
 
-@pytest.mark.parametrize("cls", [KFAC, QKLDWRM])
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
 @pytest.mark.parametrize("values", [(float("-inf"),), (float("inf"), float("-inf")), (float("nan"), 1e30)])
 @pytest.mark.parametrize("cadence", [1, 3], ids=["statistics step", "plain step"])
 def test_every_kind_of_non_finite_gradient_skips_the_step(cls, values, cadence):
     """The checks sum each tensor (on the CPU, raw sums: an L1 norm per tensor was several times slower): a lone
     ``-inf``, ``+inf`` beside ``-inf`` in one tensor, and NaN are each caught, on statistics steps (a host check)
-    and on plain steps (the verdict stays on the device)."""
+    and on plain steps (the verdict stays on the device; for KFAC and SO the KL clip's inner product alone, which
+    sees every gradient here)."""
     model = small_model()
     opt = cls(model, lr=0.05, stat_freq=cadence, inv_freq=cadence)
     step(opt, model, *batch(0))  # step 1 next: a statistics step at cadence 1, a plain one at cadence 3
@@ -128,6 +129,44 @@ def test_every_kind_of_non_finite_gradient_skips_the_step(cls, values, cadence):
         opt.step()
         assert opt.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before[0], snapshot(opt, model)[0]))
+
+
+class ScaledNet(nn.Module):
+    """Two Linear layers and a parameter outside them (plain gradient descent)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.scale = nn.Parameter(torch.ones(7))
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)) * self.scale)
+
+
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM])
+@pytest.mark.parametrize("where", ["outside the blocks", "without the KL clip", "a block without curvature"])
+def test_a_plain_step_checks_the_gradients_its_update_does_not_see(cls, where):
+    """On a plain step KFAC and SO take the gradients' check from the KL clip's inner product when every gradient
+    goes into it; a gradient that does not (a parameter outside the Linear layers, a layer still without
+    curvature), or a step without the clip, is checked on its own: a NaN there still skips the step."""
+    outside = where == "outside the blocks"
+    model = ScaledNet() if outside else small_model()
+    first, second = (model.first, model.second) if outside else (model[0], model[2])
+    opt = cls(model, lr=0.05, stat_freq=4, inv_freq=4, kl_clip=None if where == "without the KL clip" else 0.1)
+    frozen = where == "a block without curvature"
+    second.requires_grad_(not frozen)  # frozen: it has no curvature at step 1
+    step(opt, model, *batch(0))
+    second.requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(batch(1)[0]), batch(1)[1]).backward()
+    (model.scale if outside else second.weight).grad[0] = float("nan")
+    with pytest.warns(UserWarning, match="no curvature yet") if frozen else warnings.catch_warnings():
+        opt.step()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])

@@ -69,6 +69,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     check_numerics = True
     _known_plain = False  # set by compiled_step around a step it knows to be plain
     _unmarked = True  # state tensors may be new since they were last marked static (see _before_traced_step)
+    _kl_clip_checks_gradients = False  # whether the rule checks its update by _kl_clipped_and_finite (KFAC, SO)
 
     def __init__(
         self,
@@ -121,6 +122,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self._skipped_reported = 0  # of those, already warned about
         self._accepted: Optional[Tensor] = None  # this plain step's verdict (0-dim bool, on the device)
         self._rejected: Optional[Tensor] = None  # ~_accepted, made when first needed (None when _accepted changes)
+        self._verdict_on_device = False  # this is a plain step whose checks are decided on the device
         self._restart = False
         self._warned_plain: set[str] = set()
         self.estimator = CurvatureEstimator(
@@ -264,15 +266,16 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         unscale = self._grad_unscale(stats_due)
         plain_step = not (stats_due or inverse_due)
         self._accepted = self._rejected = None
-        if self.check_numerics and plain_step:
-            self._accepted = self._finite_on_device(self._checked_tensors(False))
-        elif self.check_numerics:
+        self._verdict_on_device = self.check_numerics and plain_step
+        if self.check_numerics and not plain_step:
             self._report_skipped()
             if not self._all_finite(self._checked_tensors(stats_due)):
                 self._skip(f"NaN or Inf in the gradients or statistics of step {k}")
                 self.curvature.clear()
                 return loss
         indices, plain = self._participants(inverse_due)
+        if self._verdict_on_device and not self._update_check_covers_gradients(group, lr, plain):
+            self._accepted = self._finite_on_device(self._checked_tensors(False))
         info = StepInfo(
             lr, stats_due, inverse_due, unscale, indices, self._batches_for(indices), group["eigenvalue_floor"]
         )
@@ -500,9 +503,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         """
         if not self.check_numerics:
             return True
-        if self._accepted is not None:
+        if self._verdict_on_device:
             finite = self._finite_on_device(updates) if total is None else (total - total) == 0
-            self._accepted = self._accepted & finite
+            self._accepted = finite if self._accepted is None else self._accepted & finite
             self._rejected = None
             return True
         if self._all_finite(updates) if total is None else self._is_finite(total):
@@ -513,6 +516,27 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             "zero eigenvalue needs damping > 0)"
         )
         return False
+
+    def _update_check_covers_gradients(self, group: dict, lr: float, plain: list) -> bool:
+        """Whether a plain step's gradients need no check of their own: the update's check (KFAC's and SO's KL clip
+        inner product ``Σ⟨P(v), v⟩``, see :meth:`_kl_clipped_and_finite`) sees every gradient of the step.
+
+        It does when every parameter with a gradient is in a preconditioned block (none takes plain gradient
+        descent) and no loss scaler reported ``found_inf``: a non-finite entry of ``v`` makes its column of
+        ``Q_Γᵀ v`` non-finite (``±inf``, or NaN where an eigenvector entry is 0), so every entry of
+        ``Q_Γᵀ v Q_A`` is (an orthogonal ``Q_A`` has no zero row), and so every entry of ``P(v)``, whatever the
+        summation order: the inner product is non-finite. That spares a pass over the gradients, and on the CPU
+        about 0.1 ms of a plain step's host time on the paper CNN (five operations and the per-tensor
+        bookkeeping of :meth:`_finite_total`)."""
+        return (
+            self._kl_clip_checks_gradients
+            and group["kl_clip"] is not None
+            and lr != 0
+            and not plain
+            and getattr(self, "found_inf", None) is None
+            and all(param.grad is None for _, param in self.curvature.other_params)
+            and all(param.grad is None for extra in self.param_groups[1:] for param in extra["params"])
+        )
 
     def _grad_unscale(self, stats_due: bool) -> Optional[Tensor]:
         """``1/scale`` when ``GradScaler.step`` passed a scale (gradients still scaled), else None."""
@@ -541,7 +565,8 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     def _finite_on_device(self, tensors: list[Tensor]) -> Tensor:
         """Note [numerics on the device]
             On a plain step (no statistics, no decomposition) the checks are a 0-dim bool on the device,
-            ``self._accepted``: the gradients' check at the start, and'ed with the update's. Every write the step
+            ``self._accepted``: the gradients' check at the start, and'ed with the update's (the update's alone
+            where it sees every gradient: :meth:`_update_check_covers_gradients`). Every write the step
             makes is masked by it: parameter updates are zeroed (:meth:`_masked`), KFAC's momentum buffer keeps
             its value, and the recursions restart at the next step (the host cannot know to drop ``lr_prev``):
             SO's previous ``V`` is zeroed; Q restarts every block through its growth guard's pass (see

@@ -35,6 +35,8 @@ class KFAC(CurvatureOptimizer):
         eigenvalue_floor: eigenvalues below it are set to 0 before damping (the paper's code: 1e-6).
     """
 
+    _kl_clip_checks_gradients = True
+
     def __init__(
         self,
         model: Union[nn.Module, Curvature],

@@ -22,6 +22,8 @@ class SOKLDWRM(CurvatureOptimizer):
     Args: as :class:`~kldwrm_fast.KFAC` without ``momentum`` (paper default ``rho=0.33``).
     """
 
+    _kl_clip_checks_gradients = True
+
     def __init__(
         self,
         model: Union[nn.Module, Curvature],
