@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kldwrm_fast.curvature import Curvature
+from kldwrm_fast.ops import reference
 from kldwrm_fast.optim.arguments import _check, validate_positive_or_none
 from kldwrm_fast.optim.base import CurvatureOptimizer
 
@@ -64,6 +65,7 @@ class KFAC(CurvatureOptimizer):
             weight_decay=weight_decay, stat_freq=stat_freq, inv_freq=inv_freq, eigenvalue_floor=eigenvalue_floor,
         )  # fmt: skip
         super().__init__(model, defaults, fisher, predictive, backend, bias)
+        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}  # see _parameter_views
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
@@ -73,38 +75,73 @@ class KFAC(CurvatureOptimizer):
         if not self._kl_clipped_and_finite(directions, grads, lr, group):
             return
         momentum = group["momentum"]
-        if momentum:
-            buffers = []
-            for state, d in zip(states, directions):
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(d)
-                buffers.append(state["momentum_buffer"])
-            directions = self._heavy_ball(buffers, directions, momentum)
-        self._add_to_parameters(blocks, directions, -lr * (1.0 - momentum), masked=not momentum)
+        if not momentum:
+            self._add_to_parameters(blocks, directions, -lr)
+            return
+        buffers = []
+        for state, d in zip(states, directions):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(d)
+            buffers.append(state["momentum_buffer"])
+        self._heavy_ball(buffers, directions, momentum)
+        self._add_buffers_to_parameters(blocks, buffers, -lr * (1.0 - momentum))
 
-    def _heavy_ball(self, buffers: list[Tensor], directions: list[Tensor], momentum: float) -> list[Tensor]:
-        """``buf ← μ buf + d`` for every block in multi-tensor operations; returns the updates (the buffers).
+    def _heavy_ball(self, buffers: list[Tensor], directions: list[Tensor], momentum: float) -> None:
+        """``buf ← μ buf + d`` for every block in multi-tensor operations.
 
-        A plain step rejected on the device (Note [numerics on the device]) keeps the buffers as they were and
-        returns zero updates: the directions are zeroed first (they may hold NaN), the buffers are scaled by 1
-        instead of μ, and the finite buffers are multiplied by the verdict. Both factors are made in each
-        buffer's dtype: an accepted step rounds as the unmasked one does, and on CUDA the multi-tensor kernels
-        take their one-launch path only when the factor's dtype is the tensors'.
+        A plain step rejected on the device (Note [numerics on the device]) keeps the buffers as they were: the
+        directions are zeroed first (they may hold NaN) and the buffers are scaled by 1 instead of μ. The factor
+        is made in each buffer's dtype: an accepted step rounds as the unmasked one does, and on CUDA the
+        multi-tensor kernels take their one-launch path only when the factor's dtype is the tensors'.
         """
         accepted = self._accepted
         if accepted is None:
             torch._foreach_mul_(buffers, momentum)
             torch._foreach_add_(buffers, directions)
-            return buffers
+            return
         for d in directions:
             self._masked(d)
-        updates: list = [None] * len(buffers)
-        for dtype in {buf.dtype for buf in buffers}:
-            members = [i for i, buf in enumerate(buffers) if buf.dtype == dtype]
+        for dtype, members in _by_dtype(buffers).items():
             same = [buffers[i] for i in members]
             kept = torch.full((), momentum, dtype=dtype, device=accepted.device)
             torch._foreach_mul_(same, torch.where(accepted, kept, 1.0))
             torch._foreach_add_(same, [directions[i] for i in members])
-            for i, update in zip(members, torch._foreach_mul(same, accepted.to(dtype))):
-                updates[i] = update
-        return updates
+
+    def _add_buffers_to_parameters(self, blocks, buffers: list[Tensor], alpha: float) -> None:
+        """``W̄ ← W̄ + alpha · buf`` for every block in one multi-tensor operation (none moves on a plain step
+        rejected on the device: the buffers are multiplied by the verdict first, in their dtype). The buffers'
+        views shaped as the parameters are made once per buffer (:meth:`_parameter_views`)."""
+        params, parts = [], []
+        for block, buffer in zip(blocks, buffers, strict=True):
+            params += block.params
+            parts += self._parameter_views(block, buffer)
+        if self._accepted is not None:
+            for dtype, members in _by_dtype(parts).items():
+                products = torch._foreach_mul([parts[i] for i in members], self._accepted.to(dtype))
+                for i, product in zip(members, products):
+                    parts[i] = product
+        reference.scaled_add_(params, parts, alpha)
+
+    def _parameter_views(self, block, buffer: Tensor) -> list[Tensor]:
+        """``block.unflatten(buffer)``, kept while ``buffer`` is the block's momentum buffer (it is updated in place;
+        ``load_state_dict`` or a move of the model replaces it). Made afresh where they would not be views of the
+        buffer, and while torch.compile traces (there views cost nothing)."""
+        if torch.compiler.is_compiling():
+            return block.unflatten(buffer)
+        cached = self._views.get(id(block))
+        if cached is None or cached[0] is not buffer:
+            parts = block.unflatten(buffer)
+            storage = buffer.untyped_storage().data_ptr()
+            if not all(part.untyped_storage().data_ptr() == storage for part in parts):
+                return parts
+            cached = (buffer, parts)
+            self._views[id(block)] = cached
+        return cached[1]
+
+
+def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
+    """The indices of ``tensors`` grouped by dtype."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        groups.setdefault(tensor.dtype, []).append(i)
+    return groups
