@@ -84,5 +84,11 @@ class Checkpointing:
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):
                     self.state[param][key] = value.to(param.device, copy=True)
+        # torch.optim keeps the saved dict of a non-parameter key itself: without a copy, steps would advance the
+        # caller's state_dict (and every optimizer that loaded it) along with this one.
+        self.state[GLOBAL] = {
+            key: value.to(self.curvature.blocks[0].key.device, copy=True) if isinstance(value, Tensor) else value
+            for key, value in self.state[GLOBAL].items()
+        }
         self.curvature.load_state_dict(curvature_state)
         self._unmarked = True
