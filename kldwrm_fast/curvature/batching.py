@@ -11,6 +11,8 @@ matmuls cost more than the arithmetic. With the PyTorch reference, preconditioni
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -44,7 +46,7 @@ class BlockBatches:
             key = (block.shape, block.key.dtype, block.key.device)
             groups.setdefault(key, []).append(index)
         self.groups = list(groups.values())
-        self._eigenvalue_terms: dict[int, tuple] = {}  # see eigenvalue_terms
+        self._eigenvalue_terms: dict[int, list] = {}  # see eigenvalue_terms
 
     def _shared(self, group: list[int], states: list[dict], key: str) -> Tensor:
         """The (len(group), ...) tensor whose views are ``states[i][key]``; restacked when a member changed."""
@@ -110,7 +112,7 @@ class BlockBatches:
         values, made at another time."""
         if ops.functions["precondition"] is reference.precondition and not torch.compiler.is_compiling():
             q_g, q_a = EIGENVECTOR_KEYS
-            denominators = [self.eigenvalue_terms(i, state, 1.0, damping)[1] for i, state in enumerate(states)]
+            denominators = [self.eigenvalue_terms(i, state, 1.0, damping, False)[1] for i, state in enumerate(states)]
             return [
                 reference.divided_precondition(state[q_g], state[q_a], denominator, v)
                 for state, denominator, v in zip(states, denominators, vs, strict=True)
@@ -118,12 +120,15 @@ class BlockBatches:
         (out,) = self.per_group(ops, states, EIGEN_KEYS, vs, lambda _, *args: ops.precondition(*args, damping))
         return out
 
-    def eigenvalue_terms(self, index: int, state: dict, scale: float, damping: float) -> tuple[Tensor, Tensor]:
+    def eigenvalue_terms(
+        self, index: int, state: dict, scale: float, damping: float, keep_products: bool = True
+    ) -> tuple[Optional[Tensor], Tensor]:
         """``(d_Γ d_Aᵀ, scale · d_Γ d_Aᵀ + δ)`` (n_out, n_in) of block ``index`` (:func:`reference.damped`), made
-        again only when its eigenvalues, ``scale`` or ``damping`` changed. Callers must not write them. The cache
-        holds the eigenvalue tensors they were made from, with their version counters (bumped by every in-place
-        write, an inverse step's included). Eigenvalues made under ``torch.inference_mode`` have no version counter
-        and are not cached."""
+        again only when its eigenvalues, ``scale`` or ``damping`` changed; callers must not write them. Without
+        ``keep_products`` only the denominator is kept (one parameter-sized tensor per block, not two) and the
+        products are returned as None. The cache holds the eigenvalue tensors they were made from, with their
+        version counters (bumped by every in-place write, an inverse step's included). Eigenvalues made under
+        ``torch.inference_mode`` have no version counter and are not cached."""
         d_g, d_a = state[EIGEN_KEYS[1]], state[EIGEN_KEYS[3]]
         if d_g.is_inference() or d_a.is_inference():
             products = reference.eigenvalue_products(d_g, d_a)
@@ -131,13 +136,16 @@ class BlockBatches:
         versions = (d_g._version, d_a._version)
         cached = self._eigenvalue_terms.get(index)
         if cached is None or cached[0] is not d_g or cached[1] is not d_a or cached[2] != versions:
-            cached = (d_g, d_a, versions, reference.eigenvalue_products(d_g, d_a), {})
+            cached = [d_g, d_a, versions, None, {}]
             self._eigenvalue_terms[index] = cached
-        products, denominators = cached[3], cached[4]
-        if (scale, damping) not in denominators:
+        denominators = cached[4]
+        if (scale, damping) not in denominators or (keep_products and cached[3] is None):
+            products = reference.eigenvalue_products(d_g, d_a) if cached[3] is None else cached[3]
+            if keep_products:
+                cached[3] = products
             denominators.clear()  # one is kept: a schedule of lr or damping makes a new one per step
             denominators[scale, damping] = reference.damped(products, scale, damping)
-        return products, denominators[scale, damping]
+        return cached[3], denominators[scale, damping]
 
     def rotate(self, ops: Operations, states: list[dict], vs: list[Tensor], inverse: bool = False) -> list[Tensor]:
         """``Q_Γᵀ V Q_A`` per block with its cached eigenvectors (``inverse``: ``Q_Γ V Q_Aᵀ``)."""
