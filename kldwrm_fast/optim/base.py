@@ -467,14 +467,14 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         device]); as it is otherwise."""
         return update if self._accepted is None else update.masked_fill_(self._rejected_on_device(), 0.0)
 
-    def _add_to_parameters(self, blocks, updates: list[Tensor], alpha: float = 1.0, masked: bool = True) -> None:
+    def _add_to_parameters(self, blocks, updates: list[Tensor], alpha: float = 1.0) -> None:
         """``W̄ ← W̄ + alpha · U`` for every block (block form ``updates``, any float dtype, rounded once to the
-        parameters' dtype), in one multi-tensor operation. With ``masked``, the updates are first zeroed in place
-        when this plain step was rejected on the device (:meth:`_masked`)."""
+        parameters' dtype), in one multi-tensor operation. The updates are first zeroed in place when this plain
+        step was rejected on the device (:meth:`_masked`)."""
         params, parts = [], []
         for block, update in zip(blocks, updates, strict=True):
             params += block.params
-            parts += block.unflatten(self._masked(update) if masked else update)
+            parts += block.unflatten(self._masked(update))
         reference.scaled_add_(params, parts, alpha)
 
     def _kl_clipped_and_finite(self, directions: list[Tensor], vectors: list[Tensor], lr: float, group: dict) -> bool:

@@ -16,6 +16,7 @@ from kldwrm_fast.curvature.joint import exact_step
 from kldwrm_fast.curvature.state import (
     AVERAGE_KEYS,
     EIGEN_KEYS,
+    EIGENVECTOR_KEYS,
     HAT_EIGEN_KEYS,
     JOINT_EIGEN_KEYS,
     store,
@@ -57,7 +58,7 @@ def q_cached_steps(
     On the PyTorch backend (outside torch.compile) block by block, with ``d_Γ d_Aᵀ`` and the denominator kept from
     step to step (:meth:`BlockBatches.eigenvalue_terms`), as for K-FAC's preconditioning; bit for bit the same."""
     if ops.takes_unbatched and not torch.compiler.is_compiling():
-        q_g, q_a = EIGEN_KEYS[0], EIGEN_KEYS[2]
+        q_g, q_a = EIGENVECTOR_KEYS
         results = [
             reference.q_divided_step(
                 state[q_g], state[q_a], *batches.eigenvalue_terms(i, state, scale_g * scale_a, damping), r, lr
