@@ -134,7 +134,9 @@ class FactoredBlock:
         ``grad_unscale`` multiplies the raw gradients first (a loss scaler's ``1/scale``).
         """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        v = self.matrix(grads).to(self.dtype, copy=not self.matrix_copies)
+        v = self.matrix(grads)
+        if v.dtype != self.dtype or not self.matrix_copies:  # (a no-op .to costs as much as a small operation)
+            v = v.to(self.dtype, copy=not self.matrix_copies)
         if grad_unscale is not None:
             v.mul_(grad_unscale)
         if weight_decay:
@@ -192,9 +194,10 @@ class KroneckerBlock(FactoredBlock):
 
     def unflatten(self, matrix: Tensor) -> list[Tensor]:
         n_weight = matrix.shape[1] - int(self.has_bias)
-        parts = [matrix[:, :n_weight].reshape(self.params[0].shape)]
+        # narrow/select rather than indexing: Python's slice parsing costs more than the views on a plain step
+        parts = [matrix.narrow(1, 0, n_weight).reshape(self.params[0].shape)]
         if self.has_bias:
-            parts.append(matrix[:, n_weight])
+            parts.append(matrix.select(1, n_weight))
         return parts
 
     def clear(self) -> None:

@@ -597,8 +597,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             totals = [(t * 0).sum(dtype=torch.float32) for t in tensors]
         else:
-            summed = [t for t in tensors if _summed_alone(t)]
-            others = [t for t in tensors if not _summed_alone(t)]
+            summed, others = [], []
+            for t in tensors:
+                (summed if _summed_alone(t) else others).append(t)
             totals = [torch.stack([t.sum(dtype=_sum_dtype(t)) for t in summed]).sum()] if summed else []
             halves = [t for t in others if t.dtype in HALF_DTYPES]
             others = [t for t in others if t.dtype not in HALF_DTYPES]

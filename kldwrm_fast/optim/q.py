@@ -203,8 +203,8 @@ class QKLDWRM(CurvatureOptimizer):
         if rejected is not None:  # the last plain step was rejected: every block restarts, not counted
             counted = counted & ~rejected
             violated = violated | rejected
-        for index, (g_hat, v) in enumerate(zip(g_hats, grads)):
-            torch.where(violated[index], v, g_hat, out=g_hat)
+        for restart, g_hat, v in zip(violated.unbind(), g_hats, grads):
+            torch.where(restart, v, g_hat, out=g_hat)
         n_blocks = len(self.curvature.blocks)
         if len(indices) < n_blocks:
             per_block = violated.new_zeros(n_blocks, dtype=torch.int64)
