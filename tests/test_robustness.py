@@ -14,6 +14,7 @@ from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.curvature import eigen
+from kldwrm_fast.ops.dispatch import unavailable_reason
 
 HERE = pathlib.Path(__file__).resolve().parent
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
@@ -391,6 +392,31 @@ def test_a_cpu_checkpoint_loads_onto_a_cuda_model_and_continues(cls):
         step(cuda_opt, cuda_model, x.cuda(), y.cuda())
     for a, b in zip(model.parameters(), cuda_model.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_lone_non_finite_gradient_on_a_gpu_plain_step_is_caught_by_the_kl_clip(cls, backend, value):
+    """On a plain step the KL clip's inner product is KFAC's and SO's only check of the gradients: it relies on
+    ``P(v)`` (cuBLAS, or our kernels) carrying a non-finite entry of ``v`` into every entry."""
+    reason = unavailable_reason(backend, torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+    model = small_model().cuda()
+    opt = cls(model, lr=0.05, stat_freq=4, inv_freq=4, backend=backend)
+    x, y = batch(0)
+    step(opt, model, x.cuda(), y.cuda())
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(1)
+    opt.zero_grad()
+    F.cross_entropy(model(x.cuda()), y.cuda()).backward()
+    model[2].weight.grad[1, 3] = value
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 class _HostSyncError(AssertionError):
