@@ -145,16 +145,21 @@ class ScaledNet(nn.Module):
         return self.second(torch.tanh(self.first(x)) * self.scale)
 
 
-@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM])
-@pytest.mark.parametrize("where", ["outside the blocks", "without the KL clip", "a block without curvature"])
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
+@pytest.mark.parametrize("where", ["outside the blocks", "an update check blind to it", "a block without curvature"])
 def test_a_plain_step_checks_the_gradients_its_update_does_not_see(cls, where):
-    """On a plain step KFAC and SO take the gradients' check from the KL clip's inner product when every gradient
-    goes into it; a gradient that does not (a parameter outside the Linear layers, a layer still without
-    curvature), or a step without the clip, is checked on its own: a NaN there still skips the step."""
+    """On a plain step KFAC and SO take the gradients' check from the KL clip's inner product, Q from its check of
+    the steps, when every gradient goes into it; a gradient that does not (a parameter outside the Linear layers, a
+    layer still without curvature), or a step whose update check is not known to see it (KFAC and SO without the
+    KL clip, Q with the exact curvature sum), is checked on its own: a NaN there still skips the step."""
     outside = where == "outside the blocks"
     model = ScaledNet() if outside else small_model()
     first, second = (model.first, model.second) if outside else (model[0], model[2])
-    opt = cls(model, lr=0.05, stat_freq=4, inv_freq=4, kl_clip=None if where == "without the KL clip" else 0.1)
+    blind = where == "an update check blind to it"
+    options = (
+        {"curvature_sum": "exact" if blind else "reweighted"} if cls is QKLDWRM else {"kl_clip": None if blind else 0.1}
+    )
+    opt = cls(model, lr=0.05, stat_freq=4, inv_freq=4, **options)
     frozen = where == "a block without curvature"
     second.requires_grad_(not frozen)  # frozen: it has no curvature at step 1
     step(opt, model, *batch(0))
@@ -396,11 +401,12 @@ def test_a_cpu_checkpoint_loads_onto_a_cuda_model_and_continues(cls):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM])
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM])
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
-def test_a_lone_non_finite_gradient_on_a_gpu_plain_step_is_caught_by_the_kl_clip(cls, backend, value):
-    """On a plain step the KL clip's inner product is KFAC's and SO's only check of the gradients: it relies on
-    ``P(v)`` (cuBLAS, or our kernels) carrying a non-finite entry of ``v`` into every entry."""
+def test_a_lone_non_finite_gradient_on_a_gpu_plain_step_is_caught_by_the_update_check(cls, backend, value):
+    """On a plain step the check of the update is the only check of the gradients (KFAC's and SO's KL clip inner
+    product, the norms of Q's step clip): it relies on ``P(v)`` (cuBLAS, or our kernels) carrying a non-finite
+    entry of ``v`` into every entry."""
     reason = unavailable_reason(backend, torch.device("cuda"))
     if reason is not None:
         pytest.skip(reason)

@@ -519,24 +519,29 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
 
     def _update_check_covers_gradients(self, group: dict, lr: float, plain: list) -> bool:
         """Whether a plain step's gradients need no check of their own: the update's check (KFAC's and SO's KL clip
-        inner product ``Σ⟨P(v), v⟩``, see :meth:`_kl_clipped_and_finite`) sees every gradient of the step.
+        inner product ``Σ⟨P(v), v⟩``, see :meth:`_kl_clipped_and_finite`; Q's its own) sees every gradient of the
+        step.
 
-        It does when every parameter with a gradient is in a preconditioned block (none takes plain gradient
-        descent) and no loss scaler reported ``found_inf``: a non-finite entry of ``v`` makes its column of
-        ``Q_Γᵀ v`` non-finite (``±inf``, or NaN where an eigenvector entry is 0), so every entry of
-        ``Q_Γᵀ v Q_A`` is (an orthogonal ``Q_A`` has no zero row), and so every entry of ``P(v)``, whatever the
-        summation order: the inner product is non-finite. That spares a pass over the gradients, and on the CPU
-        about 0.1 ms of a plain step's host time on the paper CNN (five operations and the per-tensor
-        bookkeeping of :meth:`_finite_total`)."""
+        It does when the rule's check applies to this step (:meth:`_update_check_sees_gradients`), every
+        parameter with a gradient is in a preconditioned block (none takes plain gradient descent) and no loss
+        scaler reported ``found_inf``: a non-finite entry of ``v`` makes its column of ``Q_Γᵀ v`` non-finite
+        (``±inf``, or NaN where an eigenvector entry is 0), so every entry of ``Q_Γᵀ v Q_A`` is (an orthogonal
+        ``Q_A`` has no zero row), and so every entry of ``P(v)``, whatever the summation order: the inner product
+        is non-finite. That spares a pass over the gradients, and on the CPU about 0.1 ms of a plain step's host
+        time on the paper CNN (five operations and the per-tensor bookkeeping of :meth:`_finite_total`)."""
         return (
-            self._kl_clip_checks_gradients
-            and group["kl_clip"] is not None
-            and lr != 0
+            self._update_check_sees_gradients(group, lr)
             and not plain
             and getattr(self, "found_inf", None) is None
             and all(param.grad is None for _, param in self.curvature.other_params)
             and all(param.grad is None for extra in self.param_groups[1:] for param in extra["params"])
         )
+
+    def _update_check_sees_gradients(self, group: dict, lr: float) -> bool:
+        """Whether this step's check of the update is non-finite whenever a preconditioned block's gradient is
+        (see :meth:`_update_check_covers_gradients`): KFAC and SO with the KL clip, whose inner product is the
+        check; False for a rule that does not say so."""
+        return self._kl_clip_checks_gradients and group["kl_clip"] is not None and lr != 0
 
     def _grad_unscale(self, stats_due: bool) -> Optional[Tensor]:
         """``1/scale`` when ``GradScaler.step`` passed a scale (gradients still scaled), else None."""

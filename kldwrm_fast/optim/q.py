@@ -133,6 +133,8 @@ class QKLDWRM(CurvatureOptimizer):
     a checkpoint resumes only with the value it was saved with.
     """
 
+    _q_steps_see_gradients = True  # see _update_check_sees_gradients
+
     fixed_options = (*CurvatureOptimizer.fixed_options, "curvature_sum")
 
     exact_damping_iterations: int = 50
@@ -191,6 +193,14 @@ class QKLDWRM(CurvatureOptimizer):
             )
         return super()._make_counters(device) + [self._ghat_reset_counts]
 
+    def _update_check_sees_gradients(self, group: dict, lr: float) -> bool:
+        """Q's check of its steps (the step clip's norms, or a pass over the steps) sees every gradient: ``V``
+        enters ``Ĝ`` entry by entry (the recursion adds to it; the growth guard replaces a non-finite ``Ĝ`` by
+        ``V``), and a non-finite entry of ``Ĝ`` makes every entry of ``P(Ĝ)`` non-finite (see the base class).
+        Not with ``curvature_sum="exact"``, whose steps come from another solve, nor for a subclass that does not
+        say so (QE's steps come from an inner solver)."""
+        return self._q_steps_see_gradients and group["curvature_sum"] != "exact" and lr != 0
+
     def _guard_recursion(self, states: list[dict], grads, indices: tuple[int, ...]) -> None:
         """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring);
         ``indices``: the blocks' positions in ``curvature.blocks``, where the counts are kept."""
@@ -198,7 +208,12 @@ class QKLDWRM(CurvatureOptimizer):
         g_norms = torch.stack(tensor_norms(g_hats))
         v_norms = torch.stack(tensor_norms(grads))
         violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
-        counted = violated if self._accepted is None else violated & self._accepted  # a rejected step's NaN
+        if self._accepted is not None:  # a rejected step's NaN is not counted as growth
+            counted = violated & self._accepted
+        elif self._verdict_on_device:  # the gradients' check comes later (_update_check_sees_gradients)
+            counted = violated & (v_norms < math.inf)  # a norm is finite exactly when below inf (NaN is not)
+        else:
+            counted = violated
         rejected = self.global_state.get(REJECTED)
         if rejected is not None:  # the last plain step was rejected: every block restarts, not counted
             counted = counted & ~rejected
@@ -272,7 +287,7 @@ class QKLDWRM(CurvatureOptimizer):
                 if info.inverse_due:  # waits for the eigensolver anyway
                     self._report_resets()
         rejected = self.global_state.get(REJECTED)
-        if rejected is not None and self._accepted is None:  # consumed; a device verdict overwrites it instead
+        if rejected is not None and not self._verdict_on_device:  # consumed; a device verdict overwrites it instead
             rejected.fill_(False)
         g_hats = [s["g_hat"] for s in states]
         damping = group["damping"]

@@ -56,6 +56,8 @@ class QEKLDWRM(QKLDWRM):
     kl_scale = 1/330.
     """
 
+    _q_steps_see_gradients = False  # its steps come from the inner solver (see QKLDWRM._update_check_sees_gradients)
+
     def __init__(
         self,
         model: nn.Module,
