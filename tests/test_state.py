@@ -1,6 +1,8 @@
 """The per-block state has one definition (kldwrm_fast/curvature/state.py): every key any optimizer writes, at
 any cadence, is declared there, with the shape its kind implies."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,9 +59,7 @@ def test_a_state_dict_or_damping_set_mid_run_governs_the_next_plain_steps(cls, w
 
     model, opt = build()
     run(opt, model, data[:2])
-    saved = opt.state_dict()
-    saved = {**saved, "state": {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
-                                for k, s in saved["state"].items()}}  # fmt: skip
+    saved = copy.deepcopy(opt.state_dict())
     weights = [p.detach().clone() for p in model.parameters()]
     fresh_model, fresh = build()
     with torch.no_grad():

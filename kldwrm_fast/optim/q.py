@@ -133,8 +133,6 @@ class QKLDWRM(CurvatureOptimizer):
     a checkpoint resumes only with the value it was saved with.
     """
 
-    _q_steps_see_gradients = True  # see _update_check_sees_gradients
-
     fixed_options = (*CurvatureOptimizer.fixed_options, "curvature_sum")
 
     exact_damping_iterations: int = 50
@@ -197,9 +195,8 @@ class QKLDWRM(CurvatureOptimizer):
         """Q's check of its steps (the step clip's norms, or a pass over the steps) sees every gradient: ``V``
         enters ``Ĝ`` entry by entry (the recursion adds to it; the growth guard replaces a non-finite ``Ĝ`` by
         ``V``), and a non-finite entry of ``Ĝ`` makes every entry of ``P(Ĝ)`` non-finite (see the base class).
-        Not with ``curvature_sum="exact"``, whose steps come from another solve, nor for a subclass that does not
-        say so (QE's steps come from an inner solver)."""
-        return self._q_steps_see_gradients and group["curvature_sum"] != "exact" and lr != 0
+        Not with ``curvature_sum="exact"``, whose steps come from another solve (nor for QE, which says so)."""
+        return group["curvature_sum"] != "exact" and lr != 0
 
     def _guard_recursion(self, states: list[dict], grads, indices: tuple[int, ...]) -> None:
         """Restart, on the device, the recursion of blocks whose ``Ĝ`` outgrew ``V`` (see the class docstring);

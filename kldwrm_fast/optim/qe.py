@@ -56,8 +56,6 @@ class QEKLDWRM(QKLDWRM):
     kl_scale = 1/330.
     """
 
-    _q_steps_see_gradients = False  # its steps come from the inner solver (see QKLDWRM._update_check_sees_gradients)
-
     def __init__(
         self,
         model: nn.Module,
@@ -179,6 +177,10 @@ class QEKLDWRM(QKLDWRM):
             self._network, blocks, self._names_by_id, grads, factors, targets, weights, self._inputs,
             self.predictive, reduce,
         )  # fmt: skip
+
+    def _update_check_sees_gradients(self, group: dict, lr: float) -> bool:
+        """False: QE's steps come from its inner solver, so its plain steps check the gradients on their own."""
+        return False
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
