@@ -384,3 +384,40 @@ def test_a_users_torch_compile_of_the_step_runs_it_eagerly_and_counts_skipped_st
         assert eager.skipped_steps == traced.skipped_steps == 2
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan")])
+@pytest.mark.parametrize("cls", [KFAC, SOKLDWRM, QKLDWRM, QEXACT])
+def test_the_plain_step_as_traced_assigns_no_attribute_of_the_optimizer(cls, bad, monkeypatch):
+    """torch.compile refuses an assignment to a ``torch.optim`` optimizer's attribute inside the traced step (torch
+    2.11, the GPU machines' release: every compiled step failed) and drops it (2.14). The plain step's code as it
+    is traced (``is_compiling()`` true, the step known plain, the counters made beforehand by ``compiled_step``)
+    must make none, on an accepted step and on a rejected one; its flags live on a ``StepFlags`` object."""
+    model, _, batches = twins()
+    opt = build(cls, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x, y in batches[:12]:  # past an inverse step: the next two are plain
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(batches[12][0]), batches[12][1]).backward()
+    if bad is not None:
+        model[0].weight.grad[0, 0] = bad
+    opt._before_traced_step()
+    opt._known_plain = True
+    assigned = []
+
+    class Recording(type(opt)):
+        def __setattr__(self, name, value):
+            assigned.append(name)
+            super().__setattr__(name, value)
+
+    opt.__class__ = Recording
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert assigned == []
+    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert all(moved) if bad is None else not any(moved)  # the step ran, and a rejected one moved nothing

@@ -40,6 +40,30 @@ from kldwrm_fast.optim.arguments import _check, validate_common, validate_struct
 from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
 
 
+class StepFlags:
+    """What a step decides in one place and reads in another (Note [numerics on the device]).
+
+    Attributes:
+        accepted: this plain step's verdict, a 0-dim bool tensor on the device; None when no check is decided on
+            the device (off plain steps, or ``check_numerics = False``).
+        rejected: ``~accepted``, made when first needed; None while not made, and again whenever ``accepted``
+            changes.
+        verdict_on_device: whether this is a plain step whose checks are decided on the device.
+        restart: whether the recursions restart at the next step (an update found non-finite on the host).
+
+    Set afresh by each step. They live on an object of their own, not on the optimizer: ``torch.compile``
+    refuses an assignment to an attribute of a ``torch.optim`` optimizer inside the traced step (torch 2.11, the
+    GPU machines' release: "Attempted setattr on a user-defined object") or drops it (torch 2.14), and applies
+    one to a plain object's.
+    """
+
+    def __init__(self) -> None:
+        self.accepted: Optional[Tensor] = None
+        self.rejected: Optional[Tensor] = None
+        self.verdict_on_device = False
+        self.restart = False
+
+
 class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     """Base class: builds the curvature from a model, runs the cadence, and applies a subclass's rule.
 
@@ -120,10 +144,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         self._skipped_host = 0  # steps skipped by a host-side check
         self._skipped_device: Optional[Tensor] = None  # plain steps skipped on the device, counted there
         self._skipped_reported = 0  # of those, already warned about
-        self._accepted: Optional[Tensor] = None  # this plain step's verdict (0-dim bool, on the device)
-        self._rejected: Optional[Tensor] = None  # ~_accepted, made when first needed (None when _accepted changes)
-        self._verdict_on_device = False  # this is a plain step whose checks are decided on the device
-        self._restart = False
+        self._now = StepFlags()
         self._warned_plain: set[str] = set()
         self.estimator = CurvatureEstimator(
             curvature, self.block_state, self._schedule, self.data_parallel, fisher, ops, type(self).__name__
@@ -241,9 +262,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         See Note [which blocks take part]: a parameter whose ``.grad`` is None is not touched.
 
         Traced by a ``torch.compile`` of the user's (``torch.compile(opt.step)``, or a compiled training step that
-        calls it), the step runs eagerly at a graph break: torch.compile (2.14) drops assignments to an
-        optimizer's attributes made in traced code, so counts of skipped steps (and flags the next step reads)
-        went missing. :meth:`compiled_step` is the way to compile the plain step.
+        calls it), the step runs eagerly at a graph break: torch.compile drops (2.14) or refuses (2.11)
+        assignments to an optimizer's attributes made in traced code, so counts of skipped steps (and flags the
+        next step reads) went missing. :meth:`compiled_step` is the way to compile the plain step.
         """
         if torch.compiler.is_compiling() and not self._known_plain:
             return _run_eagerly(self._take_step, closure)
@@ -265,8 +286,8 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         stats_due, inverse_due = (False, False) if self._known_plain else self.estimator.due()
         unscale = self._grad_unscale(stats_due)
         plain_step = not (stats_due or inverse_due)
-        self._accepted = self._rejected = None
-        self._verdict_on_device = self.check_numerics and plain_step
+        self._now.accepted = self._now.rejected = None
+        self._now.verdict_on_device = self.check_numerics and plain_step
         if self.check_numerics and not plain_step:
             self._report_skipped()
             if not self._all_finite(self._checked_tensors(stats_due)):
@@ -274,28 +295,27 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                 self.curvature.clear()
                 return loss
         indices, plain = self._participants(inverse_due)
-        if self._verdict_on_device and not self._update_check_covers_gradients(group, lr, plain):
-            self._accepted = self._finite_on_device(self._checked_tensors(False))
+        if self._now.verdict_on_device and not self._update_check_covers_gradients(group, lr, plain):
+            self._now.accepted = self._finite_on_device(self._checked_tensors(False))
         info = StepInfo(
             lr, stats_due, inverse_due, unscale, indices, self._batches_for(indices), group["eigenvalue_floor"]
         )
-        self._restart = False
+        self._now.restart = False
         if indices:
             grads = [blocks[i].gradient(group["weight_decay"], unscale) for i in indices]
             self._update(group, [blocks[i] for i in indices], grads, info)
         if plain:
             self._add_to_parameters(plain, [block.gradient(group["weight_decay"], unscale) for block in plain], -lr)
         for _, param in self.curvature.other_params:
-            _gradient_descent(param, group, unscale, self._accepted)
+            _gradient_descent(param, group, unscale, self._now.accepted)
         for extra in self.param_groups[1:]:
             for param in extra["params"]:
-                _gradient_descent(param, extra, unscale, self._accepted)
-        if self._accepted is not None:
-            self._skipped_device = device_counter(self._skipped_device, (), self._accepted.device)
-            self._skipped_device.add_(self._rejected_on_device())
+                _gradient_descent(param, extra, unscale, self._now.accepted)
+        if self._now.accepted is not None:
+            self._counter("_skipped_device", (), self._now.accepted.device).add_(self._rejected_on_device())
         self.curvature.clear()
         self.global_state["step"] = k + 1
-        self.global_state["lr_prev"] = None if self._restart else lr
+        self.global_state["lr_prev"] = None if self._now.restart else lr
         if not torch.compiler.is_compiling():
             self._unmarked = True
         return loss
@@ -356,11 +376,12 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
 
     def _before_traced_step(self) -> None:
         """Run eagerly before each compiled plain step: what the step would otherwise do on attributes of the
-        optimizer. torch.compile (2.14) drops assignments to an optimizer's attributes made inside the traced
-        ``step`` (writes into tensors are kept), so the device-side counters are made here, and the state follows
-        the parameters here (a changed layout would be noticed in every trace and never recorded). Without this,
-        rejected plain steps went uncounted and unreported when no eager plain step had made the counter
-        (reproduced by ``tests/test_compiled_step.py``).
+        optimizer. torch.compile drops (2.14) or refuses (2.11) assignments to an optimizer's attributes made
+        inside the traced ``step`` (writes into tensors are kept; see :class:`StepFlags` for the flags a step
+        sets), so the device-side counters are made here, and the state follows the parameters here (a changed
+        layout would be noticed in every trace and never recorded). Without this, rejected plain steps went
+        uncounted and unreported when no eager plain step had made the counter (reproduced by
+        ``tests/test_compiled_step.py``).
 
         It also marks every state tensor and counter as a static address for the compiler. A CUDA graph
         (``mode="reduce-overhead"``) is only used for a graph whose mutated inputs are all static: torch marks a
@@ -379,8 +400,16 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
 
     def _make_counters(self, device: torch.device) -> list[Tensor]:
         """Create (or move to ``device``) the device-side counters a plain step updates; returns them."""
-        self._skipped_device = device_counter(self._skipped_device, (), device)
-        return [self._skipped_device]
+        return [self._counter("_skipped_device", (), device)]
+
+    def _counter(self, name: str, size: tuple, device: torch.device) -> Tensor:
+        """The device-side counter held in attribute ``name`` (:func:`device_counter`), assigned only when it is new
+        or moved: in a compiled plain step it exists already (:meth:`_before_traced_step`), and the step makes no
+        assignment to the optimizer (see :class:`StepFlags`)."""
+        counter = device_counter(getattr(self, name), size, device)
+        if counter is not getattr(self, name):
+            setattr(self, name, counter)
+        return counter
 
     @staticmethod
     def _tensors_of(state: dict) -> Iterator[Tensor]:
@@ -457,15 +486,15 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             )
 
     def _rejected_on_device(self) -> Tensor:
-        """``~self._accepted`` (a plain step's verdict must be set), made once per verdict."""
-        if self._rejected is None:
-            self._rejected = ~self._accepted
-        return self._rejected
+        """``~accepted`` (a plain step's verdict must be set), made once per verdict."""
+        if self._now.rejected is None:
+            self._now.rejected = ~self._now.accepted
+        return self._now.rejected
 
     def _masked(self, update: Tensor) -> Tensor:
         """``update``, zeroed in place when this plain step was rejected on the device (Note [numerics on the
         device]); as it is otherwise."""
-        return update if self._accepted is None else update.masked_fill_(self._rejected_on_device(), 0.0)
+        return update if self._now.accepted is None else update.masked_fill_(self._rejected_on_device(), 0.0)
 
     def _add_to_parameters(self, blocks, updates: list[Tensor], alpha: float = 1.0) -> None:
         """``W̄ ← W̄ + alpha · U`` for every block (block form ``updates``, any float dtype, rounded once to the
@@ -503,14 +532,14 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         """
         if not self.check_numerics:
             return True
-        if self._verdict_on_device:
+        if self._now.verdict_on_device:
             finite = self._finite_on_device(updates) if total is None else (total - total) == 0
-            self._accepted = finite if self._accepted is None else self._accepted & finite
-            self._rejected = None
+            self._now.accepted = finite if self._now.accepted is None else self._now.accepted & finite
+            self._now.rejected = None
             return True
         if self._all_finite(updates) if total is None else self._is_finite(total):
             return True
-        self._restart = True
+        self._now.restart = True
         self._skip(
             f"non-finite update at step {self.global_state['step']} (damping={group['damping']}: a factor with a "
             "zero eigenvalue needs damping > 0)"
@@ -570,7 +599,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     def _finite_on_device(self, tensors: list[Tensor]) -> Tensor:
         """Note [numerics on the device]
             On a plain step (no statistics, no decomposition) the checks are a 0-dim bool on the device,
-            ``self._accepted``: the gradients' check at the start, and'ed with the update's (the update's alone
+            ``self._now.accepted``: the gradients' check at the start, and'ed with the update's (the update's alone
             where it sees every gradient: :meth:`_update_check_covers_gradients`). Every write the step
             makes is masked by it: parameter updates are zeroed (:meth:`_masked`), KFAC's momentum buffer keeps
             its value, and the recursions restart at the next step (the host cannot know to drop ``lr_prev``):

@@ -94,7 +94,7 @@ class KFAC(CurvatureOptimizer):
         is made in each buffer's dtype: an accepted step rounds as the unmasked one does, and on CUDA the
         multi-tensor kernels take their one-launch path only when the factor's dtype is the tensors'.
         """
-        accepted = self._accepted
+        accepted = self._now.accepted
         if accepted is None:
             torch._foreach_mul_(buffers, momentum)
             torch._foreach_add_(buffers, directions)
@@ -115,9 +115,9 @@ class KFAC(CurvatureOptimizer):
         for block, buffer in zip(blocks, buffers, strict=True):
             params += block.params
             parts += self._parameter_views(block, buffer)
-        if self._accepted is not None:
+        if self._now.accepted is not None:
             for dtype, members in _by_dtype(parts).items():
-                products = torch._foreach_mul([parts[i] for i in members], self._accepted.to(dtype))
+                products = torch._foreach_mul([parts[i] for i in members], self._now.accepted.to(dtype))
                 for i, product in zip(members, products):
                     parts[i] = product
         reference.scaled_add_(params, parts, alpha)

@@ -24,7 +24,7 @@ from kldwrm_fast.curvature.state import (
 )
 from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.arguments import validate_curvature_sum, validate_positive_or_none
-from kldwrm_fast.optim.base import CurvatureOptimizer, device_counter, kl_clip_scale, summed_inner, tensor_norms
+from kldwrm_fast.optim.base import CurvatureOptimizer, kl_clip_scale, summed_inner, tensor_norms
 
 BASIS = "ghat_basis"
 REJECTED = "rejected"
@@ -183,7 +183,7 @@ class QKLDWRM(CurvatureOptimizer):
         return sum(self._ghat_reported_counts)
 
     def _make_counters(self, device: torch.device) -> list[Tensor]:
-        self._ghat_reset_counts = device_counter(self._ghat_reset_counts, (len(self.curvature.blocks),), device)
+        self._counter("_ghat_reset_counts", (len(self.curvature.blocks),), device)
         if self.ghat_growth_limit is not None:  # made here, so that the compiled step finds it and keeps it
             rejected = self.global_state.get(REJECTED)
             self.global_state[REJECTED] = (
@@ -205,9 +205,9 @@ class QKLDWRM(CurvatureOptimizer):
         g_norms = torch.stack(tensor_norms(g_hats))
         v_norms = torch.stack(tensor_norms(grads))
         violated = ~(g_norms <= self.ghat_growth_limit * v_norms)  # also true where Ĝ is not finite
-        if self._accepted is not None:  # a rejected step's NaN is not counted as growth
-            counted = violated & self._accepted
-        elif self._verdict_on_device:  # the gradients' check comes later (_update_check_sees_gradients)
+        if self._now.accepted is not None:  # a rejected step's NaN is not counted as growth
+            counted = violated & self._now.accepted
+        elif self._now.verdict_on_device:  # the gradients' check comes later (_update_check_sees_gradients)
             counted = violated & (v_norms < math.inf)  # a norm is finite exactly when below inf (NaN is not)
         else:
             counted = violated
@@ -222,8 +222,7 @@ class QKLDWRM(CurvatureOptimizer):
             per_block = violated.new_zeros(n_blocks, dtype=torch.int64)
             per_block[list(indices)] = counted.to(torch.int64)
             counted = per_block
-        self._ghat_reset_counts = device_counter(self._ghat_reset_counts, (n_blocks,), counted.device)
-        self._ghat_reset_counts.add_(counted)
+        self._counter("_ghat_reset_counts", (n_blocks,), counted.device).add_(counted)
 
     def _report_resets(self) -> None:
         """Warn about restarts counted since the last report (one host transfer)."""
@@ -284,7 +283,7 @@ class QKLDWRM(CurvatureOptimizer):
                 if info.inverse_due:  # waits for the eigensolver anyway
                     self._report_resets()
         rejected = self.global_state.get(REJECTED)
-        if rejected is not None and not self._verdict_on_device:  # consumed; a device verdict overwrites it instead
+        if rejected is not None and not self._now.verdict_on_device:  # consumed; a device verdict overwrites it instead
             rejected.fill_(False)
         g_hats = [s["g_hat"] for s in states]
         damping = group["damping"]
@@ -355,7 +354,7 @@ class QKLDWRM(CurvatureOptimizer):
         norms = tensor_norms(steps) if lr != 0 and tau is not None else None
         # The clip's norms are the check of the steps too: a norm is non-finite whenever an entry is.
         applied = lr != 0 and self._update_is_finite(steps, group, None if norms is None else torch.stack(norms).sum())
-        if self._accepted is not None:
+        if self._now.accepted is not None:
             if self.ghat_growth_limit is not None:
                 # The guard's pass at the next step restarts every block (without counting it as its own), so
                 # no pass over the state is needed here.
