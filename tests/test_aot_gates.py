@@ -74,3 +74,29 @@ def test_a_kernel_compiles_for_sm90_without_a_gpu_and_its_scalar_widths_show(tmp
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["['f32',", "'f64']", "(0,", "0)"]
+
+
+def test_the_warp_table_is_the_installed_triton_releases_or_the_nearest():
+    """Register allocation differs between Triton releases (the table tuned with 3.8 spilled with 3.6), so the
+    launchers read the table tuned with their own release, else the nearest one tuned."""
+    pytest.importorskip("triton")
+    import json
+
+    import triton
+
+    from kldwrm_fast.ops.triton_kernels import common
+
+    assert [common.release(v) for v in ("3.6.0", "3.8.0+git1a2b", "3.10.0rc1", "4.0rc1")] == [
+        "3.6",
+        "3.8",
+        "3.10",
+        "4.0",
+    ]
+    tables = {"3.6": "a", "3.8": "b", "3.10": "c"}
+    assert [common.nearest_release(tables, r) for r in ("3.6", "3.7", "3.9", "3.12", "2.1")] == [
+        "3.6", "3.8", "3.10", "3.10", "3.6",
+    ]  # fmt: skip
+    assert common.nearest_release({}, "3.6") is None
+    on_disk = json.loads(common.WARPS_TABLE_FILE.read_text())
+    assert {"3.6", "3.8"} <= set(on_disk)  # the GPU machines' release and CI's
+    assert common.WARPS_TABLE == on_disk[common.nearest_release(on_disk, common.release(triton.__version__))]

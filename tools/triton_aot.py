@@ -14,8 +14,9 @@ Each cubin Triton built (its own ``ptxas`` run for the target) is read with Trit
 
 Usage: ``python tools/triton_aot.py [--arch 90 --arch 80] [--json FILE] [--tune]``; prints one table, exits
 1 on a failure. ``--tune`` first rewrites the launchers' warp table
-(``kldwrm_fast/ops/triton_kernels/warps.json``) with, per configuration and target, the first warp count that
-compiles without spills; run it after changing a kernel, and commit the table. Must run without
+(``kldwrm_fast/ops/triton_kernels/warps.json``) for the installed Triton release with, per configuration and
+target, the first warp count that compiles without spills; run it after changing a kernel, with each Triton release
+the table holds (the GPU machines' and CI's), and commit the table. Must run without
 ``TRITON_INTERPRET`` (the interpreter has no compiler to judge).
 """
 
@@ -245,7 +246,7 @@ def tune(arch: int) -> tuple[dict[str, int], list[str]]:
 
     from kldwrm_fast.ops.triton_kernels import common
 
-    table = common.WARPS_TABLE.setdefault(str(arch), {})
+    table = common.WARPS_TABLE.setdefault(str(arch), {})  # the installed release's (see main)
     table.clear()
     hopeless = set()
     for _, dtype, thunk in launches():
@@ -294,16 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     if args.tune:
+        import triton
+
         from kldwrm_fast.ops.triton_kernels import common
 
+        # The installed release's own table, tuned from scratch; the other releases' stay as they are.
+        common.WARPS_TABLE = common.WARPS_TABLES.setdefault(common.release(triton.__version__), {})
         tables = {}
         for arch in args.arch or [90, 80]:
             tables[str(arch)], hopeless = tune(arch)
             for key in hopeless:
                 sys.stdout.write(f"sm_{arch} {key}: spills with every warp count tried {CANDIDATES}\n")
-        common.WARPS_TABLE_FILE.write_text(json.dumps(tables, indent=1, sort_keys=True) + "\n")
         common.WARPS_TABLE.clear()
         common.WARPS_TABLE.update(tables)
+        common.WARPS_TABLE_FILE.write_text(json.dumps(common.WARPS_TABLES, indent=1, sort_keys=True) + "\n")
     archs = args.arch or [90, 80]
     # One process per target: compilation is CPU-bound and the two targets share nothing.
     with concurrent.futures.ProcessPoolExecutor(len(archs), mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import pathlib
+import re
 
 import torch
 import triton
@@ -31,12 +32,38 @@ def as_compute(value, ACC: tl.constexpr):
     return (tl.full((), 0, ACC) + value).to(ACC)
 
 
+def release(version: str) -> str:
+    """``"major.minor"`` of a version string (``"3.6.0"``, ``"3.6.0+git1a2b"`` and ``"3.6rc1"`` are ``"3.6"``)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"not a major.minor version: {version!r}")
+    return f"{int(match[1])}.{int(match[2])}"
+
+
+def nearest_release(available, wanted: str) -> str | None:
+    """The release in ``available`` closest to ``wanted`` (itself if listed; between two equally close, the newer),
+    None when nothing is available."""
+
+    def number(name):
+        major, minor = name.split(".")
+        return int(major) * 1000 + int(minor)
+
+    return min(available, key=lambda name: (abs(number(name) - number(wanted)), -number(name)), default=None)
+
+
 WARPS_TABLE_FILE = pathlib.Path(__file__).with_name("warps.json")
-WARPS_TABLE: dict[str, dict[str, int]] = json.loads(WARPS_TABLE_FILE.read_text())
-"""Warps per program, by target (``"90"`` for sm_90) and :func:`tile_key`, where four (the default) would
-spill registers. Written by ``python tools/triton_aot.py --tune``, which compiles every configuration the
-launchers select for each target and keeps the first spill-free choice of 4, 8, 2, 16 warps; the gate in
-``.ci/run`` re-checks that no configuration spills with it. Targets not in the table get four warps."""
+WARPS_TABLES: dict[str, dict[str, dict[str, int]]] = json.loads(WARPS_TABLE_FILE.read_text())
+"""Warps per program, by Triton release (``"3.8"``), target (``"90"`` for sm_90) and :func:`tile_key`, where four
+(the default) would spill registers. Written by ``python tools/triton_aot.py --tune`` for the installed Triton,
+which compiles every configuration the launchers select for each target and keeps the first spill-free choice of
+4, 8, 2, 16 warps; the gate in ``.ci/run`` re-checks that no configuration spills with it. Per release, because
+register allocation differs between Triton's releases: the table tuned with 3.8 left eight configurations
+spilling 8–40 bytes with 3.6 (the GPU machines' release). Targets not in the table get four warps."""
+
+WARPS_TABLE: dict[str, dict[str, int]] = WARPS_TABLES.get(
+    nearest_release(WARPS_TABLES, release(triton.__version__)), {}
+)
+"""The installed Triton's table in :data:`WARPS_TABLES`: its own release's, else the nearest release's."""
 
 DEFAULT_WARPS = 4
 
