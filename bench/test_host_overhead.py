@@ -11,13 +11,17 @@ ATen operations the step dispatches (``compute_ops``: kernels on a GPU; ``view_o
 ``fullgraph=True``; on CUDA with ``mode="reduce-overhead"``, replayed as a CUDA graph); their operation count is
 not taken (the compiled graph runs fused kernels, not ATen operations one by one). ``kfac-bare`` is the floor
 of a per-block step's dispatch (:class:`BarePlainStep`); ``kfac-bare-checked`` adds the numerics our step keeps.
+
+Each case runs twice: after a forward and backward on a batch of two, and after one on the workload's training
+batch (128 on a CPU, 512 on a GPU), as in a training loop: on the 2-core CPU every step takes longer there (the
+training batch's passes leave the caches cold for the step's Python and dispatch).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 from entries import BACKENDS, ENTRIES, make_step
-from machine import DEVICE, environment, synchronize
+from machine import DEVICE, FULL, environment, synchronize
 from torch.utils._python_dispatch import TorchDispatchMode
 from workloads import WORKLOADS
 
@@ -114,17 +118,19 @@ class BarePlainStep:
         self.skipped.add_(~accepted)
 
 
+@pytest.mark.parametrize("batch", ["2", "training"])
 @pytest.mark.parametrize(
     "entry", ENTRIES + [f"{entry}-compiled" for entry in COMPILED] + ["kfac-bare", "kfac-bare-checked"]
 )
-def test_plain_step_host_time(benchmark, entry):
+def test_plain_step_host_time(benchmark, entry, batch):
     compiled = entry.endswith("-compiled")
     entry = entry.removesuffix("-compiled")
-    make, shape, _ = WORKLOADS["paper-cnn"][False]
+    make, shape, training_batch = WORKLOADS["paper-cnn"][FULL]
+    size = 2 if batch == "2" else training_batch
     torch.manual_seed(0)
     model = make().to(DEVICE)
-    x = torch.randn(2, *shape, device=DEVICE)
-    y = torch.randint(0, 10, (2,), device=DEVICE)
+    x = torch.randn(size, *shape, device=DEVICE)
+    y = torch.randint(0, 10, (size,), device=DEVICE)
     if entry.startswith("kfac-bare"):
         opt = BarePlainStep(model, checked=entry.endswith("-checked"))
     else:
@@ -138,9 +144,10 @@ def test_plain_step_host_time(benchmark, entry):
         synchronize()
 
     plain_gradients()
-    benchmark.group = "plain step host time, paper-cnn, batch 2"
+    benchmark.group = f"plain step host time, paper-cnn, after a batch of {size}"
     benchmark.extra_info.update(environment())
     if compiled:
+        torch._dynamo.reset()  # every case compiles afresh: the cases would share one recompile limit
         step = opt.compiled_step(**({"mode": "reduce-overhead"} if DEVICE.type == "cuda" else {}))
         for _ in range(3):  # compile (and record the graph) outside the timing
             plain_gradients()
