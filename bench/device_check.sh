@@ -13,6 +13,8 @@ out=${OUT:-device-check}
 mkdir -p "$out"
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+# pyproject.toml's license string needs setuptools 77 or newer; the image's version is not listed anywhere.
+python -c "import setuptools, torch, triton; print('setuptools', setuptools.__version__, 'torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 { time pip install --no-build-isolation --no-deps -e . ; } > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 python -m pytest -q -rs tests/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_audit.txt"
 python -m pytest -q -m gpu tests --ignore=tests/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_tests.txt"
