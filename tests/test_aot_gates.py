@@ -100,3 +100,27 @@ def test_the_warp_table_is_the_installed_triton_releases_or_the_nearest():
     on_disk = json.loads(common.WARPS_TABLE_FILE.read_text())
     assert {"3.6", "3.8"} <= set(on_disk)  # the GPU machines' release and CI's
     assert common.WARPS_TABLE == on_disk[common.nearest_release(on_disk, common.release(triton.__version__))]
+
+
+def test_retuning_some_targets_keeps_the_other_targets_and_releases(tmp_path, monkeypatch):
+    """``--tune --arch 90`` rewrites the installed release's sm_90 entries only: its sm_80 entries and the other
+    releases' tables stay (they were dropped once)."""
+    pytest.importorskip("triton")
+    import json
+
+    import triton
+
+    from kldwrm_fast.ops.triton_kernels import common
+
+    installed = common.release(triton.__version__)
+    tables = {installed: {"80": {"k80": 8}, "90": {"old": 2}}, "0.1": {"90": {"other": 16}}}
+    path = tmp_path / "warps.json"
+    monkeypatch.setattr(common, "WARPS_TABLE_FILE", path)
+    monkeypatch.setattr(common, "WARPS_TABLES", tables)
+    monkeypatch.setattr(common, "WARPS_TABLE", tables[installed])
+    monkeypatch.setattr(triton_aot, "tune", lambda arch: ({"new": 8}, []))
+    triton_aot.retune([90])
+    assert json.loads(path.read_text()) == {
+        installed: {"80": {"k80": 8}, "90": {"new": 8}},
+        "0.1": {"90": {"other": 16}},
+    }

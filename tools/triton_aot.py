@@ -14,9 +14,10 @@ Each cubin Triton built (its own ``ptxas`` run for the target) is read with Trit
 
 Usage: ``python tools/triton_aot.py [--arch 90 --arch 80] [--json FILE] [--tune]``; prints one table, exits
 1 on a failure. ``--tune`` first rewrites the launchers' warp table
-(``kldwrm_fast/ops/triton_kernels/warps.json``) for the installed Triton release with, per configuration and
-target, the first warp count that compiles without spills; run it after changing a kernel, with each Triton release
-the table holds (the GPU machines' and CI's), and commit the table. Must run without
+(``kldwrm_fast/ops/triton_kernels/warps.json``) for the installed Triton release and the targets given (other
+targets' and releases' entries stay) with, per configuration and target, the first warp count that compiles
+without spills; run it after changing a kernel, with each Triton release the table holds (the GPU machines' and
+CI's), and commit the table. Must run without
 ``TRITON_INTERPRET`` (the interpreter has no compiler to judge).
 """
 
@@ -272,6 +273,23 @@ def tune(arch: int) -> tuple[dict[str, int], list[str]]:
     return tuned, sorted(hopeless)
 
 
+def retune(archs: list[int]) -> None:
+    """Tune the installed Triton release's table for ``archs`` from scratch and write the file: that release's
+    entries for other targets, and other releases' tables, stay as they are."""
+    import triton
+
+    from kldwrm_fast.ops.triton_kernels import common
+
+    common.WARPS_TABLE = common.WARPS_TABLES.setdefault(common.release(triton.__version__), {})
+    tuned = {}
+    for arch in archs:
+        tuned[str(arch)], hopeless = tune(arch)
+        for key in hopeless:
+            sys.stdout.write(f"sm_{arch} {key}: spills with every warp count tried {CANDIDATES}\n")
+    common.WARPS_TABLE.update(tuned)
+    common.WARPS_TABLE_FILE.write_text(json.dumps(common.WARPS_TABLES, indent=1, sort_keys=True) + "\n")
+
+
 def table(entries: list[Compiled]) -> str:
     lines = [
         f"{'arch':<6} {'kernel':<24} {'dtype':<8} {'regs':>5} {'spill':>6} {'smem':>7}  {'f-params':<8} config",
@@ -294,22 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    if args.tune:
-        import triton
-
-        from kldwrm_fast.ops.triton_kernels import common
-
-        # The installed release's own table, tuned from scratch; the other releases' stay as they are.
-        common.WARPS_TABLE = common.WARPS_TABLES.setdefault(common.release(triton.__version__), {})
-        tables = {}
-        for arch in args.arch or [90, 80]:
-            tables[str(arch)], hopeless = tune(arch)
-            for key in hopeless:
-                sys.stdout.write(f"sm_{arch} {key}: spills with every warp count tried {CANDIDATES}\n")
-        common.WARPS_TABLE.clear()
-        common.WARPS_TABLE.update(tables)
-        common.WARPS_TABLE_FILE.write_text(json.dumps(common.WARPS_TABLES, indent=1, sort_keys=True) + "\n")
     archs = args.arch or [90, 80]
+    if args.tune:
+        retune(archs)
     # One process per target: compilation is CPU-bound and the two targets share nothing.
     with concurrent.futures.ProcessPoolExecutor(len(archs), mp_context=multiprocessing.get_context("spawn")) as pool:
         entries = [entry for result in pool.map(check, archs) for entry in result]
