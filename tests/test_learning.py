@@ -60,10 +60,11 @@ def train(model, opt, x_train, y_train, steps=300, after_step=None):
     ids=["kfac", "so", "q"],
 )
 def test_held_out_loss_falls_well_below_its_start(digits, cls, hyper):
-    """Judged by the median over the ends of the last five cadence cycles, not by the last step alone: SO at this
-    lr has transient loss spikes a few steps into a cycle (training loss from ~0.01 to ~2, gone within about ten
-    steps; in float64 too), and whether the run's last step falls inside one changes with the machine's rounding
-    (on an AVX-512 machine it did: held-out loss 1.64 after the last step, 0.03 at the four cycle ends before)."""
+    """Judged by the median over the ends of the last five cadence cycles, not by the last step alone: SO and Q,
+    with their short averages, have transient loss spikes (training loss from ~0.01 to ~2, gone within about ten
+    steps; in float64 too; README, "Short averages spike on small batches"), and whether the run's last step falls
+    inside one changes with the machine's rounding (SO's did on an AVX-512 machine: held-out loss 1.64 after the
+    last step, 0.03 at the four cycle ends before)."""
     (x_train, y_train), (x_test, y_test) = digits
     torch.manual_seed(0)
     model = cnn()
