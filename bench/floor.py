@@ -167,9 +167,11 @@ def measure(
             times[entry].append(machine.ms_per_call(step, n_steps, n_steps))
         for name, cycle in floors.items():
             times[f"floor-{name}"].append(machine.ms_per_call(cycle, cycles, n_steps))
+        # copies of the lists: a caller keeping a round's figures must not see later rounds appended to them
+        result = figures({key: list(ms) for key, ms in times.items()}, optimizers, backend, n_inner, n_cap)
         if on_round is not None:
-            on_round(figures({key: list(ms) for key, ms in times.items()}, optimizers, backend, n_inner, n_cap))
-    return figures(times, optimizers, backend, n_inner, n_cap)
+            on_round(result)
+    return result
 
 
 def figures(times: dict, optimizers: list[str], backend: str, n_inner: int, n_cap: int) -> dict:
@@ -178,20 +180,20 @@ def figures(times: dict, optimizers: list[str], backend: str, n_inner: int, n_ca
     for name in optimizers:
         ours_ms = times[f"{name}-{backend}"]
         if name == "qe":
-            floor_ms = [q + n_inner * one for q, one in zip(times[f"q-{backend}"], times["pass"])]
+            q_ms = times[f"q-{backend}"]
+            passes = [n_inner * one for one in times["pass"]]
+            inner_steps = [n_inner * (one + matvec) for one, matvec in zip(times["pass"], times["matvec"])]
+            stored = [n_cap * forward for forward in times["forward"]]
+            floor_ms = [q + p for q, p in zip(q_ms, passes)]
             ratios = [ours / floor for ours, floor in zip(ours_ms, floor_ms)]
-            parts = zip(times[f"q-{backend}"], times["pass"], times["matvec"], times["forward"])
-            full = [q + n_inner * (one + matvec) + n_cap * forward for q, one, matvec, forward in parts]
+            full = [q + inner + forwards for q, inner, forwards in zip(q_ms, inner_steps, stored)]
             result["qe_passes"] = {
                 "n_inner": n_inner, "n_cap": n_cap, "pass_ms": times["pass"], "matvec_ms": times["matvec"],
                 "forward_ms": times["forward"], "floor_ms": full,
                 "ratio": [ours / floor for ours, floor in zip(ours_ms, full)],
-                "best": best_of_rounds(
-                    ours_ms, times[f"q-{backend}"], [n_inner * (one + matvec) for one, matvec in
-                    zip(times["pass"], times["matvec"])], [n_cap * forward for forward in times["forward"]],
-                ),
+                "best": best_of_rounds(ours_ms, q_ms, inner_steps, stored),
             }  # fmt: skip
-            best = best_of_rounds(ours_ms, times[f"q-{backend}"], [n_inner * one for one in times["pass"]])
+            best = best_of_rounds(ours_ms, q_ms, passes)
         else:
             floor_ms = times[f"floor-{name}"]
             ratios = [ours / (sgd + floor) for ours, sgd, floor in zip(ours_ms, times["sgd"], floor_ms)]
