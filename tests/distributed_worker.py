@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,20 @@ from kldwrm_fast.curvature import estimator
 
 OPTIMIZERS = {"KFAC": KFAC, "SOKLDWRM": SOKLDWRM, "QKLDWRM": QKLDWRM, "QEKLDWRM": QEKLDWRM}
 LOCAL_BATCH, STEPS = 6, 7
+
+
+def finish():
+    """End a worker whose results are saved: destroy its process group (if still there) and leave the process
+    without the interpreter's teardown. A gloo rank aborted at random in CI, with torch 2.11 and 2.14 ("terminate
+    called without an active exception", SIGABRT, no Python traceback: a C++ thread object destroyed unjoined),
+    in about one run in four; not reproduced in 60 spawns here. The likeliest place is the teardown, where the DDP
+    model, which still holds the process group, and the rank-0 store's server thread are destroyed late; that is
+    torch's, not what these tests judge. Not established: an abort during the run would still fail the test."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def build_model():
@@ -67,7 +82,7 @@ def data_parallel(rank, world, port, name, extra, out):
     opt = make_optimizer(name, model, extra)
     train(model, opt, rank, world, shard=True)
     torch.save({"params": [p.detach() for p in model.module.parameters()], "eig_calls": calls}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    finish()
 
 
 def errors(rank, world, port, out):
@@ -86,6 +101,7 @@ def errors(rank, world, port, out):
         except (RuntimeError, ValueError) as error:
             messages.append(f"{type(error).__name__}: {error}")
     torch.save(messages, f"{out}.{rank}")
+    finish()
 
 
 def mnist_study(rank, world, port, out):
@@ -95,7 +111,7 @@ def mnist_study(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     mnist.main(["--optimizers", "q", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--max-train", "128",
                 "--max-test", "64", "--out", out, "--device", "cpu"])  # fmt: skip
-    dist.destroy_process_group()
+    finish()
 
 
 def nan_on_one_rank(rank, world, port, out):
@@ -115,7 +131,7 @@ def nan_on_one_rank(rank, world, port, out):
         opt.step()
     params = [p.detach() for p in model.module.parameters()]
     torch.save({"params": params, "skipped": opt.skipped_steps}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    finish()
 
 
 class Branches(nn.Module):
@@ -145,4 +161,4 @@ def branch_on_one_rank(rank, world, port, name, out):
         opt.step()
         joined.append("QA" in opt.state[model.module.b2.weight])
     torch.save({"params": [p.detach() for p in model.module.parameters()], "joined": joined}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    finish()
