@@ -176,6 +176,8 @@ class KroneckerBlock(FactoredBlock):
         self.params = [module.weight] + ([module.bias] if self.has_bias else [])
         self.inputs: list[Tensor] = []
         self.output_grads: list[Tensor] = []
+        self.passes: list[tuple[int, int]] = []  # (forward, backward) of each captured pair: calls of one pass share it
+        self.repeated_calls = "reduce"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -203,6 +205,7 @@ class KroneckerBlock(FactoredBlock):
     def clear(self) -> None:
         self.inputs.clear()
         self.output_grads.clear()
+        self.passes.clear()
 
     def has_statistics(self) -> bool:
         return bool(self.output_grads)
@@ -218,33 +221,80 @@ class KroneckerBlock(FactoredBlock):
                 f"{missing}: call the model in train mode with gradients enabled before step(), and do not "
                 "use the layer's weights outside its forward"
             )
-        pieces = [layers.input_rows(self.module, x, self.has_bias, self.dtype) for x in self.inputs]
+        pieces = [
+            layers.input_rows(self.module, x, self.has_bias, self.dtype)
+            for calls in self.calls_by_pass()
+            for x, _ in calls
+        ]
         a = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return {"A": (a, 1.0 / a.shape[0]), "G": self._gradient_rows(grad_factor, grad_unscale)}
+        g_pieces = gradient_pieces(self, lambda e: layers.output_rows(self.module, e).to(self.dtype))
+        return {"A": (a, 1.0 / a.shape[0]), "G": pooled_rows(*g_pieces[:2], grad_factor, grad_unscale, g_pieces[2])}
 
-    def _gradient_rows(self, factor: float, grad_unscale: Optional[Tensor]) -> tuple[Tensor, float]:
-        """Rows ``r`` and scale ``s`` with ``Γ = s·rᵀr`` the sample-weighted mean of per-pass factors.
+    def calls_by_pass(self) -> list[list[tuple[Tensor, Tensor]]]:
+        """The captured ``(input, output gradient)`` pairs, grouped by pass (Note [repeated calls]): each pass is
+        one pair when the layer ran once in it or its calls were reduced, else the pair of every call."""
+        if len(self.inputs) == 1:
+            return [[(self.inputs[0], self.output_grads[0])]]
+        grouped: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
+        for x, e, key in zip(self.inputs, self.output_grads, self.passes, strict=True):
+            grouped.setdefault(key, []).append((x, e))
+        return [self._reduced(calls) for calls in grouped.values()]
 
-        Captured gradient i with m_i samples gives ``Γ_i = m_i (f e_i)ᵀ(f e_i)`` with ``f = factor·unscale``;
-        ``Γ = Σ_i (m_i/M) Γ_i`` with ``M = Σ m_i``.
-        """
-        counts = [layers.sample_count(self.module, g) for g in self.output_grads]
-        pieces = [layers.output_rows(self.module, g).to(self.dtype) for g in self.output_grads]
-        return pooled_rows(pieces, counts, factor, grad_unscale)
+    def _reduced(self, calls: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Note [repeated calls]
+            A layer called c > 1 times in one forward pass (an unrolled recurrent cell, a projection applied
+            several times, layers sharing one weight and bias) has the gradient ``Σ_r e_r x̄_rᵀ``: the calls are
+            a weight-shared dimension (Eschenhagen et al. 2023), not passes of gradient accumulation, whose
+            factors are averaged. With ``repeated_calls="expand"`` (the default) every call's rows enter ``A``
+            (the mean over all rows) and ``Γ`` sums the calls' factors (K-FAC-expand: the calls taken as
+            independent). With ``"reduce"`` the calls are one pair, the mean input ``(1/c) Σ_r x_r`` and the
+            summed output gradient ``Σ_r e_r`` (K-FAC-reduce), exact when every call sees the same input: then
+            ``sum(layer(x) for _ in range(c)) / c`` gets the step of ``layer(x)`` for every c, where expand's
+            step grows as c. Calls of different shapes cannot be paired row by row and are expanded.
+
+        Returns the pass's pairs: one pair when reduced, else ``calls``."""
+        if len(calls) == 1 or self.repeated_calls == "expand":
+            return calls
+        x0, e0 = calls[0]
+        if any(x.shape != x0.shape or e.shape != e0.shape for x, e in calls):
+            return calls
+        x = torch.stack([x for x, _ in calls]).mean(0)
+        e = torch.stack([e for _, e in calls]).sum(0)
+        return [(x, e)]
 
 
-def pooled_rows(pieces: list[Tensor], counts: list[int], factor: float, grad_unscale: Optional[Tensor]):
-    """Rows ``r`` and scale ``s`` of ``Γ = s·rᵀr``, the sample-weighted mean ``Σ_i (m_i/M) m_i (f e_i)ᵀ(f e_i)`` of
-    the per-pass factors of gradient rows ``pieces`` (``m_i`` samples each, ``f = factor·unscale``)."""
+def pooled_rows(
+    pieces: list[Tensor],
+    counts: list[int],
+    factor: float,
+    grad_unscale: Optional[Tensor],
+    shares: Optional[list[float]] = None,
+):
+    """Rows ``r`` and scale ``s`` of ``Γ = s·rᵀr = Σ_i w_i m_i (f e_i)ᵀ(f e_i)`` for gradient rows ``pieces`` of
+    ``m_i`` samples each (``f = factor·unscale``): the passes' factors averaged with weights ``w_i`` (``shares``;
+    default ``m_i / Σ m``, a sample-weighted mean; the calls of one pass share their pass's weight)."""
+    if shares is None:
+        shares = [m / sum(counts) for m in counts]
     if len(pieces) == 1:
-        rows, scale = pieces[0], factor * factor * counts[0]
+        rows, scale = pieces[0], factor * factor * counts[0] * shares[0]
     else:
-        total = sum(counts)
-        rows = torch.cat([piece * (factor * m / total**0.5) for piece, m in zip(pieces, counts)])
+        rows = torch.cat([piece * (factor * (m * w) ** 0.5) for piece, m, w in zip(pieces, counts, shares)])
         scale = 1.0
     if grad_unscale is not None:
         rows = rows * grad_unscale.to(rows.dtype)
     return rows, scale
+
+
+def gradient_pieces(block: "KroneckerBlock", rows) -> tuple[list[Tensor], list[int], list[float]]:
+    """``(pieces, counts, shares)`` for :func:`pooled_rows` of ``block``'s captured output gradients, ``rows(e)``
+    giving a gradient's rows: every call of every pass (Note [repeated calls]), each pass weighted by its samples
+    (its largest call's), which its calls share."""
+    passes = block.calls_by_pass()
+    counts = [[layers.sample_count(block.module, e) for _, e in calls] for calls in passes]
+    total = sum(max(c) for c in counts)
+    pieces = [rows(e) for calls in passes for _, e in calls]
+    shares = [max(c) / total for c in counts for _ in c]
+    return pieces, [m for c in counts for m in c], shares
 
 
 class BiasBlock(FactoredBlock):
@@ -279,14 +329,14 @@ class BiasBlock(FactoredBlock):
         return self.partner.has_statistics()
 
     def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
-        grads = self.partner.output_grads
         if isinstance(self.module, nn.Conv2d):
-            pieces = [(g if g.dim() == 4 else g.unsqueeze(0)).sum((2, 3)).to(self.dtype) for g in grads]
+            pieces = gradient_pieces(
+                self.partner, lambda g: (g if g.dim() == 4 else g.unsqueeze(0)).sum((2, 3)).to(self.dtype)
+            )
         else:
-            pieces = [layers.output_rows(self.module, g).to(self.dtype) for g in grads]
-        counts = [layers.sample_count(self.module, g) for g in grads]
+            pieces = gradient_pieces(self.partner, lambda g: layers.output_rows(self.module, g).to(self.dtype))
         one = torch.ones(1, 1, dtype=self.dtype, device=self.params[0].device)
-        return {"A": (one, 1.0), "G": pooled_rows(pieces, counts, grad_factor, grad_unscale)}
+        return {"A": (one, 1.0), "G": pooled_rows(*pieces[:2], grad_factor, grad_unscale, pieces[2])}
 
 
 class DenseBlock(FactoredBlock):

@@ -13,6 +13,8 @@ or from one extra ``torch.autograd.grad`` of a sampled loss taken in a forward h
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 
 import torch
@@ -127,21 +129,63 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
     return blocks, others
 
 
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule", "FullyShardedDataParallel")
+"""Modules that run another and return its output as it is: an enclosing one is not a consumer of the output."""
+
+_MODULE_CALL = (os.path.join("torch", "nn", "modules", "module.py"), "_call_impl")
+
+
+def enclosing_modules(root: nn.Module) -> list[nn.Module]:
+    """The modules whose forward is running now around ``root``'s, innermost first (read from the interpreter's
+    frames of ``nn.Module._call_impl``; wrappers such as DistributedDataParallel and torch.compile's left out)."""
+    found, frame = [], sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == _MODULE_CALL[1] and code.co_filename.endswith(_MODULE_CALL[0]):
+            module = frame.f_locals.get("self")
+            if isinstance(module, nn.Module) and module is not root and type(module).__name__ not in _WRAPPERS:
+                found.append(module)
+        frame = frame.f_back
+    return found
+
+
 class KroneckerCurvature(Curvature):
     """Kronecker blocks for every ``nn.Linear`` / ``nn.Conv2d`` (groups=1) of ``model``, with capture hooks.
 
     Statistics from several forward passes between two steps (gradient accumulation) are pooled: ``A`` over
     all rows, ``Γ`` as the sample-weighted mean of the per-pass factors. Training-loss gradients
     (``fisher="empirical"``) of k passes are taken to come from losses divided by k, as in the usual
-    accumulation loop that makes ``.grad`` the mean gradient.
+    accumulation loop that makes ``.grad`` the mean gradient. Calls of a layer within one forward pass are weight
+    sharing, combined as ``repeated_calls`` says (Note [repeated calls] in :mod:`kldwrm_fast.curvature.blocks`).
+
+    The sampled Fisher (and QE's KL terms, ``needs_predictive_output``) read ``predictive_module``'s output (default
+    ``model``) as the ``predictive`` distribution's parameters. When ``model`` is left at that and turns out, at its
+    first captured forward, to run inside another module that transforms its output (an optimizer built from
+    ``model.encoder``), that module's forward raises one line (Note [the output the sampled Fisher reads]).
     """
 
-    def __init__(self, model: nn.Module, fisher: str, predictive: str, seed: int, separate_bias: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        fisher: str,
+        predictive: str,
+        seed: int,
+        separate_bias: bool = False,
+        repeated_calls: str = "expand",
+        predictive_module: nn.Module | None = None,
+        needs_predictive_output: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.fisher = fisher
         self.predictive = predictive
+        self.output_module = model if predictive_module is None else predictive_module
+        # Whether the first captured forward still has to show that no module around the model transforms its output.
+        self._check_enclosing = predictive_module is None and (fisher == "sampled" or needs_predictive_output)
         self.blocks, self.other_params = _discover(model, separate_bias)
+        for block in self.blocks:
+            if isinstance(block, KroneckerBlock):
+                block.repeated_calls = repeated_calls
         self.shared_with_other_modules = _uses_elsewhere(model, self.blocks)
         self.own_forwards = _own_forwards(self.blocks)
         if not self.blocks:
@@ -158,6 +202,7 @@ class KroneckerCurvature(Curvature):
         self._passes: set[int] = set()  # ids of the passes whose output gradients were recorded
         self._hooked: set[str] = set()  # blocks captured in a forward since the last step
         self._warned_recomputed: set[str] = set()
+        self._watching: dict = {}  # id(enclosing module) -> its one-time hook (Note [the output the sampled ...])
         self._handles = [
             module.register_forward_hook(torch._dynamo.disable(self._layer_hook(block, module)))
             for block in self.blocks
@@ -165,7 +210,9 @@ class KroneckerCurvature(Curvature):
         ]
         # Hooks are plain closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's
         # owner (this object) into the copy.
-        self._handles.append(model.register_forward_hook(torch._dynamo.disable(lambda *args: self._root_hook(*args))))
+        self._handles.append(
+            self.output_module.register_forward_hook(torch._dynamo.disable(lambda *args: self._root_hook(*args)))
+        )
 
     def _capturing(self, module: nn.Module, output) -> bool:
         return (
@@ -228,6 +275,9 @@ class KroneckerCurvature(Curvature):
         slot[:] = [len(block.inputs)]
         block.inputs.append(x)
         block.output_grads.append(grad.detach())
+        # Calls of one forward pass, differentiated by one backward, are one pass of a weight-shared layer; a
+        # new root forward, or a backward of its own (a forward called without the root's hooks), is a new pass.
+        block.passes.append((forward, torch._C._current_graph_task_id()))
         self._passes.add(forward)
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
@@ -236,11 +286,54 @@ class KroneckerCurvature(Curvature):
         return self._generator
 
     def _root_hook(self, module: nn.Module, inputs: tuple, output) -> None:
-        if module is not self.model:
+        if module is not self.output_module:
             return
+        if self._check_enclosing and self._hooked and not self._watching:
+            self._watch_enclosing(output)
         if self.fisher == "sampled":
             self._sample(output)
         self._forwards += 1
+
+    def _watch_enclosing(self, output) -> None:
+        """Note [the output the sampled Fisher reads]
+            The sampled Fisher draws labels from the output of the module the optimizer was built from, and QE
+            measures its KL terms there: both take that output for the parameters of ``predictive``. An optimizer
+            built from a submodule (``KFAC(model.encoder)``) would treat hidden states as logits, silently. At the
+            first captured forward, every module whose forward runs around the model's (from the interpreter's
+            frames) gets a one-time hook: if it returns anything but the model's output itself (a wrapper that
+            passes it through is fine), it raises, naming the two ways out: ``predictive_module=`` the module
+            whose output the loss reads, or ``fisher="empirical"`` (KFAC, SO, Q). A head applied to the output
+            outside any module (a function in the training loop) cannot be seen this way."""
+        outers = enclosing_modules(self.output_module)
+        if not outers:
+            self._check_enclosing = False
+            return
+        self._watching = {
+            id(outer): outer.register_forward_hook(torch._dynamo.disable(self._enclosing_check(outer, output)))
+            for outer in outers
+        }
+
+    def _enclosing_check(self, outer: nn.Module, output):
+        """The one-time forward hook on ``outer`` (Note [the output the sampled Fisher reads])."""
+
+        def check(module, inputs, result) -> None:
+            if module is not outer or id(outer) not in self._watching:
+                return
+            self._watching.pop(id(outer)).remove()
+            if result is not output:
+                for handle in self._watching.values():
+                    handle.remove()
+                self._watching = {}  # watched again at the next captured forward
+                raise ValueError(
+                    f"Invalid model: the optimizer reads the output of {type(self.model).__name__} as "
+                    f"{self.predictive} outputs (fisher={self.fisher!r}), but it runs inside "
+                    f"{type(outer).__name__}, which transforms that output; pass predictive_module=<the "
+                    f"{type(outer).__name__}> whose output the loss reads, or fisher='empirical'"
+                )
+            if not self._watching:
+                self._check_enclosing = False
+
+        return check
 
     def forward_passes(self) -> int:
         """Forward passes whose output gradients were recorded since the last step (at least 1)."""
@@ -286,9 +379,9 @@ class KroneckerCurvature(Curvature):
         self._hooked = set()
 
     def remove_hooks(self) -> None:
-        for handle in self._handles:
+        for handle in [*self._handles, *self._watching.values()]:
             handle.remove()
-        self._handles = []
+        self._handles, self._watching = [], {}
         self.clear()
 
     def state_dict(self) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
+
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
 from kldwrm_fast.ops import validate_backend
 
@@ -37,11 +39,16 @@ def validate_common(lr, rho, damping, weight_decay, stat_freq, inv_freq, fisher,
 
 
 BIAS_MODES = ("folded", "separate")
+REPEATED_CALLS = ("expand", "reduce")
 
 
-def validate_structure(bias, eigenvalue_floor) -> None:
+def validate_structure(bias, eigenvalue_floor, repeated_calls="expand") -> None:
     """The options that shape the blocks and their decompositions (docs/algorithms.md §1, §6.4)."""
     _check(bias in BIAS_MODES, f"Invalid bias: {bias!r}; expected one of {BIAS_MODES}")
+    _check(
+        repeated_calls in REPEATED_CALLS,
+        f"Invalid repeated_calls: {repeated_calls!r}; expected one of {REPEATED_CALLS}",
+    )
     _check(
         isinstance(eigenvalue_floor, (int, float)) and 0 <= eigenvalue_floor < math.inf,
         f"Invalid eigenvalue_floor: {eigenvalue_floor!r}; expected eigenvalue_floor >= 0",
@@ -64,4 +71,24 @@ def validate_curvature_sum(curvature_sum) -> None:
     _check(
         curvature_sum in CURVATURE_SUMS,
         f"Invalid curvature_sum: {curvature_sum!r}; expected one of {CURVATURE_SUMS}",
+    )
+
+
+def validate_routing(model, predictive_module, others, others_kwargs) -> None:
+    """``predictive_module`` (an ``nn.Module`` that contains the model) and ``others`` (a callable, with
+    ``others_kwargs`` only beside it); the optimizer a callable builds is checked when it is built."""
+    if predictive_module is not None:
+        _check(
+            isinstance(predictive_module, nn.Module) and isinstance(model, nn.Module)
+            and any(module is model for module in predictive_module.modules()),
+            f"Invalid predictive_module: {type(predictive_module).__name__}; expected the nn.Module whose output "
+            f"the loss reads, containing the model the optimizer is built from ({type(model).__name__})",
+        )  # fmt: skip
+    _check(
+        others is None or callable(others),
+        f"Invalid others: {others!r}; expected a torch.optim.Optimizer class (e.g. torch.optim.AdamW) or None",
+    )
+    _check(
+        others_kwargs is None or others is not None,
+        "Invalid others_kwargs: given without others; pass others=torch.optim.AdamW (say) with it",
     )

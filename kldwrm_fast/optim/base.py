@@ -36,8 +36,9 @@ from kldwrm_fast.curvature.blocks import HALF_DTYPES, FactoredBlock
 from kldwrm_fast.curvature.estimator import CurvatureEstimator, StepInfo
 from kldwrm_fast.curvature.state import has_curvature
 from kldwrm_fast.ops import Operations, operations_for, reference
-from kldwrm_fast.optim.arguments import _check, validate_common, validate_structure
+from kldwrm_fast.optim.arguments import _check, validate_common, validate_routing, validate_structure
 from kldwrm_fast.optim.checkpoint import GLOBAL, Checkpointing
+from kldwrm_fast.optim.routing import RoutedParameters
 
 
 class StepFlags:
@@ -50,6 +51,8 @@ class StepFlags:
             changes.
         verdict_on_device: whether this is a plain step whose checks are decided on the device.
         restart: whether the recursions restart at the next step (an update found non-finite on the host).
+        taken: whether the step ran past its checks (not skipped on the host), so routed parameters step too.
+        grad_unscale: the step's loss-scaler ``1/scale`` (or None), for the routed parameters.
 
     Set afresh by each step. They live on an object of their own, not on the optimizer: ``torch.compile``
     refuses an assignment to an attribute of a ``torch.optim`` optimizer inside the traced step (torch 2.11, the
@@ -62,6 +65,8 @@ class StepFlags:
         self.rejected: Optional[Tensor] = None
         self.verdict_on_device = False
         self.restart = False
+        self.taken = False
+        self.grad_unscale: Optional[Tensor] = None
 
 
 class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
@@ -94,6 +99,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
     _known_plain = False  # set by compiled_step around a step it knows to be plain
     _unmarked = True  # state tensors may be new since they were last marked static (see _before_traced_step)
     _kl_clip_checks_gradients = False  # whether the rule checks its update by _kl_clipped_and_finite (KFAC, SO)
+    _reads_predictive_outputs = False  # whether the rule reads the model's outputs as `predictive`'s (QE's KL terms)
 
     def __init__(
         self,
@@ -103,15 +109,23 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         predictive: str,
         backend: str,
         bias: str = "folded",
+        repeated_calls: str = "expand",
+        predictive_module: Optional[nn.Module] = None,
+        others: Optional[Callable] = None,
+        others_kwargs: Optional[dict] = None,
     ) -> None:
         validate_common(
             defaults["lr"], defaults["rho"], defaults["damping"], defaults["weight_decay"],
             defaults["stat_freq"], defaults["inv_freq"], fisher, predictive, backend,
         )  # fmt: skip
-        validate_structure(bias, defaults["eigenvalue_floor"])
+        validate_structure(bias, defaults["eigenvalue_floor"], repeated_calls)
+        validate_routing(model, predictive_module, others, others_kwargs)
         # Recorded in every param group, so that state_dict() says which Fisher, blocks and backend produced it.
-        defaults = dict(defaults, fisher=fisher, predictive=predictive, backend=backend, bias=bias)
+        defaults = dict(
+            defaults, fisher=fisher, predictive=predictive, backend=backend, bias=bias, repeated_calls=repeated_calls
+        )
         self.bias = bias
+        self.repeated_calls = repeated_calls
         self.data_parallel = distributed.data_parallel_for(model)
         if isinstance(model, Curvature):
             curvature = model
@@ -123,14 +137,22 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                     "descent); use DistributedDataParallel (torchrun), or the model on one GPU"
                 )
             seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
-            curvature = KroneckerCurvature(model, fisher, predictive, seed, separate_bias=bias == "separate")
+            curvature = KroneckerCurvature(
+                model, fisher, predictive, seed, separate_bias=bias == "separate", repeated_calls=repeated_calls,
+                predictive_module=predictive_module, needs_predictive_output=self._reads_predictive_outputs,
+            )  # fmt: skip
         else:
             raise TypeError(
                 f"model must be an nn.Module or a Curvature, got {type(model).__name__}; pass the model itself, not "
                 "model.parameters() (the optimizer hooks its Linear/Conv2d layers to collect curvature)"
             )
-        super().__init__(curvature.parameters(), defaults)
+        routed = others is not None and bool(curvature.other_params)
+        own = [p for block in curvature.blocks for p in block.params] if routed else curvature.parameters()
+        super().__init__(own, defaults)
         self.curvature = curvature
+        self._others = RoutedParameters(curvature.other_params, others, others_kwargs) if routed else None
+        if self._others is not None:
+            self.param_groups.extend(self._others.groups)  # the same dicts: schedulers and zero_grad reach them
         self.fisher = fisher
         self.predictive = predictive
         self._requested_backend = backend
@@ -163,11 +185,16 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
                 "weight)",
             ),
             (
-                [name for name, _ in curvature.other_params],
+                self._others.names if self._others is not None else [],
+                f"parameters without a curvature block are routed to "
+                f"{self._others.describe(others_kwargs) if self._others is not None else ''} (others=)",
+            ),
+            (
+                [name for name, _ in curvature.other_params] if self._others is None else [],
                 "parameters outside nn.Linear/nn.Conv2d(groups=1) layers (and attention projections that "
                 "nn.MultiheadAttention uses without calling them, and layers whose weight or bias is computed: "
                 "parametrizations, weight_norm, spectral_norm) get plain gradient descent with the same lr and "
-                "weight decay",
+                "weight decay (others=torch.optim.AdamW routes them to an optimizer of your choice)",
             ),
         )
         for names, what in notices:
@@ -266,9 +293,24 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         assignments to an optimizer's attributes made in traced code, so counts of skipped steps (and flags the
         next step reads) went missing. :meth:`compiled_step` is the way to compile the plain step.
         """
-        if torch.compiler.is_compiling() and not self._known_plain:
-            return _run_eagerly(self._take_step, closure)
-        return self._take_step(closure)
+        if not torch.compiler.is_compiling():
+            return self._step_with_others(closure)
+        if not self._known_plain:
+            return _run_eagerly(self._step_with_others, closure)
+        return self._take_step(closure)  # compiled_step's trace: it steps the routed parameters after the graph
+
+    def _step_with_others(self, closure: Optional[Callable[[], Tensor]]) -> Optional[Tensor]:
+        loss = self._take_step(closure)
+        self._step_others()
+        return loss
+
+    def _step_others(self) -> None:
+        """Step the routed parameters (``others=``, :mod:`kldwrm_fast.optim.routing`) when this step was taken."""
+        if self._others is not None:
+            self._others.step(self._now.taken, self._now.accepted, self._now.grad_unscale)
+
+    def _routed(self, group: dict) -> bool:
+        return self._others is not None and any(group is routed for routed in self._others.groups)
 
     @torch.no_grad()
     def _take_step(self, closure: Optional[Callable[[], Tensor]]) -> Optional[Tensor]:
@@ -287,6 +329,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
         unscale = self._grad_unscale(stats_due)
         plain_step = not (stats_due or inverse_due)
         self._now.accepted = self._now.rejected = None
+        self._now.taken, self._now.grad_unscale = False, unscale
         self._now.verdict_on_device = self.check_numerics and plain_step
         if self.check_numerics and not plain_step:
             self._report_skipped()
@@ -301,16 +344,19 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             lr, stats_due, inverse_due, unscale, indices, self._batches_for(indices), group["eigenvalue_floor"]
         )
         self._now.restart = False
+        self._now.taken = True
         if indices:
             grads = [blocks[i].gradient(group["weight_decay"], unscale) for i in indices]
             self._update(group, [blocks[i] for i in indices], grads, info)
         if plain:
             self._add_to_parameters(plain, [block.gradient(group["weight_decay"], unscale) for block in plain], -lr)
-        for _, param in self.curvature.other_params:
-            _gradient_descent(param, group, unscale, self._now.accepted)
+        if self._others is None:
+            for _, param in self.curvature.other_params:
+                _gradient_descent(param, group, unscale, self._now.accepted)
         for extra in self.param_groups[1:]:
-            for param in extra["params"]:
-                _gradient_descent(param, extra, unscale, self._now.accepted)
+            if not self._routed(extra):
+                for param in extra["params"]:
+                    _gradient_descent(param, extra, unscale, self._now.accepted)
         if self._now.accepted is not None:
             self._counter("_skipped_device", (), self._now.accepted.device).add_(self._rejected_on_device())
         self.curvature.clear()
@@ -358,7 +404,9 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             # failed (and recompiled) at other steps, or in another run that loaded the graph from torch's caches.
             self._known_plain = True
             try:
-                return compiled()
+                loss = compiled()
+                self._step_others()
+                return loss
             except torch._dynamo.exc.FailOnRecompileLimitHit:
                 eager = True
                 warnings.warn(

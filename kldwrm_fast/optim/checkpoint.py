@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.optim.routing import OTHERS_KEY
 
 GLOBAL = "global"
 """The key of the optimizer-wide state (step count, previous lr, world size, optimizer class)."""
@@ -24,7 +25,7 @@ def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
 class Checkpointing:
     """Saving and loading (see the module docstring)."""
 
-    fixed_options: tuple[str, ...] = ("fisher", "predictive", "bias")
+    fixed_options: tuple[str, ...] = ("fisher", "predictive", "bias", "repeated_calls")
     """Construction arguments (attributes of the optimizer, copied into its param groups) that a checkpoint must
     share: loading one saved with another value raises."""
 
@@ -43,6 +44,8 @@ class Checkpointing:
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["curvature"] = self.curvature.state_dict()
+        if self._others is not None:
+            state[OTHERS_KEY] = self._others.optimizer.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -72,12 +75,26 @@ class Checkpointing:
                         f"Invalid state_dict: saved with {key}={group[key]!r}, loading into {key}={ours!r}; build "
                         f"the optimizer with {key}={group[key]!r} to resume"
                     )
+        others_state = state_dict.pop(OTHERS_KEY, None)
+        if (others_state is None) != (self._others is None):
+            saved = "with" if others_state is not None else "without"
+            raise ValueError(
+                f"Invalid state_dict: saved {saved} parameters routed to another optimizer (others=), loading into "
+                f"an optimizer {'without' if self._others is None else 'with'} them; build it as it was saved"
+            )
         curvature_state = state_dict.pop("curvature", {})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
         super().load_state_dict(state_dict)
+        if self._others is not None:
+            # torch.optim made new group dicts: the routed optimizer's own take their places again (Note in routing).
+            self._others.optimizer.load_state_dict(others_state)
+            routed = len(self._others.groups)
+            self.param_groups[1 : 1 + routed] = self._others.groups
         for group in self.param_groups:  # the backend is this machine's choice, not the checkpoint's
+            if self._routed(group):
+                continue
             group.update(ours_by_key)
             group.update(backend=self._requested_backend)
         for saved_id, param in zip(saved_ids, params):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,10 @@ class KFAC(CurvatureOptimizer):
         backend: str = "auto",
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
+        repeated_calls: str = "expand",
+        predictive_module: Optional[nn.Module] = None,
+        others: Optional[Callable] = None,
+        others_kwargs: Optional[dict] = None,
     ) -> None:
         _check(
             isinstance(momentum, (int, float)) and 0 <= momentum < 1,
@@ -64,7 +68,11 @@ class KFAC(CurvatureOptimizer):
             lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip,
             weight_decay=weight_decay, stat_freq=stat_freq, inv_freq=inv_freq, eigenvalue_floor=eigenvalue_floor,
         )  # fmt: skip
-        super().__init__(model, defaults, fisher, predictive, backend, bias)
+        super().__init__(
+            model, defaults, fisher, predictive, backend, bias,
+            repeated_calls=repeated_calls, predictive_module=predictive_module, others=others,
+            others_kwargs=others_kwargs,
+        )  # fmt: skip
         self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}  # see _parameter_views
 
     def _update(self, group, blocks, grads, info):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -160,6 +160,10 @@ class QKLDWRM(CurvatureOptimizer):
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
         curvature_sum: str = "reweighted",
+        repeated_calls: str = "expand",
+        predictive_module: Optional[nn.Module] = None,
+        others: Optional[Callable] = None,
+        others_kwargs: Optional[dict] = None,
     ) -> None:
         validate_positive_or_none("clip", clip)
         validate_positive_or_none("kl_clip", kl_clip)
@@ -170,7 +174,11 @@ class QKLDWRM(CurvatureOptimizer):
             stat_freq=stat_freq, inv_freq=inv_freq, kl_clip=kl_clip, eigenvalue_floor=eigenvalue_floor,
             curvature_sum=curvature_sum, **self._more_defaults(),
         )  # fmt: skip
-        super().__init__(model, defaults, fisher, predictive, backend, bias)
+        super().__init__(
+            model, defaults, fisher, predictive, backend, bias,
+            repeated_calls=repeated_calls, predictive_module=predictive_module, others=others,
+            others_kwargs=others_kwargs,
+        )  # fmt: skip
 
     def _more_defaults(self) -> dict:
         """Hyperparameters a subclass adds to the param groups (QE's inner solver), set before ``__init__``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,8 @@ class QEKLDWRM(QKLDWRM):
     kl_scale = 1/330.
     """
 
+    _reads_predictive_outputs = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -77,6 +79,10 @@ class QEKLDWRM(QKLDWRM):
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
         curvature_sum: str = "reweighted",
+        repeated_calls: str = "expand",
+        predictive_module: Optional[nn.Module] = None,
+        others: Optional[Callable] = None,
+        others_kwargs: Optional[dict] = None,
     ) -> None:
         _check(_is_int(n_inner) and n_inner >= 0, f"Invalid n_inner: {n_inner!r}; expected an integer >= 0")
         _check(
@@ -93,10 +99,17 @@ class QEKLDWRM(QKLDWRM):
                 f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}; "
                 "pass the model itself, not model.parameters()"
             )
+        _check(
+            predictive_module is None,
+            "Invalid predictive_module: QEKLDWRM measures its KL terms on the outputs of the model it is built from; "
+            "build it from the module whose output the loss reads",
+        )
         self._inner_solver = dict(n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale)
         super().__init__(
             model, lr, rho, damping, clip, weight_decay, stat_freq, inv_freq, fisher, predictive, backend,
             kl_clip=kl_clip, bias=bias, eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum,
+            repeated_calls=repeated_calls, predictive_module=predictive_module, others=others,
+            others_kwargs=others_kwargs,
         )  # fmt: skip
         self.model = model
         self._network = distributed.unwrap(model)  # evaluated functionally, outside any (D)DP wrapper

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -39,13 +39,21 @@ class SOKLDWRM(CurvatureOptimizer):
         backend: str = "auto",
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
+        repeated_calls: str = "expand",
+        predictive_module: Optional[nn.Module] = None,
+        others: Optional[Callable] = None,
+        others_kwargs: Optional[dict] = None,
     ) -> None:
         validate_positive_or_none("kl_clip", kl_clip)
         defaults = dict(
             lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, eigenvalue_floor=eigenvalue_floor,
         )  # fmt: skip
-        super().__init__(model, defaults, fisher, predictive, backend, bias)
+        super().__init__(
+            model, defaults, fisher, predictive, backend, bias,
+            repeated_calls=repeated_calls, predictive_module=predictive_module, others=others,
+            others_kwargs=others_kwargs,
+        )  # fmt: skip
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
