@@ -100,6 +100,12 @@ class QKLDWRM(CurvatureOptimizer):
         S_k = −lr_k P_{Â,Γ̂}(Ĝ_k),   M_k = −λ_k Γ̄ S_k Ā
         W̄ ← W̄ + clip(S_k),  clip: scale by τ/r when r = ‖S_k‖/(lr_k √numel) > τ
 
+    Step cap (``max_step_rms``, default 0.02, the paper's ``τ · lr`` at its own lr 0.01 and τ = 2): the clip's
+    bound on the step, ``RMS(S_k) ≤ τ lr_k``, grows with lr; above ``lr = max_step_rms / τ`` the clip uses
+    ``τ = max_step_rms / lr_k`` instead, so no block's step has an RMS above ``max_step_rms`` (a warning says so
+    once). Without it Q diverged at 3× its default lr on the paper CNN (docs/algorithms.md §3, "Step cap");
+    at and below ``lr = max_step_rms / τ`` it changes nothing. ``max_step_rms=None`` turns it off.
+
     The recursion always uses the unclipped ``S_k``. State per block adds ``"g_hat"``, ``"v_prev"``, ``"m"``.
 
     Cost: an inverse step followed by steps without one decomposes both ``Â_q, Γ̂_q`` (for itself) and
@@ -140,6 +146,8 @@ class QKLDWRM(CurvatureOptimizer):
     (they stop at rounding level, :func:`kldwrm_fast.curvature.joint.tolerance`; docs/algorithms.md §3 gives the
     counts measured)."""
     ghat_growth_limit: Optional[float] = 100.0
+    _step_cap: Optional[float] = None  # this step's max_step_rms where it binds (set on the host: see _plan_clip)
+    _warned_cap = False
     _ghat_reset_counts: Optional[torch.Tensor] = None  # per block, on the device
     _ghat_reported_counts: tuple = ()  # the counts last reported, on the host
 
@@ -160,6 +168,7 @@ class QKLDWRM(CurvatureOptimizer):
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
         curvature_sum: str = "reweighted",
+        max_step_rms: Optional[float] = 0.02,
         repeated_calls: str = "expand",
         predictive_module: Optional[nn.Module] = None,
         others: Optional[Callable] = None,
@@ -168,11 +177,12 @@ class QKLDWRM(CurvatureOptimizer):
         validate_positive_or_none("clip", clip)
         validate_positive_or_none("kl_clip", kl_clip)
         validate_curvature_sum(curvature_sum)
+        validate_positive_or_none("max_step_rms", max_step_rms)
         self.curvature_sum = curvature_sum
         defaults = dict(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, kl_clip=kl_clip, eigenvalue_floor=eigenvalue_floor,
-            curvature_sum=curvature_sum, **self._more_defaults(),
+            curvature_sum=curvature_sum, max_step_rms=max_step_rms, **self._more_defaults(),
         )  # fmt: skip
         super().__init__(
             model, defaults, fisher, predictive, backend, bias,
@@ -379,12 +389,37 @@ class QKLDWRM(CurvatureOptimizer):
             return
         # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r).
         ratios = torch._foreach_div(norms, [math.sqrt(s.numel()) for s in steps])
-        # (1/(τ lr) on the stacked tensor, not in the list: a float there would be specialised; see scale_)
-        scales = torch.stack(ratios).mul_(1.0 / (tau * lr)).reciprocal_().clamp_(max=1.0)
+        if self._step_cap is not None:  # τ lr past max_step_rms: the scale is min(1, max_step_rms / RMS(S))
+            scales = torch.stack(ratios).mul_(1.0 / self._step_cap).reciprocal_().clamp_(max=1.0)
+        else:
+            # (1/(τ lr) on the stacked tensor, not in the list: a float there would be specialised; see scale_)
+            scales = torch.stack(ratios).mul_(1.0 / (tau * lr)).reciprocal_().clamp_(max=1.0)
         torch._foreach_mul_(steps, scales.unbind())
         self._add_to_parameters(blocks, steps)
 
+    def _plan_clip(self, group: dict, lr: float) -> None:
+        """Decide on the host whether the step cap binds at this lr (``τ lr > max_step_rms``), warning once when it
+        first does; a traced plain step reads the decision (:meth:`_before_traced_step` makes it eagerly)."""
+        tau, cap = group["clip"], group["max_step_rms"]
+        binds = cap is not None and tau is not None and lr > 0 and tau * lr > cap
+        self._step_cap = cap if binds else None
+        if binds and not self._warned_cap:
+            self._warned_cap = True
+            warnings.warn(
+                f"{type(self).__name__}: lr={lr} with clip={tau} would allow steps of RMS {tau * lr:.3g} per "
+                f"weight, past where Q diverged on the paper CNN; steps are capped at RMS max_step_rms={cap} "
+                f"(clip {cap / lr:.3g} at this lr); pass max_step_rms=None for the plain clip",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _before_traced_step(self) -> None:
+        super()._before_traced_step()
+        self._plan_clip(self.param_groups[0], self.param_groups[0]["lr"])
+
     def _update(self, group, blocks, grads, info):
         lr = info.lr
+        if not torch.compiler.is_compiling():
+            self._plan_clip(group, lr)
         steps = self._q_steps(group, blocks, grads, info)
         self._apply_clipped(group, blocks, steps, lr)

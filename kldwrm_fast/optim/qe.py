@@ -79,6 +79,7 @@ class QEKLDWRM(QKLDWRM):
         bias: str = "folded",
         eigenvalue_floor: float = 0.0,
         curvature_sum: str = "reweighted",
+        max_step_rms: Optional[float] = 0.02,
         repeated_calls: str = "expand",
         predictive_module: Optional[nn.Module] = None,
         others: Optional[Callable] = None,
@@ -108,8 +109,8 @@ class QEKLDWRM(QKLDWRM):
         super().__init__(
             model, lr, rho, damping, clip, weight_decay, stat_freq, inv_freq, fisher, predictive, backend,
             kl_clip=kl_clip, bias=bias, eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum,
-            repeated_calls=repeated_calls, predictive_module=predictive_module, others=others,
-            others_kwargs=others_kwargs,
+            max_step_rms=max_step_rms, repeated_calls=repeated_calls, predictive_module=predictive_module,
+            others=others, others_kwargs=others_kwargs,
         )  # fmt: skip
         self.model = model
         self._network = distributed.unwrap(model)  # evaluated functionally, outside any (D)DP wrapper
@@ -197,6 +198,8 @@ class QEKLDWRM(QKLDWRM):
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
+        if not torch.compiler.is_compiling():
+            self._plan_clip(group, lr)
         if group["n_inner"] > 0 and self._inputs is None:
             raise RuntimeError(
                 "QEKLDWRM.step() needs a train-mode forward call of the model with gradients enabled first"
