@@ -52,10 +52,13 @@ def apply(p_matrix, v):
 class ExplicitOptimizer:
     """Steps of ``kind`` in {"kfac", "so", "q"} on augmented weight matrices."""
 
-    def __init__(self, kind, weights, lr, rho, damping, weight_decay, stat_freq, inv_freq, clip, momentum=0.0):
+    def __init__(
+        self, kind, weights, lr, rho, damping, weight_decay, stat_freq, inv_freq, clip, momentum=0.0, step_cap=None
+    ):
         self.kind, self.weights = kind, [w.detach().clone() for w in weights]
         self.rho, self.damping, self.wd, self.clip, self.momentum = rho, damping, weight_decay, clip, momentum
         self.stat_freq, self.inv_freq = stat_freq, inv_freq
+        self.step_cap = step_cap  # Q: RMS(S) ≤ step_cap, the clip's τ lowered to step_cap / lr where τ lr exceeds it
         self.k, self.lr_prev = 0, None
         self.clip_engaged = False
         self.ea, self.local, self.precond = [None, None], [None, None], [None, None]
@@ -126,7 +129,8 @@ class ExplicitOptimizer:
             a_bar, g_bar = self.ea[layer] if self.k % self.inv_freq == 0 else self.snapshot[layer]
             self.m[layer] = -(1 / lr) * (torch.kron(g_bar, a_bar) @ s.reshape(-1)).reshape(s.shape)
             if self.clip is not None:
+                tau = self.clip if self.step_cap is None else min(self.clip, self.step_cap / lr)
                 rms = s.norm() / (lr * math.sqrt(s.numel()))
-                self.clip_engaged |= float(rms) > self.clip
-                s = s * min(1.0, self.clip / float(rms))
+                self.clip_engaged |= float(rms) > tau
+                s = s * min(1.0, tau / float(rms))
             self.weights[layer] = self.weights[layer] + s

@@ -54,7 +54,11 @@ def test_a_compiled_model_trains_as_the_eager_one(cls, fisher, way):
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
-    notices = [str(w.message) for w in caught if "kldwrm_fast" in w.filename or cls.__name__ in str(w.message)]
+    notices = [
+        str(w.message)
+        for w in caught
+        if ("kldwrm_fast" in w.filename or cls.__name__ in str(w.message)) and "steps are capped" not in str(w.message)
+    ]  # (Q's step cap at lr 0.05 is said, as it should be)
     assert not notices  # e.g. "layer ... has no curvature yet": nothing was captured
     eager, traced = optimizers
     for block, twin_block in zip(eager.curvature.blocks, traced.curvature.blocks):

@@ -125,7 +125,8 @@ def test_reweighted_factors_and_q_products_match_s82_to_s87():
     [
         (KFAC, "kfac", dict(momentum=0.8, kl_clip=1e-3)),
         (SOKLDWRM, "so", dict(kl_clip=1e-3)),
-        (QKLDWRM, "q", dict(clip=0.5)),
+        (QKLDWRM, "q", dict(clip=0.5, max_step_rms=None)),
+        (QKLDWRM, "q", dict(clip=2.0, max_step_rms=0.1)),  # the step cap binds: τ lr = 0.6·0.9^k > 0.1
     ],
 )
 @pytest.mark.parametrize("stat_freq,inv_freq", [(2, 4), (2, 2), (4, 4)])
@@ -142,7 +143,7 @@ def test_optimizer_trajectory_equals_explicit_kronecker_reimplementation(cls, ki
     clip = extra.get("kl_clip", extra.get("clip"))
     explicit = ExplicitOptimizer(kind, augmented_weights(net), lrs[0], hyper["rho"], hyper["damping"],
                                  hyper["weight_decay"], hyper["stat_freq"], hyper["inv_freq"], clip,
-                                 extra.get("momentum", 0.0))  # fmt: skip
+                                 extra.get("momentum", 0.0), extra.get("max_step_rms"))  # fmt: skip
     for (x, y), lr in zip(batches, lrs):
         opt.param_groups[0]["lr"] = lr
         one_step(opt, net, x, y)

@@ -251,7 +251,8 @@ def run_shrinking_lr(limit, steps=100, stop_at_first_reset=False):
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     opt = QKLDWRM(
-        model, lr=0.1, rho=0.9, damping=1e3, fisher="empirical", predictive="gaussian", stat_freq=1, inv_freq=1000
+        model, lr=0.1, rho=0.9, damping=1e3, fisher="empirical", predictive="gaussian", stat_freq=1, inv_freq=1000,
+        max_step_rms=None,  # the recursion, not the step, is under test
     )
     opt.ghat_growth_limit = limit
     x, y = torch.randn(32, 4), torch.randn(32, 2)

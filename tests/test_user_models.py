@@ -266,6 +266,7 @@ def test_a_warm_up_from_zero_leaves_the_first_step_in_place_and_trains_after(cls
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(k / 3, 1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "Q.*steps are capped")  # Q's step cap at lr 0.05, said once
         before = clones(model)
         train_step(opt, model, *batch(0))
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

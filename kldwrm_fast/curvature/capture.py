@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -202,6 +203,7 @@ class KroneckerCurvature(Curvature):
         self._passes: set[int] = set()  # ids of the passes whose output gradients were recorded
         self._hooked: set[str] = set()  # blocks captured in a forward since the last step
         self._warned_recomputed: set[str] = set()
+        self._latest_output = lambda: None  # (a weak reference to) the output of the last captured forward
         self._watching: dict = {}  # id(enclosing module) -> its one-time hook (Note [the output the sampled ...])
         self._handles = [
             module.register_forward_hook(torch._dynamo.disable(self._layer_hook(block, module)))
@@ -288,20 +290,25 @@ class KroneckerCurvature(Curvature):
     def _root_hook(self, module: nn.Module, inputs: tuple, output) -> None:
         if module is not self.output_module:
             return
-        if self._check_enclosing and self._hooked and not self._watching:
-            self._watch_enclosing(output)
+        if self._check_enclosing and self._hooked:
+            if isinstance(output, Tensor):
+                self._latest_output = weakref.ref(output)
+            if not self._watching:
+                self._watch_enclosing()
         if self.fisher == "sampled":
             self._sample(output)
         self._forwards += 1
 
-    def _watch_enclosing(self, output) -> None:
+    def _watch_enclosing(self) -> None:
         """Note [the output the sampled Fisher reads]
             The sampled Fisher draws labels from the output of the module the optimizer was built from, and QE
             measures its KL terms there: both take that output for the parameters of ``predictive``. An optimizer
             built from a submodule (``KFAC(model.encoder)``) would treat hidden states as logits, silently. At the
             first captured forward, every module whose forward runs around the model's (from the interpreter's
-            frames) gets a one-time hook: if it returns anything but the model's output itself (a wrapper that
-            passes it through is fine), it raises, naming the two ways out: ``predictive_module=`` the module
+            frames) gets a one-time hook. A forward hook added while its module runs first fires at its next
+            forward, so at the end of the second captured forward: if the module returns anything but the
+            model's output of that forward itself (a wrapper that passes it through is fine), it raises, and at
+            every forward after, naming the two ways out: ``predictive_module=`` the module
             whose output the loss reads, or ``fisher="empirical"`` (KFAC, SO, Q). A head applied to the output
             outside any module (a function in the training loop) cannot be seen this way."""
         outers = enclosing_modules(self.output_module)
@@ -309,27 +316,24 @@ class KroneckerCurvature(Curvature):
             self._check_enclosing = False
             return
         self._watching = {
-            id(outer): outer.register_forward_hook(torch._dynamo.disable(self._enclosing_check(outer, output)))
+            id(outer): outer.register_forward_hook(torch._dynamo.disable(self._enclosing_check(outer)))
             for outer in outers
         }
 
-    def _enclosing_check(self, outer: nn.Module, output):
+    def _enclosing_check(self, outer: nn.Module):
         """The one-time forward hook on ``outer`` (Note [the output the sampled Fisher reads])."""
 
         def check(module, inputs, result) -> None:
             if module is not outer or id(outer) not in self._watching:
                 return
-            self._watching.pop(id(outer)).remove()
-            if result is not output:
-                for handle in self._watching.values():
-                    handle.remove()
-                self._watching = {}  # watched again at the next captured forward
+            if result is not self._latest_output():  # the hooks stay: every later forward is refused too
                 raise ValueError(
                     f"Invalid model: the optimizer reads the output of {type(self.model).__name__} as "
                     f"{self.predictive} outputs (fisher={self.fisher!r}), but it runs inside "
                     f"{type(outer).__name__}, which transforms that output; pass predictive_module=<the "
                     f"{type(outer).__name__}> whose output the loss reads, or fisher='empirical'"
                 )
+            self._watching.pop(id(outer)).remove()
             if not self._watching:
                 self._check_enclosing = False
 
