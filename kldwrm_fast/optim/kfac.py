@@ -34,6 +34,12 @@ class KFAC(CurvatureOptimizer):
         bias: ``"folded"`` (the bias is the weight matrix's last column) or ``"separate"`` (each bias is a block
             of its own with input factor ``[[1]]``, as in the paper's code).
         eigenvalue_floor: eigenvalues below it are set to 0 before damping (the paper's code: 1e-6).
+        repeated_calls: ``"expand"`` or ``"reduce"``: how a layer's calls within one forward pass combine
+            (Note [repeated calls] in :mod:`kldwrm_fast.curvature.blocks`).
+        predictive_module: the module whose output the loss reads, when ``model`` is part of it (the sampled
+            Fisher draws its labels there); default ``model``.
+        others, others_kwargs: a ``torch.optim`` optimizer class (and its arguments) for the parameters without a
+            curvature block (:mod:`kldwrm_fast.optim.routing`); default plain gradient descent.
     """
 
     _kl_clip_checks_gradients = True
