@@ -136,8 +136,8 @@ class QKLDWRM(CurvatureOptimizer):
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``;
     ``kl_clip`` (default None) applies K-FAC's KL clip to the Q step before ``clip``; paper default ``rho=0.5``.
     ``bias``, ``eigenvalue_floor``, ``repeated_calls``, ``predictive_module``, ``others`` and ``others_kwargs`` as
-    for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above. ``curvature_sum``: ``"reweighted"`` (default) or ``"exact"``;
-    a checkpoint resumes only with the value it was saved with.
+    for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above. ``curvature_sum``:
+    ``"reweighted"`` (default) or ``"exact"``; a checkpoint resumes only with the value it was saved with.
     """
 
     fixed_options = (*CurvatureOptimizer.fixed_options, "curvature_sum")
