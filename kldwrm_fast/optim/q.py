@@ -370,6 +370,8 @@ class QKLDWRM(CurvatureOptimizer):
         moves when ``lr = 0`` or when a step is not finite (see ``_update_is_finite``). A plain step rejected on
         the device also zeroes the recursion, which restarts (Note [numerics on the device])."""
         tau = group["clip"]
+        if not torch.compiler.is_compiling():
+            self._plan_clip(group, lr)
         norms = tensor_norms(steps) if lr != 0 and tau is not None else None
         # The clip's norms are the check of the steps too: a norm is non-finite whenever an entry is.
         applied = lr != 0 and self._update_is_finite(steps, group, None if norms is None else torch.stack(norms).sum())
@@ -420,7 +422,5 @@ class QKLDWRM(CurvatureOptimizer):
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
-        if not torch.compiler.is_compiling():
-            self._plan_clip(group, lr)
         steps = self._q_steps(group, blocks, grads, info)
         self._apply_clipped(group, blocks, steps, lr)

@@ -198,8 +198,6 @@ class QEKLDWRM(QKLDWRM):
 
     def _update(self, group, blocks, grads, info):
         lr = info.lr
-        if not torch.compiler.is_compiling():
-            self._plan_clip(group, lr)
         if group["n_inner"] > 0 and self._inputs is None:
             raise RuntimeError(
                 "QEKLDWRM.step() needs a train-mode forward call of the model with gradients enabled first"
