@@ -177,7 +177,7 @@ class KroneckerBlock(FactoredBlock):
         self.inputs: list[Tensor] = []
         self.output_grads: list[Tensor] = []
         self.passes: list[tuple[int, int]] = []  # (forward, backward) of each captured pair: calls of one pass share it
-        self.repeated_calls = "reduce"
+        self.repeated_calls = "expand"  # (set by the curvature from the optimizer's option)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -221,13 +221,10 @@ class KroneckerBlock(FactoredBlock):
                 f"{missing}: call the model in train mode with gradients enabled before step(), and do not "
                 "use the layer's weights outside its forward"
             )
-        pieces = [
-            layers.input_rows(self.module, x, self.has_bias, self.dtype)
-            for calls in self.calls_by_pass()
-            for x, _ in calls
-        ]
+        passes = self.calls_by_pass()
+        pieces = [layers.input_rows(self.module, x, self.has_bias, self.dtype) for calls in passes for x, _ in calls]
         a = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        g_pieces = gradient_pieces(self, lambda e: layers.output_rows(self.module, e).to(self.dtype))
+        g_pieces = gradient_pieces(self.module, passes, lambda e: layers.output_rows(self.module, e).to(self.dtype))
         return {"A": (a, 1.0 / a.shape[0]), "G": pooled_rows(*g_pieces[:2], grad_factor, grad_unscale, g_pieces[2])}
 
     def calls_by_pass(self) -> list[list[tuple[Tensor, Tensor]]]:
@@ -285,12 +282,12 @@ def pooled_rows(
     return rows, scale
 
 
-def gradient_pieces(block: "KroneckerBlock", rows) -> tuple[list[Tensor], list[int], list[float]]:
-    """``(pieces, counts, shares)`` for :func:`pooled_rows` of ``block``'s captured output gradients, ``rows(e)``
-    giving a gradient's rows: every call of every pass (Note [repeated calls]), each pass weighted by its samples
-    (its largest call's), which its calls share."""
-    passes = block.calls_by_pass()
-    counts = [[layers.sample_count(block.module, e) for _, e in calls] for calls in passes]
+def gradient_pieces(module: nn.Module, passes: list, rows) -> tuple[list[Tensor], list[int], list[float]]:
+    """``(pieces, counts, shares)`` for :func:`pooled_rows` of the output gradients in ``passes``
+    (:meth:`KroneckerBlock.calls_by_pass` of ``module``'s block), ``rows(e)`` giving a gradient's rows: every call
+    of every pass (Note [repeated calls]), each pass weighted by its samples (its largest call's), which its calls
+    share."""
+    counts = [[layers.sample_count(module, e) for _, e in calls] for calls in passes]
     total = sum(max(c) for c in counts)
     pieces = [rows(e) for calls in passes for _, e in calls]
     shares = [max(c) / total for c in counts for _ in c]
@@ -329,12 +326,13 @@ class BiasBlock(FactoredBlock):
         return self.partner.has_statistics()
 
     def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
+        passes = self.partner.calls_by_pass()
         if isinstance(self.module, nn.Conv2d):
             pieces = gradient_pieces(
-                self.partner, lambda g: (g if g.dim() == 4 else g.unsqueeze(0)).sum((2, 3)).to(self.dtype)
+                self.module, passes, lambda g: (g if g.dim() == 4 else g.unsqueeze(0)).sum((2, 3)).to(self.dtype)
             )
         else:
-            pieces = gradient_pieces(self.partner, lambda g: layers.output_rows(self.module, g).to(self.dtype))
+            pieces = gradient_pieces(self.module, passes, lambda g: layers.output_rows(self.module, g).to(self.dtype))
         one = torch.ones(1, 1, dtype=self.dtype, device=self.params[0].device)
         return {"A": (one, 1.0), "G": pooled_rows(*pieces[:2], grad_factor, grad_unscale, pieces[2])}
 

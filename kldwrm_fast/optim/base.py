@@ -187,7 +187,7 @@ class CurvatureOptimizer(Checkpointing, torch.optim.Optimizer):
             (
                 self._others.names if self._others is not None else [],
                 f"parameters without a curvature block are routed to "
-                f"{self._others.describe(others_kwargs) if self._others is not None else ''} (others=)",
+                f"{self._others.describe() if self._others is not None else ''} (others=)",
             ),
             (
                 [name for name, _ in curvature.other_params] if self._others is None else [],

@@ -40,6 +40,7 @@ class RoutedParameters:
             f"Invalid others_kwargs: {kwargs!r}; expected a dict of the others optimizer's arguments, or None",
         )
         self.names = [name for name, _ in params]
+        self.kwargs = kwargs or {}
         self.optimizer = factory([p for _, p in params], **(kwargs or {}))
         _check(
             isinstance(self.optimizer, torch.optim.Optimizer),
@@ -52,9 +53,9 @@ class RoutedParameters:
         """The routed optimizer's param groups (shared with the curvature optimizer's ``param_groups``)."""
         return self.optimizer.param_groups
 
-    def describe(self, kwargs: Optional[dict]) -> str:
+    def describe(self) -> str:
         """``AdamW(lr=0.001)``: the optimizer and its arguments, for the construction warning."""
-        arguments = ", ".join(f"{key}={value!r}" for key, value in (kwargs or {}).items())
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.kwargs.items())
         return f"{type(self.optimizer).__name__}({arguments})"
 
     def step(self, taken: bool, accepted: Optional[Tensor], grad_unscale: Optional[Tensor]) -> None:
