@@ -9,7 +9,7 @@ from machine import DEVICE, FULL
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.baselines import ReferenceKFAC
-from kldwrm_fast.ops.dispatch import IMPLEMENTATIONS, unavailable_reason
+from kldwrm_fast.ops.backends import IMPLEMENTATIONS, unavailable_reason
 
 CADENCES = {"every-step": (1, 1), "10/100": (10, 100), "30/30": (30, 30)}
 OURS = {

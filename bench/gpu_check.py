@@ -10,7 +10,7 @@ CUDA extension (``XsyevBatched`` for batches, ``Xsyevd`` for one), ``torch.linal
 ``torch.linalg.eigh`` on the host CPU including both transfers, with the residual ``‖AQ − QΛ‖/‖A‖`` and
 ``‖QᵀQ − I‖``. ``--smoke`` runs tiny shapes on any device (CPU included, Triton through its interpreter) so
 the script itself is tested in CI. ``--tune FILE`` also writes the dispatch table measured here: per operation
-and size class (:mod:`kldwrm_fast.ops.dispatch_table`), the backend with the least time summed over the cases
+and size class (:mod:`kldwrm_fast.ops.routing`), the backend with the least time summed over the cases
 of that class; ``KLDWRM_DISPATCH_TABLE=FILE`` then makes ``backend="auto"`` use it.
 """
 
@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kldwrm_fast.ops import dispatch, dispatch_table
+from kldwrm_fast.ops import backends as dispatch
+from kldwrm_fast.ops import routing as dispatch_table
 
 
 @dataclass

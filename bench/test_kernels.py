@@ -9,7 +9,7 @@ from machine import DEVICE, FULL, environment, synchronize
 
 from kldwrm_fast.curvature.eigen import decompose_many
 from kldwrm_fast.ops import operations
-from kldwrm_fast.ops.dispatch import IMPLEMENTATIONS, unavailable_reason
+from kldwrm_fast.ops.backends import IMPLEMENTATIONS, unavailable_reason
 
 BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
 FACTOR_SIZES = [33, 257, 1025, 4097] if FULL else [33, 129, 513]

@@ -8,7 +8,7 @@ import torch
 
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.ops import operations, reference
-from kldwrm_fast.optim.q import q_cached_steps
+from kldwrm_fast.optim.q_steps import q_cached_steps
 
 SHAPES = [(3, 5), (4, 6), (4, 6), (2, 7)]  # the two (4, 6) blocks form one batch group
 

@@ -26,7 +26,7 @@ def test_gpu_check_smoke_run_reports_every_operation_and_tunes_a_table_auto_acce
     for op in ("factor_update", "precondition", "q_precondition", "ghat_recursion"):
         assert f"{op} " in result.stdout
     assert "triton" in result.stdout and (tmp_path / "rows.json").exists()
-    from kldwrm_fast.ops import dispatch_table
+    from kldwrm_fast.ops import routing as dispatch_table
 
     tuned = json.loads(table.read_text())
     assert set(tuned) == {"factor_update", "precondition", "q_precondition", "ghat_recursion"}

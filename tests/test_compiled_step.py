@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
-from kldwrm_fast.ops.dispatch import Operations
 from kldwrm_fast.ops.library import REFERENCE_OPS
+from kldwrm_fast.ops.operations import Operations
 
 QEXACT = functools.partial(QKLDWRM, curvature_sum="exact")
 

@@ -18,7 +18,7 @@ from test_backends import model_and_batches, trajectory
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.curvature import eigen
-from kldwrm_fast.ops import dispatch, reference
+from kldwrm_fast.ops import backends, dispatch, reference
 from kldwrm_fast.ops.library import REFERENCE_OPS
 
 NAMES = ("factor_update", "precondition", "q_precondition", "ghat_recursion")
@@ -68,18 +68,18 @@ def test_fake_implementations_give_shapes_without_running(cuda_ext):
 
 
 def test_cuda_backend_is_refused_on_cpu_tensors_with_a_reason():
-    assert "CUDA tensors only" in dispatch.unavailable_reason("cuda", torch.device("cpu"))
+    assert "CUDA tensors only" in backends.unavailable_reason("cuda", torch.device("cpu"))
     assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
 def test_an_unloadable_extension_becomes_a_reason_not_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "kldwrm_fast._C", None)  # makes `import kldwrm_fast._C` raise ImportError
     monkeypatch.delitem(sys.modules, "kldwrm_fast.ops.cuda_ext", raising=False)
-    dispatch._cuda_extension_fault.cache_clear()
+    backends._cuda_extension_fault.cache_clear()
     try:
-        reason = dispatch._cuda_extension_fault("cuda:0")
+        reason = backends._cuda_extension_fault("cuda:0")
     finally:
-        dispatch._cuda_extension_fault.cache_clear()
+        backends._cuda_extension_fault.cache_clear()
     assert reason.startswith("the CUDA extension kldwrm_fast._C cannot run on cuda:0")
 
 

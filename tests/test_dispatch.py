@@ -61,7 +61,7 @@ def test_torch_operations_are_the_reference_functions_the_registered_ops_wrap():
 
 def _recording_operations(backend, calls):
     """Operations whose functions record ``(backend, operation)`` and return the reference's result."""
-    from kldwrm_fast.ops.dispatch import Operations
+    from kldwrm_fast.ops.operations import Operations
     from kldwrm_fast.ops.table import OPERATIONS
 
     def recorder(operation):
@@ -81,7 +81,7 @@ def _precondition_args(batch, n_out, n_in):
 
 
 def test_size_classes_follow_the_multiply_adds_of_a_call():
-    from kldwrm_fast.ops import dispatch_table
+    from kldwrm_fast.ops import routing as dispatch_table
 
     assert dispatch_table.size_class("factor_update", (torch.empty(2**10, 2**7),)) == "medium"  # 2^24 exactly
     assert dispatch_table.size_class("factor_update", (torch.empty(2**10 - 1, 2**7),)) == "small"
@@ -94,7 +94,7 @@ def test_size_classes_follow_the_multiply_adds_of_a_call():
 
 
 def test_auto_on_a_gpu_sends_each_call_where_the_table_says():
-    from kldwrm_fast.ops.dispatch import routed_operations
+    from kldwrm_fast.ops.routing import routed_operations
 
     calls = []
     implementations = {name: _recording_operations(name, calls) for name in ("cuda", "torch")}
@@ -119,7 +119,7 @@ def test_auto_on_a_gpu_sends_each_call_where_the_table_says():
 
 
 def test_a_measured_table_from_the_environment_updates_the_defaults(tmp_path, monkeypatch):
-    from kldwrm_fast.ops import dispatch_table
+    from kldwrm_fast.ops import routing as dispatch_table
 
     path = tmp_path / "table.json"
     path.write_text('{"precondition": {"large": "cuda"}}')
@@ -141,7 +141,7 @@ def test_a_measured_table_from_the_environment_updates_the_defaults(tmp_path, mo
     ],
 )
 def test_a_bad_dispatch_table_is_one_line_naming_the_variable(tmp_path, monkeypatch, content, message):
-    from kldwrm_fast.ops import dispatch_table
+    from kldwrm_fast.ops import routing as dispatch_table
 
     path = tmp_path / "table.json"
     if content is not None:

@@ -7,7 +7,7 @@ from torch import nn
 
 from kldwrm_fast import KFAC
 from kldwrm_fast.ops import reference
-from kldwrm_fast.ops.dispatch import IMPLEMENTATIONS, unavailable_reason
+from kldwrm_fast.ops.backends import IMPLEMENTATIONS, unavailable_reason
 
 BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, torch.device("cpu")) is None]
 

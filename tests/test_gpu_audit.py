@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _backends():
-    from kldwrm_fast.ops.dispatch import unavailable_reason
+    from kldwrm_fast.ops.backends import unavailable_reason
 
     return [
         b

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from kldwrm_fast.ops import dispatch
+from kldwrm_fast.ops import backends as dispatch
 from kldwrm_fast.ops.library import REFERENCE_OPS, register
 from kldwrm_fast.ops.table import NAMES, OPERATIONS
 from kldwrm_fast.ops.triton_kernels import TRITON_OPS

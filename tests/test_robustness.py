@@ -14,7 +14,7 @@ from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.curvature import eigen
-from kldwrm_fast.ops.dispatch import unavailable_reason
+from kldwrm_fast.ops.backends import unavailable_reason
 
 HERE = pathlib.Path(__file__).resolve().parent
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]

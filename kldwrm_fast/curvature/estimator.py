@@ -1,86 +1,180 @@
-"""The curvature estimator: what is due at step k, and the refresh of statistics and eigendecompositions for one
-process or many (docs/algorithms.md §2, §6).
+"""The curvature estimator: everything on the curvature side of a step (docs/algorithms.md §2, §6) — the blocks built
+from the model, the cadence, which blocks take part, the batched-call groups, the state's moves with the model, and
+the refresh of statistics and eigendecompositions for one process or many.
 
-The optimizers hold the step rules; this object holds everything about the curvature they precondition with:
-the cadence (read from one source, the optimizer's first param group, by the capture hooks and by ``step()``
-alike), which blocks without curvature join on an inverse step (agreed over ranks), folding new statistics into
-the averages, and the grouped eigendecompositions with their fallback ladder. Both the single-process and the
-data-parallel path compute local factors with the dispatched fused ``factor_update``.
+The optimizers hold the step rules. Each step asks the estimator what is due (:meth:`CurvatureEstimator.due`) and
+then for a :class:`StepPlan` (:meth:`CurvatureEstimator.plan`), and its rule hands the plan to
+:meth:`CurvatureEstimator.refresh`. The cadence is read from one source, the optimizer's first param group and its
+step counter, by the capture hooks and by the step alike. Both the single-process and the data-parallel path
+compute local factors with the dispatched fused ``factor_update``.
 
-Per-block state lives in the optimizer's ``state`` (so ``state_dict`` carries it); ``state_of(block)`` returns it.
+Per-block state lives in the optimizer's ``state`` (so ``state_dict`` carries it): the optimizer attaches its
+state and first param group (:meth:`CurvatureEstimator.attach`) when it is built and after loading a state dict.
+
+Note [step cadence]
+    Step k (counted from 0) collects statistics iff ``k % stat_freq == 0`` and eigendecomposes iff
+    ``k % inv_freq == 0``; since ``inv_freq`` is a multiple of ``stat_freq``, every inverse step is also a
+    statistics step. Between statistics steps the averages are unchanged (eq. (20)); preconditioning uses
+    the most recent eigendecomposition, while products with the averages (``M``) use the current ones.
+    A due step (after the first) on which no layer captured anything — the model ran in eval mode or
+    without gradients — is treated as a step without statistics. A layer that captured nothing while
+    others did keeps its statistics (Note [which blocks take part]). The cadence is read from the first
+    param group only (the hooks and ``step`` alike), so a loaded ``state_dict``'s cadence governs.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kldwrm_fast import distributed
 from kldwrm_fast.curvature.base import Curvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.curvature.capture import KroneckerCurvature
 from kldwrm_fast.curvature.eigen import decompose_many
 from kldwrm_fast.curvature.joint import damping_split, whitened_local
-from kldwrm_fast.curvature.state import INPUT, JOINT, OUTPUT, SIDES, average_key, eigen_keys, store
-from kldwrm_fast.ops import Operations
+from kldwrm_fast.curvature.state import (
+    GLOBAL,
+    INPUT,
+    JOINT,
+    OUTPUT,
+    SIDES,
+    average_key,
+    eigen_keys,
+    has_curvature,
+    store,
+)
+from kldwrm_fast.ops import operations_for
 
 
 @dataclass
-class StepInfo:
-    """What one step knows besides the gradients: lr, cadence, a loss scaler's ``1/scale``, and the blocks it
-    preconditions (``indices`` into ``curvature.blocks``, grouped for batched calls by ``batches``)."""
+class StepPlan:
+    """What one step does on the curvature side, besides the gradients: lr, cadence, a loss scaler's ``1/scale``,
+    the blocks it preconditions (``indices`` into ``curvature.blocks``, the blocks themselves, grouped for batched
+    calls by ``batches``), and the blocks with a gradient but no curvature yet (``plain``: gradient descent)."""
 
     lr: float
     stats_due: bool
     inverse_due: bool
     grad_unscale: Optional[Tensor]
     indices: tuple[int, ...]
+    blocks: list[FactoredBlock]
     batches: BlockBatches
+    plain: list[FactoredBlock]
     eigenvalue_floor: float = 0.0
 
 
 class CurvatureEstimator:
-    """Statistics, averages and eigendecompositions of ``curvature``'s blocks (see the module docstring).
+    """The curvature side of an optimizer (see the module docstring).
 
     Args:
-        curvature: the blocks and their capture hooks.
-        state_of: the per-block state dict of a block.
-        schedule: ``(step k, stat_freq, inv_freq)`` now.
-        data_parallel: the process group (``world_size == 1``: one process).
+        model: an ``nn.Module`` (Kronecker blocks with capture hooks for its Linear/Conv2d layers) or a prebuilt
+            :class:`~kldwrm_fast.curvature.Curvature`, such as the exact ``DenseCurvature`` used as a test oracle.
         fisher: ``"sampled"`` or ``"empirical"`` (empirical statistics are unscaled with the gradients).
-        ops: the dispatched operations; replaced when the parameters move to another device.
+        predictive: the output distribution the sampled Fisher draws from.
+        backend: the requested backend (chosen again for the device when the parameters move).
+        bias, repeated_calls, predictive_module: as the optimizers take them.
+        needs_predictive_output: whether the rule reads the model's outputs as ``predictive``'s (QE's KL terms).
         owner: the optimizer's class name, for warnings.
-    """
 
-    pack_statistics = True  # data parallel: all-reduce only the upper triangles of the symmetric factors
+    Attributes:
+        curvature, data_parallel, backend, ops, batches (every block's groups; subsets are cached).
+    """
 
     def __init__(
         self,
-        curvature: Curvature,
-        state_of: Callable[[FactoredBlock], dict],
-        schedule: Callable[[], tuple[int, int, int]],
-        data_parallel: distributed.DataParallel,
+        model: Union[nn.Module, Curvature],
         fisher: str,
-        ops: Operations,
+        predictive: str,
+        backend: str,
+        bias: str,
+        repeated_calls: str,
+        predictive_module: Optional[nn.Module],
+        needs_predictive_output: bool,
         owner: str,
     ) -> None:
-        self.curvature, self.state_of, self.schedule = curvature, state_of, schedule
-        self.data_parallel, self.fisher, self.ops, self.owner = data_parallel, fisher, ops, owner
-        curvature.capture_due = self.statistics_due
+        self.data_parallel = distributed.data_parallel_for(model)
+        self.fisher, self.owner, self.requested_backend = fisher, owner, backend
+        self.curvature = self._build(model, fisher, predictive, bias, repeated_calls, predictive_module,
+                                     needs_predictive_output)  # fmt: skip
+        self.backend, self.ops = operations_for(backend, self.device)
+        self.batches = BlockBatches(self.curvature.blocks)
+        self._batch_cache: dict[tuple[int, ...], BlockBatches] = {}
+        self._layout = self._parameter_layout()
+        self._warned_plain: set[str] = set()
+        self._state: dict = {}
+        self._group: dict = {}
+        self.curvature.capture_due = self.statistics_due
+
+    def _build(self, model, fisher, predictive, bias, repeated_calls, predictive_module, needs_predictive_output):
+        if isinstance(model, Curvature):
+            return model
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be an nn.Module or a Curvature, got {type(model).__name__}; pass the model itself, not "
+                "model.parameters() (the optimizer hooks its Linear/Conv2d layers to collect curvature)"
+            )
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            raise ValueError(
+                f"Invalid model: nn.DataParallel over {len(model.device_ids)} GPUs runs copies of the layers at "
+                "every forward, which the curvature hooks do not see (every layer would take plain gradient "
+                "descent); use DistributedDataParallel (torchrun), or the model on one GPU"
+            )
+        seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
+        curvature = KroneckerCurvature(
+            model, fisher, predictive, seed, separate_bias=bias == "separate", repeated_calls=repeated_calls,
+            predictive_module=predictive_module, needs_predictive_output=needs_predictive_output,
+        )  # fmt: skip
+        # What the curvature assumes, each named once at construction.
+        notices = (
+            (
+                curvature.shared_with_other_modules,
+                "layers whose weight another module also uses (tied weights) are preconditioned with the layer's "
+                "own statistics only (their gradient includes the other use, their curvature does not)",
+            ),
+            (
+                curvature.own_forwards,
+                "layers whose class replaces nn.Linear's or nn.Conv2d's forward are preconditioned as if they "
+                "computed y = W x + b (their curvature is wrong if they compute something else, such as a scaled "
+                "weight)",
+            ),
+        )
+        for names, what in notices:
+            if names:
+                warnings.warn(f"{self.owner}: {what}: {', '.join(names)}", UserWarning, stacklevel=5)
+        return curvature
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (of the first block)."""
+        return self.curvature.blocks[0].key.device
+
+    def attach(self, state: dict, group: dict) -> None:
+        """Read per-block state from ``state`` (the optimizer's, keyed by ``block.key``, with the step counter under
+        :data:`~kldwrm_fast.curvature.state.GLOBAL`) and the cadence from ``group`` (its first param group)."""
+        self._state, self._group = state, group
+
+    def state_of(self, block: FactoredBlock) -> dict:
+        """The per-block state (factors, eigendecomposition, recursion buffers)."""
+        return self._state[block.key]
+
+    def _schedule(self) -> tuple[int, int, int]:
+        return self._state[GLOBAL]["step"], self._group["stat_freq"], self._group["inv_freq"]
 
     def statistics_due(self) -> bool:
         """Whether the coming step collects statistics (the capture hooks ask this)."""
-        k, stat_freq, _ = self.schedule()
+        k, stat_freq, _ = self._schedule()
         return k % stat_freq == 0
 
     def due(self) -> tuple[bool, bool]:
-        """``(statistics due, eigendecomposition due)`` at the coming step (Note [step cadence] of
-        :mod:`kldwrm_fast.optim.base`): a due step after the first on which nothing was captured has neither."""
-        k, stat_freq, inv_freq = self.schedule()
+        """``(statistics due, eigendecomposition due)`` at the coming step (Note [step cadence]): a due step after
+        the first on which nothing was captured has neither."""
+        k, stat_freq, inv_freq = self._schedule()
         stats_due, inverse_due = k % stat_freq == 0, k % inv_freq == 0
         if stats_due and k > 0 and not any(block.has_statistics() for block in self.curvature.blocks):
             return False, False  # eval mode or no_grad forwards: keep the averages and decompositions
@@ -88,7 +182,82 @@ class CurvatureEstimator:
 
     def steps_without_inverse(self) -> bool:
         """Whether steps without an eigendecomposition follow an inverse step (``inv_freq > 1``)."""
-        return self.schedule()[2] > 1
+        return self._schedule()[2] > 1
+
+    def plan(
+        self, lr: float, stats_due: bool, inverse_due: bool, grad_unscale: Optional[Tensor], eigenvalue_floor: float
+    ) -> StepPlan:
+        """This step's :class:`StepPlan`: which blocks take part (Note [which blocks take part]) and their groups."""
+        indices, plain = self._participants(inverse_due)
+        blocks = [self.curvature.blocks[i] for i in indices]
+        return StepPlan(
+            lr, stats_due, inverse_due, grad_unscale, indices, blocks, self.batches_for(indices), plain,
+            eigenvalue_floor,
+        )  # fmt: skip
+
+    def _participants(self, inverse_due: bool) -> tuple[tuple[int, ...], list[FactoredBlock]]:
+        """Note [which blocks take part]
+            A block whose parameters all have ``grad is None`` (frozen, or a branch the forward skipped) is not
+            touched: parameters and state stay as they are. A block with a gradient is preconditioned once it
+            has an eigendecomposition, or when this is an inverse step and it captured statistics (on every
+            rank, under data parallelism); until then it takes a plain gradient-descent step (with a warning,
+            once). A preconditioned block that captured nothing on a statistics step keeps its statistics: its
+            averages stand in for the local factors.
+
+        Returns ``(indices of the preconditioned blocks, blocks taking plain gradient descent)``.
+        """
+        blocks = self.curvature.blocks
+        with_grad = [i for i, block in enumerate(blocks) if any(p.grad is not None for p in block.params)]
+        curved = {i for i in with_grad if has_curvature(self.state_of(blocks[i]))}
+        curved |= self.joining([i for i in with_grad if inverse_due and i not in curved])
+        indices, plain = [], []
+        for index in with_grad:
+            block = blocks[index]
+            if index in curved:
+                indices.append(index)
+                continue
+            plain.append(block)
+            if block.name not in self._warned_plain:
+                self._warned_plain.add(block.name)
+                warnings.warn(
+                    f"{self.owner}: layer {block.name!r} has no curvature yet (its forward has not run in train mode "
+                    "with gradients on an inverse step); it takes plain gradient descent until then",
+                    UserWarning,
+                    stacklevel=5,
+                )
+        return tuple(indices), plain
+
+    def batches_for(self, indices: tuple[int, ...]) -> BlockBatches:
+        """Batched-call groups for the blocks ``indices`` (cached: the set changes only when layers start or stop
+        taking part in steps)."""
+        if len(indices) == len(self.curvature.blocks):
+            return self.batches
+        batches = self._batch_cache.get(indices)
+        if batches is None:
+            batches = self._batch_cache[indices] = BlockBatches([self.curvature.blocks[i] for i in indices])
+        return batches
+
+    def _parameter_layout(self) -> tuple:
+        return tuple((block.key.dtype, block.key.device) for block in self.curvature.blocks)
+
+    def follow_parameters(self) -> bool:
+        """After ``model.to(dtype or device)`` between steps: move the state along (factors and recursion buffers
+        to each block's state dtype, everything to its device) and choose the backend again for the device.
+        Returns whether anything moved."""
+        layout = self._parameter_layout()
+        if layout == self._layout:
+            return False
+        for block in self.curvature.blocks:
+            state = self.state_of(block)
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    dtype = block.dtype if value.is_floating_point() else value.dtype
+                    state[key] = value.to(device=block.key.device, dtype=dtype)
+        self.batches = BlockBatches(self.curvature.blocks)
+        self._batch_cache = {}
+        self.backend, self.ops = operations_for(self.requested_backend, self.device)
+        self._layout = layout
+        return True
 
     def joining(self, candidates: list[int]) -> set[int]:
         """The ``candidates`` (blocks without curvature, on an inverse step) that captured statistics; under data
@@ -101,11 +270,12 @@ class CurvatureEstimator:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
         return {i for i, flag in zip(candidates, flags.tolist()) if flag}
 
-    def refresh(self, blocks: list[FactoredBlock], info: StepInfo, rho: float, reweight: Optional[float]) -> None:
-        """Statistics and eigendecompositions due at this step for ``blocks``.
+    def refresh(self, info: StepPlan, rho: float, reweight: Optional[float]) -> None:
+        """Statistics and eigendecompositions due at this step for the plan's blocks.
 
         With ``reweight = c_k`` the decomposed factors are ``Â, Γ̂`` (Q, QE); without, ``Ā, Γ̄`` (KFAC, SO).
         """
+        blocks = info.blocks
         if not info.stats_due:
             return
         empirical = self.fisher == "empirical"
@@ -213,7 +383,7 @@ class CurvatureEstimator:
                 continue
             for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
                 locals_.append((block, side, self._local_factor(rows, scale, block.dtype)))
-        distributed.average_symmetric_([local for _, _, local in locals_], pack=self.pack_statistics)
+        distributed.average_symmetric_([local for _, _, local in locals_], pack=self._group["pack_statistics"])
         reweighted: dict = {}  # block -> {side: X̂ or None}
         for block, side, local in locals_:
             state = self.state_of(block)

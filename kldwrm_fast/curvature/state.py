@@ -13,6 +13,10 @@ from typing import TypedDict
 import torch
 from torch import Tensor
 
+GLOBAL = "global"
+"""The key of the optimizer-wide state in ``optimizer.state`` (step count, previous lr, world size, optimizer class;
+Q's recursion basis and device verdict)."""
+
 INPUT, OUTPUT = "A", "G"
 SIDES = (INPUT, OUTPUT)
 JOINT = "_joint"

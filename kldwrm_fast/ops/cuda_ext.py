@@ -2,7 +2,7 @@
 
 Importing this module imports ``kldwrm_fast._C`` (built from ``csrc/`` by ``setup.py``), whose static
 initialisers define and register the ops for CUDA tensors, and adds their fake implementations. It raises
-``ImportError`` when the extension was not built or cannot be loaded; :mod:`kldwrm_fast.ops.dispatch` turns
+``ImportError`` when the extension was not built or cannot be loaded; :mod:`kldwrm_fast.ops.backends` turns
 that into the reason the ``"cuda"`` backend is unavailable, so ``import kldwrm_fast`` never depends on it.
 """
 

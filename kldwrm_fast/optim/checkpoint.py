@@ -10,10 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from kldwrm_fast.curvature.blocks import FactoredBlock
+from kldwrm_fast.curvature.state import GLOBAL
 from kldwrm_fast.optim.routing import OTHERS_KEY
-
-GLOBAL = "global"
-"""The key of the optimizer-wide state (step count, previous lr, world size, optimizer class)."""
 
 
 def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
@@ -92,9 +90,9 @@ class Checkpointing:
             self._others.optimizer.load_state_dict(others_state)
             routed = len(self._others.groups)
             self.param_groups[1 : 1 + routed] = self._others.groups
-        for group in self.param_groups:  # the backend is this machine's choice, not the checkpoint's
-            if self._routed(group):
-                continue
+        for group in self.own_groups():  # the backend is this machine's choice, not the checkpoint's
+            for key, value in self.defaults.items():  # options a checkpoint of an earlier version lacks
+                group.setdefault(key, value)
             group.update(ours_by_key)
             group.update(backend=self._requested_backend)
         for saved_id, param in zip(saved_ids, params):
@@ -108,4 +106,5 @@ class Checkpointing:
             for key, value in self.state[GLOBAL].items()
         }
         self.curvature.load_state_dict(curvature_state)
+        self.estimator.attach(self.state, self.param_groups[0])
         self._unmarked = True

@@ -5,19 +5,21 @@ from __future__ import annotations
 from typing import Callable, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kldwrm_fast.curvature import Curvature
-from kldwrm_fast.ops import reference
-from kldwrm_fast.optim.arguments import _check, validate_positive_or_none
 from kldwrm_fast.optim.base import CurvatureOptimizer
+from kldwrm_fast.optim.options import KFACOptions
+from kldwrm_fast.optim.updates import BufferUpdates, add_to_parameters, heavy_ball, kl_clip_
 
 
 class KFAC(CurvatureOptimizer):
     """K-FAC with exponentially averaged Kronecker factors, KL clipping and heavy-ball momentum.
 
-    Per block: ``d = P_{Ā,Γ̄}(V)``; ``ν = min(1, sqrt(kl_clip / (lr² Σ ⟨d, V⟩)))``; ``d ← ν d``;
-    ``buf ← μ buf + d``; ``W̄ ← W̄ − lr (1−μ) buf``.
+    Per block: ``d = P_{Ā,Γ̄}(V)`` with ``P_{A,Γ}(V) = Q_Γ [(Q_Γᵀ V Q_A) / (d_Γ d_Aᵀ + δ)] Q_Aᵀ`` (the inverse of
+    ``Ā ⊗ Γ̄ + δ I`` applied through the factors' eigendecompositions); ``ν = min(1, sqrt(kl_clip / (lr² Σ ⟨d, V⟩)))``;
+    ``d ← ν d``; ``buf ← μ buf + d``; ``W̄ ← W̄ − lr (1−μ) buf``. ``Ā, Γ̄`` are the exponential averages of
+    docs/algorithms.md §2 (eq. (20) between statistics steps).
 
     Args:
         model: the network (hooks are registered on its Linear/Conv2d layers) or a prebuilt ``Curvature``.
@@ -42,7 +44,7 @@ class KFAC(CurvatureOptimizer):
             curvature block (:mod:`kldwrm_fast.optim.routing`); default plain gradient descent.
     """
 
-    _kl_clip_checks_gradients = True
+    update_check = "kl_clip"
 
     def __init__(
         self,
@@ -65,97 +67,28 @@ class KFAC(CurvatureOptimizer):
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
     ) -> None:
-        _check(
-            isinstance(momentum, (int, float)) and 0 <= momentum < 1,
-            f"Invalid momentum: {momentum!r}; expected 0 <= momentum < 1",
-        )
-        validate_positive_or_none("kl_clip", kl_clip)
-        defaults = dict(
-            lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip,
-            weight_decay=weight_decay, stat_freq=stat_freq, inv_freq=inv_freq, eigenvalue_floor=eigenvalue_floor,
+        options = KFACOptions(
+            lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip, weight_decay=weight_decay,
+            stat_freq=stat_freq, inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
+            eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls,
         )  # fmt: skip
-        super().__init__(
-            model, defaults, fisher, predictive, backend, bias,
-            repeated_calls=repeated_calls, predictive_module=predictive_module, others=others,
-            others_kwargs=others_kwargs,
-        )  # fmt: skip
-        self._views: dict[int, tuple[Tensor, list[Tensor]]] = {}  # see _parameter_views
+        super().__init__(model, options, predictive_module, others, others_kwargs)
+        self._buffer_updates = BufferUpdates()
 
-    def _update(self, group, blocks, grads, info):
-        lr = info.lr
-        self.estimator.refresh(blocks, info, group["rho"], reweight=None)
-        states = [self.block_state(block) for block in blocks]
-        directions = info.batches.precondition(self._ops, states, grads, group["damping"])
-        if not self._kl_clipped_and_finite(directions, grads, lr, group):
+    def _update(self, group, plan, grads):
+        lr, momentum = plan.lr, group["momentum"]
+        self.estimator.refresh(plan, group["rho"], reweight=None)
+        states = [self.block_state(block) for block in plan.blocks]
+        directions = plan.batches.precondition(self._ops, states, grads, group["damping"])  # d = P(V)
+        inner = kl_clip_(directions, grads, lr, group["kl_clip"])  # d ← ν d
+        if not self.numerics.update_is_finite(directions, group, self.global_state["step"], inner):
             return
-        momentum = group["momentum"]
         if not momentum:
-            self._add_to_parameters(blocks, directions, -lr)
+            add_to_parameters(plan.blocks, directions, -lr, self.numerics)
             return
-        buffers = []
         for state, d in zip(states, directions):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(d)
-            buffers.append(state["momentum_buffer"])
-        self._heavy_ball(buffers, directions, momentum)
-        self._add_buffers_to_parameters(blocks, buffers, -lr * (1.0 - momentum))
-
-    def _heavy_ball(self, buffers: list[Tensor], directions: list[Tensor], momentum: float) -> None:
-        """``buf ← μ buf + d`` for every block in multi-tensor operations.
-
-        A plain step rejected on the device (Note [numerics on the device]) keeps the buffers as they were: the
-        directions are zeroed first (they may hold NaN) and the buffers are scaled by 1 instead of μ. The factor
-        is made in each buffer's dtype: an accepted step rounds as the unmasked one does, and on CUDA the
-        multi-tensor kernels take their one-launch path only when the factor's dtype is the tensors'.
-        """
-        accepted = self._now.accepted
-        if accepted is None:
-            torch._foreach_mul_(buffers, momentum)
-            torch._foreach_add_(buffers, directions)
-            return
-        for d in directions:
-            self._masked(d)
-        for dtype, members in _by_dtype(buffers).items():
-            same = [buffers[i] for i in members]
-            kept = torch.full((), momentum, dtype=dtype, device=accepted.device)
-            torch._foreach_mul_(same, torch.where(accepted, kept, 1.0))
-            torch._foreach_add_(same, [directions[i] for i in members])
-
-    def _add_buffers_to_parameters(self, blocks, buffers: list[Tensor], alpha: float) -> None:
-        """``W̄ ← W̄ + alpha · buf`` for every block in one multi-tensor operation (none moves on a plain step
-        rejected on the device: the buffers are multiplied by the verdict first, in their dtype). The buffers'
-        views shaped as the parameters are made once per buffer (:meth:`_parameter_views`)."""
-        params, parts = [], []
-        for block, buffer in zip(blocks, buffers, strict=True):
-            params += block.params
-            parts += self._parameter_views(block, buffer)
-        if self._now.accepted is not None:
-            for dtype, members in _by_dtype(parts).items():
-                products = torch._foreach_mul([parts[i] for i in members], self._now.accepted.to(dtype))
-                for i, product in zip(members, products):
-                    parts[i] = product
-        reference.scaled_add_(params, parts, alpha)
-
-    def _parameter_views(self, block, buffer: Tensor) -> list[Tensor]:
-        """``block.unflatten(buffer)``, kept while ``buffer`` is the block's momentum buffer (it is updated in place;
-        ``load_state_dict`` or a move of the model replaces it). Made afresh where they would not be views of the
-        buffer, and while torch.compile traces (there views cost nothing)."""
-        if torch.compiler.is_compiling():
-            return block.unflatten(buffer)
-        cached = self._views.get(id(block))
-        if cached is None or cached[0] is not buffer:
-            parts = block.unflatten(buffer)
-            storage = buffer.untyped_storage().data_ptr()
-            if not all(part.untyped_storage().data_ptr() == storage for part in parts):
-                return parts
-            cached = (buffer, parts)
-            self._views[id(block)] = cached
-        return cached[1]
-
-
-def _by_dtype(tensors: list[Tensor]) -> dict[torch.dtype, list[int]]:
-    """The indices of ``tensors`` grouped by dtype."""
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        groups.setdefault(tensor.dtype, []).append(i)
-    return groups
+        buffers = [state["momentum_buffer"] for state in states]
+        heavy_ball(buffers, directions, momentum, self.numerics)  # buf ← μ buf + d
+        self._buffer_updates.add(plan.blocks, buffers, -lr * (1.0 - momentum), self.numerics)  # W̄ ← W̄ − lr(1−μ) buf

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_map_only
 
 from kldwrm_fast import distributed
 from kldwrm_fast.curvature.state import SIDES, average_key
-from kldwrm_fast.optim.arguments import _check, _is_int
+from kldwrm_fast.optim.options import QEOptions, _check
 from kldwrm_fast.optim.q import QKLDWRM
 from kldwrm_fast.optim.wake import WakeObjective, stored_outputs
 
@@ -57,6 +57,7 @@ class QEKLDWRM(QKLDWRM):
     """
 
     _reads_predictive_outputs = True
+    update_check = None  # its steps come from the inner solver: its plain steps check the gradients on their own
 
     def __init__(
         self,
@@ -85,16 +86,6 @@ class QEKLDWRM(QKLDWRM):
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
     ) -> None:
-        _check(_is_int(n_inner) and n_inner >= 0, f"Invalid n_inner: {n_inner!r}; expected an integer >= 0")
-        _check(
-            isinstance(inner_lr_ratio, (int, float)) and inner_lr_ratio > 0,
-            f"Invalid inner_lr_ratio: {inner_lr_ratio!r}; expected inner_lr_ratio > 0",
-        )
-        _check(_is_int(n_cap) and n_cap >= 1, f"Invalid n_cap: {n_cap!r}; expected an integer >= 1")
-        _check(
-            isinstance(kl_scale, (int, float)) and kl_scale >= 0,
-            f"Invalid kl_scale: {kl_scale!r}; expected kl_scale >= 0",
-        )
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"QEKLDWRM needs the nn.Module itself (it evaluates it functionally), got {type(model).__name__}; "
@@ -105,13 +96,14 @@ class QEKLDWRM(QKLDWRM):
             "Invalid predictive_module: QEKLDWRM measures its KL terms on the outputs of the model it is built from; "
             "build it from the module whose output the loss reads",
         )
-        self._inner_solver = dict(n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale)
-        super().__init__(
-            model, lr, rho, damping, clip, weight_decay, stat_freq, inv_freq, fisher, predictive, backend,
-            kl_clip=kl_clip, bias=bias, eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum,
-            max_step_rms=max_step_rms, repeated_calls=repeated_calls, predictive_module=predictive_module,
-            others=others, others_kwargs=others_kwargs,
+        options = QEOptions(
+            lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
+            inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, kl_clip=kl_clip, bias=bias,
+            eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum, max_step_rms=max_step_rms,
+            repeated_calls=repeated_calls, n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap,
+            kl_scale=kl_scale,
         )  # fmt: skip
+        self._start(model, options, predictive_module, others, others_kwargs)
         self.model = model
         self._network = distributed.unwrap(model)  # evaluated functionally, outside any (D)DP wrapper
         self._snapshot_params = self.curvature.parameters()
@@ -132,9 +124,6 @@ class QEKLDWRM(QKLDWRM):
             "torch.compile cannot trace into one graph; call opt.step() (compiled_step is for KFAC, SOKLDWRM "
             "and QKLDWRM)"
         )
-
-    def _more_defaults(self) -> dict:
-        return self._inner_solver
 
     def _remember_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module is self.model and module.training and torch.is_grad_enabled():
@@ -192,21 +181,17 @@ class QEKLDWRM(QKLDWRM):
             self.predictive, reduce,
         )  # fmt: skip
 
-    def _update_check_sees_gradients(self, group: dict, lr: float) -> bool:
-        """False: QE's steps come from its inner solver, so its plain steps check the gradients on their own."""
-        return False
-
-    def _update(self, group, blocks, grads, info):
-        lr = info.lr
+    def _update(self, group, plan, grads):
+        lr, blocks = plan.lr, plan.blocks
         if group["n_inner"] > 0 and self._inputs is None:
             raise RuntimeError(
                 "QEKLDWRM.step() needs a train-mode forward call of the model with gradients enabled first"
             )
-        steps = self._q_steps(group, blocks, grads, info)
+        steps = self._q_steps(group, plan, grads)
         self._push_snapshot(self.global_state["step"])
         if group["n_inner"] > 0 and lr > 0:  # with lr = 0 the step is zero whatever Φ is
             with evaluation_mode(self._network), self.curvature.paused():
-                objective = self.wake_objective(grads, lr, info.stats_due, blocks)
+                objective = self.wake_objective(grads, lr, plan.stats_due, blocks)
                 steps = objective.minimise(steps, group["n_inner"], group["inner_lr_ratio"] * lr)
         self._inputs = None
         self._apply_clipped(group, blocks, steps, lr)

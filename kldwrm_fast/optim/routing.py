@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from kldwrm_fast.optim.arguments import _check
+from kldwrm_fast.optim.options import _check
 
 OTHERS_KEY = "others"
 """The key of the routed optimizer's ``state_dict`` inside the curvature optimizer's."""

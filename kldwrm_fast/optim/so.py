@@ -9,8 +9,10 @@ from torch import nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.state import store_all
-from kldwrm_fast.optim.arguments import validate_positive_or_none
+from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
+from kldwrm_fast.optim.options import SOOptions
+from kldwrm_fast.optim.updates import add_to_parameters, kl_clip_, recursion_ratio
 
 
 class SOKLDWRM(CurvatureOptimizer):
@@ -22,7 +24,7 @@ class SOKLDWRM(CurvatureOptimizer):
     Args: as :class:`~kldwrm_fast.KFAC` without ``momentum`` (paper default ``rho=0.33``).
     """
 
-    _kl_clip_checks_gradients = True
+    update_check = "kl_clip"
 
     def __init__(
         self,
@@ -44,33 +46,28 @@ class SOKLDWRM(CurvatureOptimizer):
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
     ) -> None:
-        validate_positive_or_none("kl_clip", kl_clip)
-        defaults = dict(
-            lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay,
-            stat_freq=stat_freq, inv_freq=inv_freq, eigenvalue_floor=eigenvalue_floor,
+        options = SOOptions(
+            lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay, stat_freq=stat_freq,
+            inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
+            eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls,
         )  # fmt: skip
-        super().__init__(
-            model, defaults, fisher, predictive, backend, bias,
-            repeated_calls=repeated_calls, predictive_module=predictive_module, others=others,
-            others_kwargs=others_kwargs,
-        )  # fmt: skip
+        super().__init__(model, options, predictive_module, others, others_kwargs)
 
-    def _update(self, group, blocks, grads, info):
-        lr = info.lr
-        self.estimator.refresh(blocks, info, group["rho"], reweight=None)
-        lr_prev = self.global_state["lr_prev"]
-        states = [self.block_state(block) for block in blocks]
-        # λ_k/λ_{k−1} = lr_{k−1}/lr_k is taken as 0 across a zero lr on either side: the recursion restarts.
-        coef = group["rho"] * lr_prev / lr if lr_prev and lr else 0.0
-        differences = grads
-        if coef and all("v_prev" in state for state in states) and not torch.compiler.is_compiling():
+    def _update(self, group, plan, grads):
+        lr = plan.lr
+        self.estimator.refresh(plan, group["rho"], reweight=None)
+        states = [self.block_state(block) for block in plan.blocks]
+        coef = recursion_ratio(group["rho"], self.global_state["lr_prev"], lr)  # ρ λ_k/λ_{k−1}
+        differences = grads  # u = V_k − coef · V_{k−1}
+        if coef and all("v_prev" in state for state in states) and not tracing():
             # (compiled: one op per block, so that coef, which follows the lr, is not specialised; see scale_)
             differences = torch._foreach_sub(grads, torch._foreach_mul([state["v_prev"] for state in states], coef))
         elif coef:
             differences = [v - coef * s["v_prev"] if "v_prev" in s else v for s, v in zip(states, grads)]
-        directions = info.batches.precondition(self._ops, states, differences, group["damping"])
-        if not self._kl_clipped_and_finite(directions, differences, lr, group):
+        directions = plan.batches.precondition(self._ops, states, differences, group["damping"])  # d = P(u)
+        inner = kl_clip_(directions, differences, lr, group["kl_clip"])
+        if not self.numerics.update_is_finite(directions, group, self.global_state["step"], inner):
             return
         # zero after a rejected plain step: the recursion restarts
-        store_all(states, "v_prev", [self._masked(v) for v in grads])
-        self._add_to_parameters(blocks, directions, -lr)
+        store_all(states, "v_prev", [self.numerics.mask(v) for v in grads])
+        add_to_parameters(plan.blocks, directions, -lr, self.numerics)

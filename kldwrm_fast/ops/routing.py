@@ -1,4 +1,5 @@
-"""Which implementation ``backend="auto"`` uses on a GPU, per operation and size class (docs/algorithms.md §6).
+"""Which implementation ``backend="auto"`` uses on a GPU, per operation and size class (docs/algorithms.md §6), and
+the routed operations that follow it.
 
 ``auto`` on CUDA tensors does not send every call to one backend: each call of a fused operation goes to the
 implementation this table names for its size class, among those that can run (the CUDA extension, Triton,
@@ -21,17 +22,19 @@ on a GPU:
 ``python bench/gpu_check.py --tune FILE`` measures every operation on every available backend and writes the
 fastest per operation and size class; ``KLDWRM_DISPATCH_TABLE=FILE`` makes ``auto`` read it (entries it lacks
 keep the defaults). A backend a table names that cannot run on the device falls back to the first of
-:data:`kldwrm_fast.ops.dispatch.AUTO_ORDER` that can, then to PyTorch.
+:data:`kldwrm_fast.ops.backends.AUTO_ORDER` that can, then to PyTorch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch import Tensor
 
+from kldwrm_fast.ops.backends import IMPLEMENTATIONS
+from kldwrm_fast.ops.operations import Operations
 from kldwrm_fast.ops.table import NAMES
 
 ENV_TABLE = "KLDWRM_DISPATCH_TABLE"
@@ -71,8 +74,6 @@ def size_class(name: str, args: tuple) -> str:
 
 def validated(table: object, source: str) -> dict[str, dict[str, str]]:
     """``table`` as ``{operation: {size class: backend}}``; a ``ValueError`` naming ``source`` and the fault."""
-    from kldwrm_fast.ops.dispatch import IMPLEMENTATIONS
-
     if not isinstance(table, dict):
         raise ValueError(f"Invalid dispatch table {source}: expected a JSON object of operations")
     for name, classes in table.items():
@@ -110,3 +111,28 @@ def current_table(environ: Mapping[str, str] = os.environ) -> dict[str, dict[str
     for name, classes in validated(loaded, source).items():
         table[name].update(classes)
     return table
+
+
+def _router(name: str, by_size: dict[str, Callable]) -> Callable:
+    def call(*args):
+        return by_size[size_class(name, args)](*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def routed_operations(implementations: dict[str, Operations], table: dict[str, dict[str, str]]) -> Operations:
+    """``auto`` on a GPU: per call, the implementation ``table`` names for the operation and its size class, among
+    ``implementations`` (by backend name, the preferred first); a name not among them falls back to the first.
+    The eigensolver is the first implementation's."""
+    preferred = next(iter(implementations))
+    functions = {}
+    for name in NAMES:
+        chosen = {
+            size: table[name][size] if table[name][size] in implementations else preferred for size in SIZE_CLASSES
+        }
+        by_size = {size: implementations[backend].functions[name] for size, backend in chosen.items()}
+        distinct = set(chosen.values())
+        functions[name] = by_size["small"] if len(distinct) == 1 else _router(name, by_size)
+    label = "auto(" + ", ".join(implementations) + ")"
+    return Operations(label, functions, eigh=implementations[preferred].eigh)
