@@ -16,8 +16,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 # pyproject.toml's license string needs setuptools 77 or newer; the image's version is not listed anywhere.
 python -c "import setuptools, torch, triton; print('setuptools', setuptools.__version__, 'torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 { time pip install --no-build-isolation --no-deps -e . ; } > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
-python -m pytest -q -rs tests/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_audit.txt"
-python -m pytest -q -m gpu tests --ignore=tests/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_tests.txt"
+python -m pytest -q -rs tests/ops/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_audit.txt"
+python -m pytest -q -m gpu tests --ignore=tests/ops/test_gpu_audit.py 2>&1 | tail -30 | tee "$out/gpu_tests.txt"
 python bench/gpu_check.py --json "$out/gpu_check.json" --tune "$out/dispatch_table.json" 2>&1 | tee "$out/gpu_check.txt"
 python -m pytest bench/test_step_time.py --benchmark-only -q -k "10/100 and (paper-cnn or mlp)" \
   --benchmark-json "$out/step_time.json" 2>&1 | tail -60 | tee "$out/step_time.txt"

@@ -6,7 +6,7 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = [
-    *ROOT.glob("kldwrm_fast/**/*.py"), *ROOT.glob("csrc/*"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"),
+    *ROOT.glob("kldwrm_fast/**/*.py"), *ROOT.glob("csrc/*"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("bench/*.py"),
     *ROOT.glob("tools/*.py"), ROOT / "README.md",
 ]  # fmt: skip
 TEXT = {".py", ".md", ".h", ".cu", ".cpp"}

@@ -104,13 +104,13 @@ class BlockBatches:
     def precondition(self, ops: Operations, states: list[dict], vs: list[Tensor], damping: float) -> list[Tensor]:
         """``P(V)`` for every block with its cached eigendecomposition.
 
-        Where the backend's operation is the PyTorch reference (outside torch.compile), block by block, with each
+        Where calls run the PyTorch reference eagerly (``ops.reference_now``), block by block, with each
         block's denominator ``d_Γ d_Aᵀ + δ`` kept from call to call (:meth:`eigenvalue_terms`): a plain step is
         host-bound there, and the denominator's four operations per block (two of them views) and the batching's
         bookkeeping cost more than the GEMMs on a small model (the paper CNN's four blocks: 235–240 → 140 µs on the
         2-core development CPU). The result is the reference's, bit for bit: the same operations on the same
         values, made at another time."""
-        if ops.functions["precondition"] is reference.precondition and not torch.compiler.is_compiling():
+        if ops.reference_now:
             q_g, q_a = EIGENVECTOR_KEYS
             denominators = [self.eigenvalue_terms(i, state, 1.0, damping, False)[1] for i, state in enumerate(states)]
             return [

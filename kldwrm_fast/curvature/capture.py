@@ -1,7 +1,7 @@
 """Capture of layer inputs and output gradients from an ``nn.Module`` with hooks (docs/algorithms.md §1, §4).
 
 The hooks are excluded from ``torch.compile`` (``torch._dynamo.disable``): in a compiled model each runs eagerly
-at a graph break. Traced, they lost statistics with the sampled Fisher (``tests/test_compiled_model.py``).
+at a graph break. Traced, they lost statistics with the sampled Fisher (``tests/optim/test_compiled_model.py``).
 
 Every supported layer gets a forward hook that, on statistics steps only (``capture_due()``), in train
 mode and with gradients enabled, keeps the layer input and puts a tensor hook on the layer output. The

@@ -124,7 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = _Parser(prog="kldwrm-mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizers", default="kfac,so,q,qe", help="comma-separated subset of kfac,so,q,qe")
     parser.add_argument(
-        "--protocol", choices=list(PROTOCOLS), help="default: quick settings; paper: the author's protocol (see README)"
+        "--protocol",
+        choices=list(PROTOCOLS),
+        help="default: quick settings; paper: the author's protocol (see docs/guide.md)",
     )
     parser.add_argument("--paper", action="store_true", help="the author's protocol: --protocol paper")
     parser.add_argument(

@@ -2,7 +2,8 @@
 
 from kldwrm_fast.ops.backends import BACKENDS, validate_backend
 from kldwrm_fast.ops.dispatch import operations, operations_for, resolve_backend
-from kldwrm_fast.ops.operations import Operations, tracing
+from kldwrm_fast.ops.operations import Operations
+from kldwrm_fast.ops.tracing import tracing
 
 __all__ = [
     "BACKENDS", "Operations", "operations", "operations_for", "resolve_backend", "tracing", "validate_backend",

@@ -30,7 +30,7 @@ def _cuda_reason(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"the 'cuda' backend runs on CUDA tensors only, and the parameters are on {device}"
     if importlib.util.find_spec("kldwrm_fast._C") is None:
-        return "the CUDA extension kldwrm_fast._C was not built (see README, 'CUDA extension')"
+        return "the CUDA extension kldwrm_fast._C was not built (see docs/guide.md, 'CUDA extension')"
     return _cuda_extension_fault(str(device))
 
 

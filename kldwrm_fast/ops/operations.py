@@ -3,9 +3,9 @@
 :class:`Operations` names one backend's implementation of each fused operation. Two questions are answered here
 and nowhere else:
 
-* :func:`tracing`: whether ``torch.compile`` is tracing the code now. While it does, every operation is the
-  PyTorch reference, whatever the backend (see :class:`Operations`), and code that keeps host-side caches
-  (denominators, parameter views) takes its traceable form instead.
+* :func:`~kldwrm_fast.ops.tracing.tracing`: whether ``torch.compile`` is tracing the code now. While it does, every
+  operation is the PyTorch reference, whatever the backend (see :class:`Operations`), and code that keeps host-side
+  caches (denominators, parameter views) takes its traceable form instead.
 * :attr:`Operations.reference_now`: whether calls run the PyTorch reference eagerly, block by block: the
   ``"torch"`` backend outside a trace. Host-bound fast paths that produce the reference's results bit for bit
   are taken exactly then.
@@ -16,18 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
-import torch
-
 from kldwrm_fast.ops.table import NAMES, OPERATIONS
+from kldwrm_fast.ops.tracing import tracing
 
 REFERENCE_FUNCTIONS: dict[str, Callable] = {operation.name: operation.reference for operation in OPERATIONS}
 """The PyTorch reference of every operation, by name: the ``"torch"`` backend, and every backend while
 ``torch.compile`` traces (see :class:`Operations`)."""
-
-
-def tracing() -> bool:
-    """Whether ``torch.compile`` is tracing the calling code (the one place the library asks)."""
-    return torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True)
@@ -57,8 +51,10 @@ class Operations:
 
     @property
     def reference_now(self) -> bool:
-        """Whether calls run the PyTorch reference eagerly (the ``"torch"`` backend, outside a trace)."""
-        return self.takes_unbatched and not tracing()
+        """Whether calls run the PyTorch reference functions themselves, eagerly, on single blocks (the ``"torch"``
+        backend outside a trace): then a host-side fast path that computes the reference's results bit for bit
+        may replace the calls."""
+        return self.takes_unbatched and self.functions is REFERENCE_FUNCTIONS and not tracing()
 
     def __getattr__(self, name: str) -> Callable:
         functions = REFERENCE_FUNCTIONS if tracing() else self.__dict__["functions"]

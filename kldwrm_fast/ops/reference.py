@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from kldwrm_fast.ops.tracing import tracing
+
 
 def gram(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """``S = scale · xᵀx`` for (rows, n) ``x`` cast to ``dtype``, made exactly symmetric, (n, n)."""
@@ -189,7 +191,7 @@ def scale_(tensors: Sequence[Tensor], scalar: float) -> None:
     tensor. The compiler specialises a Python float passed to a multi-tensor op (a guard on its value), so a
     factor that depends on the learning rate would recompile the step whenever the rate changes; in a single op
     per tensor it becomes a graph input, and the compiled kernels fuse the loop anyway."""
-    if torch.compiler.is_compiling():
+    if tracing():
         for tensor in tensors:
             tensor.mul_(scalar)
     else:
@@ -198,7 +200,7 @@ def scale_(tensors: Sequence[Tensor], scalar: float) -> None:
 
 def scaled_add_(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: float) -> None:
     """``t ← t + alpha · o`` for aligned lists, in place; one multi-tensor op, as :func:`scale_`."""
-    if torch.compiler.is_compiling():
+    if tracing():
         for tensor, other in zip(tensors, others, strict=True):
             tensor.add_(other * alpha)  # add_'s alpha would be specialised too
     else:

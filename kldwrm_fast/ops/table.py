@@ -3,7 +3,7 @@
 Everything that needs the list of operations reads this table: the ``torch.library`` registration of each
 backend (:func:`kldwrm_fast.ops.library.register`), the CUDA extension's loader (:mod:`kldwrm_fast.ops.cuda_ext`),
 the dispatch point's :class:`~kldwrm_fast.ops.operations.Operations`, the tests, and the check of the
-hand-written C++ schemas in ``csrc/registration.cpp`` against it (``tests/test_operation_table.py``).
+hand-written C++ schemas in ``csrc/registration.cpp`` against it (``tests/ops/test_operation_table.py``).
 
 Adding an operation: a row here, its reference in :mod:`kldwrm_fast.ops.reference`, its Triton and CUDA
 implementations (registered under the same schema with the suffixes ``_triton`` and ``_cuda``), and tests.

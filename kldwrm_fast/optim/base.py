@@ -63,6 +63,9 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
     _reads_predictive_outputs = False  # whether the rule reads the model's outputs as `predictive`'s (QE's KL terms)
 
     check_numerics = group_option("check_numerics", "Whether steps check for NaN and Inf (default True).")
+    pack_statistics = group_option(
+        "pack_statistics", "Data parallel: whether only the factors' upper triangles are all-reduced (default True)."
+    )
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class Checkpointing:
                 f"Invalid state_dict: saved {saved} parameters routed to another optimizer (others=), loading into "
                 f"an optimizer {'without' if self._others is None else 'with'} them; build it as it was saved"
             )
+        current = {key: self.param_groups[0][key] for key in self.defaults}  # for options a checkpoint lacks
         curvature_state = state_dict.pop("curvature", {})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -91,7 +92,7 @@ class Checkpointing:
             routed = len(self._others.groups)
             self.param_groups[1 : 1 + routed] = self._others.groups
         for group in self.own_groups():  # the backend is this machine's choice, not the checkpoint's
-            for key, value in self.defaults.items():  # options a checkpoint of an earlier version lacks
+            for key, value in current.items():  # options a checkpoint of an earlier version lacks
                 group.setdefault(key, value)
             group.update(ours_by_key)
             group.update(backend=self._requested_backend)

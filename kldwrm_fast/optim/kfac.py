@@ -29,7 +29,8 @@ class KFAC(CurvatureOptimizer):
         momentum: μ ∈ [0, 1).
         kl_clip: KL clipping threshold > 0, or None.
         weight_decay: added to the gradient, bias included.
-        stat_freq, inv_freq: statistics / eigendecomposition cadence (see Note [step cadence]).
+        stat_freq, inv_freq: statistics / eigendecomposition cadence (Note [step cadence] in
+            :mod:`kldwrm_fast.curvature.estimator`).
         fisher: ``"sampled"`` (labels from the model) or ``"empirical"`` (the training loss's backward).
         predictive: ``"categorical"`` (logits) or ``"gaussian"`` (unit-variance regression).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.

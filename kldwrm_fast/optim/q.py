@@ -4,7 +4,6 @@ Kronecker sum of eq. (81) inverted exactly — docs/algorithms.md §3. The batch
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Optional, Union
 
@@ -16,8 +15,18 @@ from kldwrm_fast.curvature.state import store, store_all
 from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
 from kldwrm_fast.optim.options import QOptions, group_option
-from kldwrm_fast.optim.q_steps import BASIS, EIGENBASIS, REJECTED, GrowthGuard, change_basis, regime, steps_and_products
-from kldwrm_fast.optim.updates import add_to_parameters, kl_clip_scale, recursion_ratio, summed_inner, tensor_norms
+from kldwrm_fast.optim.q_steps import (
+    BASIS,
+    EIGENBASIS,
+    REJECTED,
+    GrowthGuard,
+    change_basis,
+    clip_,
+    kl_clip_steps,
+    regime,
+    steps_and_products,
+)
+from kldwrm_fast.optim.updates import add_to_parameters, recursion_ratio, tensor_norms
 
 
 class QKLDWRM(CurvatureOptimizer):
@@ -40,30 +49,10 @@ class QKLDWRM(CurvatureOptimizer):
 
     The recursion always uses the unclipped ``S_k``. State per block adds ``"g_hat"``, ``"v_prev"``, ``"m"``.
 
-    Cost: an inverse step followed by steps without one decomposes both ``Â_q, Γ̂_q`` (for itself) and
-    ``Ā_q, Γ̄_q`` (for the others) in one grouped call. On the other steps ``M`` is diagonal in the eigenbasis
-    of ``Ā_j, Γ̄_j``, so the recursion is carried in that basis (``global_state["ghat_basis"] == "eigen"``:
-    ``"g_hat"``, ``"v_prev"``, ``"m"`` hold ``Q_Γᵀ(·)Q_A``) and such a step costs KFAC's four GEMMs per block
-    (rotating ``V`` in, ``S`` out); moving the recursion into and out of the basis costs two GEMMs per block
-    at each inverse step. These products run as ``torch.matmul`` on every backend.
-
-    Growth guard: the paper (Sec. 4.3) bounds ``Ĝ`` when ``ρ‖I − M̂_k‖ ≤ δ < 1``. As a cheap proxy, a block
-    whose ``‖Ĝ_k‖ > ghat_growth_limit · ‖V_k‖`` (or is not finite) restarts its recursion from
-    ``Ĝ_k = V_k``, counted in :attr:`ghat_resets` (``ghat_growth_limit = None`` disables it). The check and
-    the restart run on the device without a host synchronisation; resets are counted there and reported
-    (a warning naming the blocks) on inverse steps, which wait for the eigensolver anyway, and whenever
-    :attr:`ghat_resets` is read.
-
-    ``curvature_sum="exact"`` (the paper's "approach 1") inverts ``Ā ⊗ Γ̄ + lr A ⊗ Γ`` itself instead of
-    ``Â ⊗ Γ̂``: on an inverse step each local factor is diagonalised together with its average
-    (:mod:`kldwrm_fast.curvature.joint`: the averages' eigendecompositions, then one eigendecomposition per
-    factor of the local factor whitened by its average, batched with the same ladder); the damping ``δ I``, which
-    no joint basis diagonalises, is solved for by conjugate gradients there, to rounding level (at most
-    ``exact_damping_iterations``, three GEMMs per block each, on inverse steps only). ``Â, Γ̂`` are not formed. On
-    the other steps eq. (20) makes the sum ``(1 + lr_k) Ā_j ⊗ Γ̄_j``, preconditioned in the averages' eigenbasis
-    as above, at the reweighted mode's cost. An inverse step decomposes the averages and the whitened local
-    factors (twice the reweighted mode's eigendecompositions when ``inv_freq == 1``, as many otherwise) and adds
-    two GEMMs per block, and three per iteration, to the reweighted mode's six.
+    Between inverse steps the recursion is carried in the averages' eigenbasis, where ``M`` is diagonal; the growth
+    guard restarts a block whose ``‖Ĝ_k‖ > ghat_growth_limit · ‖V_k‖`` (or that is not finite) from ``Ĝ_k = V_k``,
+    counted in :attr:`ghat_resets`; ``curvature_sum="exact"`` inverts ``Ā ⊗ Γ̄ + lr A ⊗ Γ`` itself (eq. (80)). How
+    each is computed, and what it costs: :mod:`kldwrm_fast.optim.q_steps`.
 
     Attributes set on the optimizer (kept in every param group, so ``state_dict`` carries them):
     ``ghat_growth_limit`` (default 100; None disables the guard) and ``exact_damping_iterations`` (default 50).
@@ -189,19 +178,10 @@ class QKLDWRM(CurvatureOptimizer):
         )  # fmt: skip
         store_all(states, "m", products)
         if group["kl_clip"] is not None and lr > 0:
-            self._kl_clip(group["kl_clip"], plan.batches, states, steps, g_hats, lr, in_eigenbasis)
+            kl_clip_steps(group["kl_clip"], plan.batches, self._ops, states, steps, g_hats, lr, in_eigenbasis)
         if plan.inverse_due and self.estimator.steps_without_inverse():
             self._change_basis(True, plan.indices)
         return steps
-
-    def _kl_clip(self, kl_clip, batches, states, steps, g_hats, lr, in_eigenbasis) -> None:
-        """K-FAC's KL clip on the Q steps, in place, before ``clip``: ``ν = min(1, sqrt(kl_clip / (lr² Σ⟨P(Ĝ), Ĝ⟩)))``
-        with ``P(Ĝ) = −S/lr`` (the author's code clips Q this way); the recursion keeps the unscaled ``S`` in ``M``.
-        Between inverse steps ``Ĝ`` is held in the eigenbasis, so ``S`` is rotated there for the inner product
-        (two more GEMMs per block, only with ``kl_clip``)."""
-        same_basis = batches.rotate(self._ops, states, steps) if in_eigenbasis else steps
-        total = summed_inner(same_basis, g_hats)
-        torch._foreach_mul_(steps, kl_clip_scale(total * (-1.0 / lr), lr, kl_clip))
 
     def _change_basis(self, into_eigenbasis: bool, taking_part: tuple[int, ...]) -> None:
         """The recursion of the blocks ``taking_part`` that carry one, into or out of the eigenbasis of the current
@@ -237,11 +217,7 @@ class QKLDWRM(CurvatureOptimizer):
         if not applied:
             return
         if tau is not None:
-            # r/τ = ‖S‖ / (τ lr √numel); the scale is min(1, τ/r), or past the cap min(1, max_step_rms / RMS(S)).
-            # (1/(τ lr) on the stacked tensor, not in the list: a float there would be specialised; see scale_)
-            bound = self._step_cap if self._step_cap is not None else tau * lr
-            ratios = torch._foreach_div(norms, [math.sqrt(s.numel()) for s in steps])
-            torch._foreach_mul_(steps, torch.stack(ratios).mul_(1.0 / bound).reciprocal_().clamp_(max=1.0).unbind())
+            clip_(steps, norms, self._step_cap if self._step_cap is not None else tau * lr)
         add_to_parameters(blocks, steps, 1.0, self.numerics)
 
     def _plan_clip(self, group: dict, lr: float) -> None:

@@ -1,6 +1,32 @@
 """The pieces of Q-KLD-WRM's step (:mod:`kldwrm_fast.optim.q`), each a batched computation over the blocks: the
-step and ``M`` in each regime of the cadence, the recursion's growth guard, and the move of the recursion into and
-out of the averages' eigenbasis (docs/algorithms.md §3 "QKLDWRM")."""
+step and ``M`` in each regime of the cadence, the KL clip, the recursion's growth guard, and the move of the
+recursion into and out of the averages' eigenbasis (docs/algorithms.md §3 "QKLDWRM").
+
+Cost: an inverse step followed by steps without one decomposes both ``Â_q, Γ̂_q`` (for itself) and
+``Ā_q, Γ̄_q`` (for the others) in one grouped call. On the other steps ``M`` is diagonal in the eigenbasis
+of ``Ā_j, Γ̄_j``, so the recursion is carried in that basis (``global_state["ghat_basis"] == "eigen"``:
+``"g_hat"``, ``"v_prev"``, ``"m"`` hold ``Q_Γᵀ(·)Q_A``) and such a step costs KFAC's four GEMMs per block
+(rotating ``V`` in, ``S`` out); moving the recursion into and out of the basis costs two GEMMs per block
+at each inverse step. These products run as ``torch.matmul`` on every backend.
+
+Growth guard: the paper (Sec. 4.3) bounds ``Ĝ`` when ``ρ‖I − M̂_k‖ ≤ δ < 1``. As a cheap proxy, a block
+whose ``‖Ĝ_k‖ > ghat_growth_limit · ‖V_k‖`` (or is not finite) restarts its recursion from
+``Ĝ_k = V_k``, counted in :attr:`ghat_resets` (``ghat_growth_limit = None`` disables it). The check and
+the restart run on the device without a host synchronisation; resets are counted there and reported
+(a warning naming the blocks) on inverse steps, which wait for the eigensolver anyway, and whenever
+:attr:`ghat_resets` is read.
+
+``curvature_sum="exact"`` (the paper's "approach 1") inverts ``Ā ⊗ Γ̄ + lr A ⊗ Γ`` itself instead of
+``Â ⊗ Γ̂``: on an inverse step each local factor is diagonalised together with its average
+(:mod:`kldwrm_fast.curvature.joint`: the averages' eigendecompositions, then one eigendecomposition per
+factor of the local factor whitened by its average, batched with the same ladder); the damping ``δ I``, which
+no joint basis diagonalises, is solved for by conjugate gradients there, to rounding level (at most
+``exact_damping_iterations``, three GEMMs per block each, on inverse steps only). ``Â, Γ̂`` are not formed. On
+the other steps eq. (20) makes the sum ``(1 + lr_k) Ā_j ⊗ Γ̄_j``, preconditioned in the averages' eigenbasis
+as above, at the reweighted mode's cost. An inverse step decomposes the averages and the whitened local
+factors (twice the reweighted mode's eigendecompositions when ``inv_freq == 1``, as many otherwise) and adds
+two GEMMs per block, and three per iteration, to the reweighted mode's six.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +49,7 @@ from kldwrm_fast.curvature.state import (
 )
 from kldwrm_fast.ops import Operations, reference
 from kldwrm_fast.optim.numerics import Numerics, device_counter
-from kldwrm_fast.optim.updates import tensor_norms
+from kldwrm_fast.optim.updates import kl_clip_scale, summed_inner, tensor_norms
 
 BASIS = "ghat_basis"
 REJECTED = "rejected"
@@ -127,6 +153,25 @@ def steps_and_products(
         steps, products = q_steps(batches, ops, states, g_hats, damping, step_lr, HAT_EIGEN_KEYS)
         _drop(states, HAT_EIGEN_KEYS)
     return steps, products
+
+
+def kl_clip_steps(kl_clip, batches, ops, states, steps, g_hats, lr, in_eigenbasis) -> None:
+    """K-FAC's KL clip on the Q steps, in place, before ``clip``: ``ν = min(1, sqrt(kl_clip / (lr² Σ⟨P(Ĝ), Ĝ⟩)))``
+    with ``P(Ĝ) = −S/lr`` (the author's code clips Q this way); the recursion keeps the unscaled ``S`` in ``M``.
+    Between inverse steps ``Ĝ`` is held in the eigenbasis, so ``S`` is rotated there for the inner product
+    (two more GEMMs per block, only with ``kl_clip``)."""
+    same_basis = batches.rotate(ops, states, steps) if in_eigenbasis else steps
+    total = summed_inner(same_basis, g_hats)
+    torch._foreach_mul_(steps, kl_clip_scale(total * (-1.0 / lr), lr, kl_clip))
+
+
+def clip_(steps: list[Tensor], norms: list[Tensor], bound: float) -> None:
+    """Scale each step in place by ``min(1, bound / RMS(S))`` (``norms``: the steps' L2 norms): Q's clip with
+    ``bound = τ lr`` (the scale is ``min(1, τ/r)``, ``r = ‖S‖/(lr √numel)``), or the step cap ``max_step_rms``.
+    All blocks' scales are computed at once on the device; ``1/bound`` multiplies the stacked tensor, not the
+    list (a float there would be specialised by torch.compile; see ``reference.scale_``)."""
+    ratios = torch._foreach_div(norms, [math.sqrt(s.numel()) for s in steps])
+    torch._foreach_mul_(steps, torch.stack(ratios).mul_(1.0 / bound).reciprocal_().clamp_(max=1.0).unbind())
 
 
 def _drop(states: list[dict], keys: tuple) -> None:

@@ -11,7 +11,7 @@ from kldwrm_fast.ops.library import REFERENCE_OPS, register
 from kldwrm_fast.ops.table import NAMES, OPERATIONS
 from kldwrm_fast.ops.triton_kernels import TRITON_OPS
 
-REGISTRATION = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "registration.cpp"
+REGISTRATION = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "registration.cpp"
 
 
 def cpp_definitions() -> dict[str, str]:

@@ -6,10 +6,11 @@ import subprocess
 import sys
 import warnings
 
+import helpers.resume_worker as resume_worker
 import pytest
-import resume_worker
 import torch
 import torch.nn.functional as F
+from helpers.small_models import small_model
 from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
@@ -25,16 +26,11 @@ OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, name, split):
     checkpoint = tmp_path / "ckpt.pt"
     straight = resume_worker.straight_run_saving_at(name, checkpoint, split, 9)
-    script = HERE / "resume_worker.py"
+    script = HERE.parent / "helpers" / "resume_worker.py"
     subprocess.run([sys.executable, str(script), name, str(checkpoint), str(split), "9"], check=True, timeout=300)
     resumed = torch.load(str(checkpoint) + ".params")
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
-
-
-def small_model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
 
 
 def batch(k=0, dtype=torch.float32, n=16):

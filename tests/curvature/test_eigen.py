@@ -1,6 +1,6 @@
 """The eigendecomposition fallback ladder (docs/algorithms.md §6), each rung reached by an injected failure."""
 
-import matrices
+import helpers.matrices as matrices
 import pytest
 import torch
 

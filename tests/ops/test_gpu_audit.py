@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_solver_layout import Model, run
+from helpers.solver_layout import Model, run
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM
 from kldwrm_fast.ops import operations, reference

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-from matrices import spd
-from test_backends import model_and_batches, trajectory
+from helpers.matrices import spd
+from helpers.trajectories import model_and_batches, trajectory
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.curvature import eigen

@@ -1,13 +1,13 @@
 """Every registered operation: opcheck, and each backend against the PyTorch reference on odd shapes."""
 
 import importlib
-import itertools
 
-import matrices
+import helpers.matrices as matrices
+import helpers.op_inputs as op_inputs
 import pytest
 import torch
 
-from kldwrm_fast.ops import operations, reference
+from kldwrm_fast.ops import operations
 from kldwrm_fast.ops.library import REFERENCE_OPS
 
 triton = pytest.importorskip("triton")
@@ -140,30 +140,16 @@ def test_ghat_recursion_matches_reference(dtype):
 
 
 def opcheck_cases():
-    dtype = torch.float64
-    x, ea = torch.randn(7, 3, dtype=dtype, device=DEVICE), spd(3, dtype)
-    q_g, d_g, q_a, d_a, v = preconditioner_inputs(2, 3, dtype, (2,))
-    ea_g, ea_a = spd(2, dtype, (2,)), spd(3, dtype, (2,))
-    lists = [[torch.randn(2, 3, dtype=dtype, device=DEVICE) for _ in range(2)] for _ in range(4)]
-    return {
-        "factor_update": (x, ea, torch.empty_like(ea), 0.5, 0.9, 1.1, False, True),
-        "precondition": (q_g, d_g, q_a, d_a, v, 0.01),
-        "q_precondition": (q_g, d_g, q_a, d_a, v, 0.01, 0.1, ea_g, ea_a),
-        "ghat_recursion": (*lists[:3], lists[3], 0.5),
-    }
+    return op_inputs.opcheck_cases(DEVICE)
 
 
-@pytest.mark.parametrize("backend,op_name", list(itertools.product(BACKENDS, opcheck_cases())))
-def test_opcheck(backend, op_name):
-    op = BACKENDS[backend][op_name]
-    torch.library.opcheck(op._opoverload, opcheck_cases()[op_name])
+@pytest.mark.parametrize("op_name", list(opcheck_cases()))
+def test_opcheck(op_name):
+    """The Triton ops (the reference ops' opcheck, which needs no Triton, is in test_reference_ops.py)."""
+    torch.library.opcheck(TRITON_OPS[op_name]._opoverload, opcheck_cases()[op_name])
 
 
-def test_reference_ops_are_the_python_reference():
-    inputs = preconditioner_inputs(3, 4, torch.float64)
-    torch.testing.assert_close(
-        REFERENCE_OPS["precondition"](*inputs, 0.1), reference.precondition(*inputs, 0.1), rtol=0, atol=0
-    )
+def test_the_dispatch_point_serves_the_triton_ops():
     assert operations("triton").precondition is TRITON_OPS["precondition"]
 
 
@@ -204,7 +190,7 @@ assert torch.equal(product[0], x), product
 """
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's addressing; on a GPU see tests/test_gpu_audit.py")
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's addressing; on a GPU see tests/ops/test_gpu_audit.py")
 def test_offsets_past_two_to_the_31_elements_address_the_right_rows():
     """Index × stride products ≥ 2³¹ (large im2col inputs, wide layers) must be formed in 64 bits; in 32 bits
     they wrap and the kernel reads far outside the tensor (a crash or garbage). In a child process, so that a

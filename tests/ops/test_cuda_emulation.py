@@ -1,9 +1,9 @@
 """The CUDA kernels' block logic (tiles, masks, strides, epilogues, chunk tables), run on the CPU.
 
-``tests/cuda_emulation/emulate.cpp`` executes the ``__host__ __device__`` phases of ``csrc/tiled_gemm.h`` and
+``tests/helpers/cuda_emulation/emulate.cpp`` executes the ``__host__ __device__`` phases of ``csrc/tiled_gemm.h`` and
 ``csrc/ghat_recursion.h`` thread by thread between barriers, in the order ``csrc/kernels.cu`` does, and is
 compared here with the PyTorch reference. This needs only g++, so it runs on every machine; the kernels
-themselves on a GPU are checked by ``tests/test_cuda_extension.py`` and ``bench/gpu_check.py``.
+themselves on a GPU are checked by ``tests/ops/test_cuda_extension.py`` and ``bench/gpu_check.py``.
 """
 
 import ctypes
@@ -16,8 +16,8 @@ import torch
 
 from kldwrm_fast.ops import reference
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "tests" / "cuda_emulation" / "emulate.cpp"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "tests" / "helpers" / "cuda_emulation" / "emulate.cpp"
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 

@@ -1,5 +1,7 @@
-"""The options of the paper's own code (docs/algorithms.md §1, §3, §6.4): separate bias blocks, an eigenvalue floor,
-and K-FAC's KL clip on the Q step. Each against an explicit float64 computation, across backends and a resume."""
+"""The options (kldwrm_fast/optim/options.py): every one is a param-group entry that state_dict carries, set on the
+optimizer with the constructor's validation; and those of the paper's own code (docs/algorithms.md §1, §3, §6.4):
+separate bias blocks, an eigenvalue floor, and K-FAC's KL clip on the Q step, each against an explicit float64
+computation, across backends and a resume."""
 
 import copy
 import os
@@ -7,14 +9,82 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_backends import model_and_batches, trajectory
+from helpers.trajectories import model_and_batches, trajectory
 from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.curvature import DenseCurvature
+from kldwrm_fast.optim import q as q_module
 
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
 PAPER_CODE = dict(bias="separate", eigenvalue_floor=1e-6)
+
+
+GROUP_OPTIONS = {
+    KFAC: {"check_numerics": False, "pack_statistics": False},
+    QKLDWRM: {"check_numerics": False, "ghat_growth_limit": 7.0, "exact_damping_iterations": 3},
+}
+
+
+@pytest.mark.parametrize("cls", list(GROUP_OPTIONS))
+def test_options_set_on_the_optimizer_are_saved_and_restored(cls):
+    model, batches = model_and_batches()
+    opt = cls(model, stat_freq=1, inv_freq=2)
+    for name, value in GROUP_OPTIONS[cls].items():
+        setattr(opt, name, value)
+    x, y = batches[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    saved = opt.state_dict()
+    assert all(saved["param_groups"][0][name] == value for name, value in GROUP_OPTIONS[cls].items())
+    fresh = cls(copy.deepcopy(model), stat_freq=1, inv_freq=2)
+    fresh.load_state_dict(saved)
+    assert all(getattr(fresh, name) == value for name, value in GROUP_OPTIONS[cls].items())
+
+
+@pytest.mark.parametrize(
+    "cls, name, value, expected",
+    [
+        (KFAC, "check_numerics", 1, "True or False"),
+        (QKLDWRM, "ghat_growth_limit", -1.0, "ghat_growth_limit > 0 or None"),
+        (QKLDWRM, "exact_damping_iterations", 2.5, "an integer >= 0"),
+    ],
+)
+def test_an_option_set_out_of_range_is_refused_with_one_line(cls, name, value, expected):
+    model, _ = model_and_batches()
+    opt = cls(model)
+    before = getattr(opt, name)
+    with pytest.raises(ValueError, match=f"^Invalid {name}: {value!r}; expected {expected}$"):
+        setattr(opt, name, value)
+    assert getattr(opt, name) == before
+
+
+def test_a_checkpoint_without_the_newer_options_loads_with_the_optimizer_s_own():
+    model, batches = model_and_batches()
+    opt = QKLDWRM(model, stat_freq=1, inv_freq=2)
+    x, y = batches[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        for name in ("check_numerics", "pack_statistics", "ghat_growth_limit", "exact_damping_iterations"):
+            del group[name]
+    fresh = QKLDWRM(copy.deepcopy(model), stat_freq=1, inv_freq=2)
+    fresh.ghat_growth_limit = 9.0
+    fresh.load_state_dict(saved)
+    assert fresh.ghat_growth_limit == 9.0 and fresh.check_numerics is True
+    assert fresh.param_groups[0]["exact_damping_iterations"] == 50 and fresh.param_groups[0]["pack_statistics"]
+    fresh.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    fresh.step()
+
+
+def test_an_option_set_on_the_optimizer_leaves_the_routed_groups_alone():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    opt = KFAC(model, others=torch.optim.AdamW)
+    opt.check_numerics = False
+    own, routed = opt.param_groups[0], opt.param_groups[1]
+    assert own["check_numerics"] is False and "check_numerics" not in routed
 
 
 def damped_solve(factor_out, factor_in, gradient, damping):
@@ -96,15 +166,15 @@ def test_the_q_step_is_kl_clipped_by_the_factor_of_k_fac_s_rule(cadence, monkeyp
     ``Ĝ`` taken back to the parameter basis here; the recursion (``M`` from the unclipped ``S``) is undisturbed."""
     lr, kl_clip = 0.1, 1e-6
     recorded = []
-    original = QKLDWRM._kl_clip
+    original = q_module.kl_clip_steps
 
-    def recording(self, clip, batches, states, steps, g_hats, step_lr, in_eigenbasis):
+    def recording(clip, batches, ops, states, steps, g_hats, step_lr, in_eigenbasis):
         if clip > 1:  # the reference run: record S and Ĝ in the parameter basis, scale by 1
             g = [s["QG"] @ g @ s["QA"].T if in_eigenbasis else g for s, g in zip(states, g_hats)]
             recorded.append((steps[0].clone(), g[0].clone()))
-        return original(self, clip, batches, states, steps, g_hats, step_lr, in_eigenbasis)
+        return original(clip, batches, ops, states, steps, g_hats, step_lr, in_eigenbasis)
 
-    monkeypatch.setattr(QKLDWRM, "_kl_clip", recording)
+    monkeypatch.setattr(q_module, "kl_clip_steps", recording)
     runs = []
     for threshold in (1e30, kl_clip):
         params, rows = dense_problem()

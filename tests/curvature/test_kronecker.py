@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from explicit_kronecker import ExplicitOptimizer, explicit_factors
-from matrices import spd
+from helpers.explicit_kronecker import ExplicitOptimizer, explicit_factors
+from helpers.matrices import spd
 from torch import nn
 
 from kldwrm_fast import KFAC, QKLDWRM, SOKLDWRM

@@ -1,26 +1,14 @@
 """Data parallelism on gloo: N ranks with local batches equal one process with the concatenated batch."""
 
-import socket
-
-import distributed_worker as worker
+import helpers.distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers.spawn import spawn
 
 from kldwrm_fast.distributed import assign_by_cost
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn(function, world, *args):
-    mp.spawn(function, args=(world, free_port(), *args), nprocs=world, join=True)
 
 
 @pytest.mark.parametrize("world", [2, 4])

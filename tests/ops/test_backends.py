@@ -7,42 +7,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from helpers.trajectories import model_and_batches, trajectory
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.ops import reference
 
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM, QEKLDWRM]
-
-
-def model_and_batches(width=8, device="cpu", dtype=torch.float32):
-    """A small CNN (three equal hidden Linear layers of ``width``) and 7 batches, on ``device`` in ``dtype``."""
-    torch.manual_seed(11)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, width), nn.Tanh(),
-        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 4),
-    ).to(device=device, dtype=dtype)  # fmt: skip
-    gen = torch.Generator().manual_seed(12)
-    batches = [
-        (
-            torch.randn(10, 1, 6, 6, generator=gen, dtype=dtype).to(device),
-            torch.randint(0, 4, (10,), generator=gen).to(device),
-        )
-        for _ in range(7)
-    ]
-    return model, batches
-
-
-def trajectory(cls, backend, model, batches, **extra):
-    torch.manual_seed(13)
-    opt = cls(model, lr=0.05, stat_freq=2, inv_freq=4, backend=backend, **extra)
-    params = []
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    return params, opt
 
 
 @pytest.mark.skipif(
@@ -60,24 +30,42 @@ def test_triton_backend_follows_the_torch_trajectory(cls):
         assert (a - b).norm() <= 1e-5 * b.norm()
 
 
-def test_equal_shape_blocks_are_preconditioned_in_one_batch():
+def test_equal_shape_blocks_are_preconditioned_in_one_batch_on_every_step():
+    """The two 8→8 layers form one group and are computed in one batched call on every step — inverse, statistics
+    and plain (with operations that take stacked batches only, as the kernels do) — and that gives the trajectory
+    of one call per block."""
     model, batches = model_and_batches()
     model = model.double()
     batches = [(x.double(), y) for x, y in batches]
     per_block = copy.deepcopy(model)
-    batched, opt = trajectory(QKLDWRM, "torch", model, batches)
-    assert opt._batches.groups == [[0], [1], [2, 3], [4]]
-    states = opt.block_states()
-    assert states[2]["QA"]._base is states[3]["QA"]._base is not None  # one stacked tensor, no copies
+    torch.manual_seed(13)
+    opt = QKLDWRM(model, lr=0.05, stat_freq=2, inv_freq=4)
+    opt._ops = dataclasses.replace(opt._ops, takes_unbatched=False)  # no per-block fast path
+    groups = opt._batches
+    assert groups.groups == [[0], [1], [2, 3], [4]]
+    sizes: list[int] = []
+    original = groups.per_group
+
+    def recording(ops, states, keys, per_block_tensors, compute):
+        sizes.extend(len(group) for group in groups.groups)
+        return original(ops, states, keys, per_block_tensors, compute)
+
+    groups.per_group = recording
     torch.manual_seed(13)
     reference_opt = QKLDWRM(per_block, lr=0.05, stat_freq=2, inv_freq=4)
     reference_opt._batches.groups = [[i] for i in range(len(reference_opt.curvature.blocks))]
-    for (x, y), expected in zip(batches, batched):
-        reference_opt.zero_grad()
-        F.cross_entropy(per_block(x), y).backward()
-        reference_opt.step()
-        actual = torch.cat([p.detach().reshape(-1) for p in per_block.parameters()])
+    for k, (x, y) in enumerate(batches):
+        sizes.clear()
+        for optimizer, net in ((opt, model), (reference_opt, per_block)):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        assert 2 in sizes, f"step {k} computed the equal-shape blocks one by one"
+        actual = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        expected = torch.cat([p.detach().reshape(-1) for p in per_block.parameters()])
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
+    states = opt.block_states()
+    assert states[2]["QA"]._base is states[3]["QA"]._base is not None  # one stacked tensor, no copies
 
 
 @pytest.mark.parametrize("backend, lone_dims", [("torch", {2}), ("triton", {3})])

@@ -1,6 +1,6 @@
 // Runs the CUDA kernels' block phases (csrc/tiled_gemm.h, csrc/ghat_recursion.h; and exposes csrc/solver_limits.h) on the CPU, thread by thread
 // and barrier by barrier, exactly as csrc/kernels.cu sequences them; built with g++ by
-// tests/test_cuda_emulation.py, which compares the results with NumPy. It checks tiling, masking, strides,
+// tests/ops/test_cuda_emulation.py, which compares the results with NumPy. It checks tiling, masking, strides,
 // triangular tile enumeration, epilogues and chunking without a GPU (not races or memory-model effects).
 #include <cstdint>
 #include <vector>

@@ -1,0 +1,1 @@
+"""Code the tests share: oracles, models, trajectories, workers for other processes."""
