@@ -1,5 +1,5 @@
-"""The bench scripts run end to end on CPU: the GPU check (tiny shapes), the interleaved step-time comparison and
-the linear-algebra floor."""
+"""The bench scripts run end to end on CPU: the GPU check (tiny shapes), the interleaved step-time comparison, the
+linear-algebra floor and the weight-sharing comparison."""
 
 import json
 import os
@@ -203,3 +203,17 @@ def test_the_bare_plain_step_updates_every_parameter_in_the_operations_it_claims
         bare.step()
         assert all(torch.equal(p, a) for p, a in zip(model.parameters(), after))
         assert torch.equal(bare.buffer, buffer) and int(bare.skipped) == 1
+
+
+@pytest.mark.skipif(not pathlib.Path("/usr/share/common-licenses").is_dir(), reason="needs Debian's licence texts")
+def test_the_weight_sharing_comparison_reports_every_optimizer(tmp_path):
+    out = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "bench" / "weight_sharing.py"), "--steps", "2", "--seeds", "1",
+         "--optimizers", "adamw,kfac-reduce", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [row["optimizer"] for row in rows] == ["adamw", "kfac-reduce"]
+    assert all(row["held_out_loss"] > 0 for row in rows) and "| kfac-reduce |" in result.stdout

@@ -178,6 +178,7 @@ class KroneckerBlock(FactoredBlock):
         self.output_grads: list[Tensor] = []
         self.passes: list[tuple[int, int]] = []  # (forward, backward) of each captured pair: calls of one pass share it
         self.repeated_calls = "expand"  # (set by the curvature from the optimizer's option)
+        self.weight_sharing = "expand"  # (likewise)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -231,11 +232,29 @@ class KroneckerBlock(FactoredBlock):
         """The captured ``(input, output gradient)`` pairs, grouped by pass (Note [repeated calls]): each pass is
         one pair when the layer ran once in it or its calls were reduced, else the pair of every call."""
         if len(self.inputs) == 1:
-            return [[(self.inputs[0], self.output_grads[0])]]
+            return [[self._shared(self.inputs[0], self.output_grads[0])]]
         grouped: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
         for x, e, key in zip(self.inputs, self.output_grads, self.passes, strict=True):
             grouped.setdefault(key, []).append((x, e))
-        return [self._reduced(calls) for calls in grouped.values()]
+        return [[self._shared(x, e) for x, e in self._reduced(calls)] for calls in grouped.values()]
+
+    def _shared(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """Note [weight sharing over a sequence]
+            An ``nn.Linear`` applied to ``(batch, d_1, …, d_k, features)`` shares its weight over ``d_1 … d_k``
+            (a sequence, the positions of a token grid). With ``weight_sharing="expand"`` (the default) every
+            position is a row of the factors and counts as a sample (K-FAC-expand, Eschenhagen et al. 2023):
+            ``A = āᵀā/(B·T)``, ``Γ = B·T · eᵀe``. With ``"reduce"`` the input is averaged and the output
+            gradient summed over the shared dimensions before the factors are formed (K-FAC-reduce), so each of
+            the ``B`` rows is a sample: ``A = (1/B) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/T) Σ_t ā_{n,t}``, and
+            ``Γ = B Σ_n e_n e_nᵀ`` with ``e_n = Σ_t e_{n,t}``. The first dimension is the batch: a sequence-first
+            layout (``nn.Transformer`` with ``batch_first=False``) should keep ``"expand"``. Convolutions keep
+            KFC's expand convention. Both are the same when ``T = 1``.
+
+        The pair ``(input, output gradient)`` with the shared dimensions reduced, or as it is."""
+        if self.weight_sharing == "expand" or isinstance(self.module, nn.Conv2d) or x.dim() <= 2:
+            return x, e
+        shared = tuple(range(1, x.dim() - 1))
+        return x.mean(shared), e.sum(shared)
 
     def _reduced(self, calls: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """Note [repeated calls]

@@ -175,6 +175,7 @@ class KroneckerCurvature(Curvature):
         repeated_calls: str = "expand",
         predictive_module: nn.Module | None = None,
         needs_predictive_output: bool = False,
+        weight_sharing: str = "expand",
     ) -> None:
         super().__init__()
         self.model = model
@@ -187,6 +188,7 @@ class KroneckerCurvature(Curvature):
         for block in self.blocks:
             if isinstance(block, KroneckerBlock):
                 block.repeated_calls = repeated_calls
+                block.weight_sharing = weight_sharing
         self.shared_with_other_modules = _uses_elsewhere(model, self.blocks)
         self.own_forwards = _own_forwards(self.blocks)
         if not self.blocks:

@@ -78,7 +78,7 @@ class CurvatureEstimator:
         fisher: ``"sampled"`` or ``"empirical"`` (empirical statistics are unscaled with the gradients).
         predictive: the output distribution the sampled Fisher draws from.
         backend: the requested backend (chosen again for the device when the parameters move).
-        bias, repeated_calls, predictive_module: as the optimizers take them.
+        bias, repeated_calls, predictive_module, weight_sharing: as the optimizers take them.
         needs_predictive_output: whether the rule reads the model's outputs as ``predictive``'s (QE's KL terms).
         owner: the optimizer's class name, for warnings.
 
@@ -97,11 +97,12 @@ class CurvatureEstimator:
         predictive_module: Optional[nn.Module],
         needs_predictive_output: bool,
         owner: str,
+        weight_sharing: str = "expand",
     ) -> None:
         self.data_parallel = distributed.data_parallel_for(model)
         self.fisher, self.owner, self.requested_backend = fisher, owner, backend
         self.curvature = self._build(model, fisher, predictive, bias, repeated_calls, predictive_module,
-                                     needs_predictive_output)  # fmt: skip
+                                     needs_predictive_output, weight_sharing)  # fmt: skip
         self.backend, self.ops = operations_for(backend, self.device)
         self.batches = BlockBatches(self.curvature.blocks)
         self._batch_cache: dict[tuple[int, ...], BlockBatches] = {}
@@ -111,7 +112,7 @@ class CurvatureEstimator:
         self._group: dict = {}
         self.curvature.capture_due = self.statistics_due
 
-    def _build(self, model, fisher, predictive, bias, repeated_calls, predictive_module, needs_predictive_output):
+    def _build(self, model, fisher, predictive, bias, repeated_calls, predictive_module, needs_output, weight_sharing):
         if isinstance(model, Curvature):
             return model
         if not isinstance(model, nn.Module):
@@ -128,7 +129,8 @@ class CurvatureEstimator:
         seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
         curvature = KroneckerCurvature(
             model, fisher, predictive, seed, separate_bias=bias == "separate", repeated_calls=repeated_calls,
-            predictive_module=predictive_module, needs_predictive_output=needs_predictive_output,
+            predictive_module=predictive_module, needs_predictive_output=needs_output,
+            weight_sharing=weight_sharing,
         )  # fmt: skip
         # What the curvature assumes, each named once at construction.
         notices = (

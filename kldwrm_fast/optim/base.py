@@ -29,6 +29,7 @@ from kldwrm_fast.curvature.state import GLOBAL
 from kldwrm_fast.ops import Operations, tracing
 from kldwrm_fast.optim.checkpoint import Checkpointing
 from kldwrm_fast.optim.compiled import CompiledStep, run_eagerly
+from kldwrm_fast.optim.memory import memory_usage
 from kldwrm_fast.optim.numerics import Numerics
 from kldwrm_fast.optim.options import Options, check_lr, group_option, validate_routing
 from kldwrm_fast.optim.routing import RoutedParameters
@@ -79,9 +80,10 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
         owner = type(self).__name__
         self.fisher, self.predictive, self.bias = options.fisher, options.predictive, options.bias
         self.repeated_calls, self._requested_backend = options.repeated_calls, options.backend
+        self.weight_sharing = options.weight_sharing
         self.estimator = CurvatureEstimator(
             model, options.fisher, options.predictive, options.backend, options.bias, options.repeated_calls,
-            predictive_module, self._reads_predictive_outputs, owner,
+            predictive_module, self._reads_predictive_outputs, owner, options.weight_sharing,
         )  # fmt: skip
         curvature = self.estimator.curvature
         self.data_parallel = self.estimator.data_parallel
@@ -122,10 +124,7 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
     def _ops(self, ops: Operations) -> None:
         self.estimator.ops = ops
 
-    @property
-    def _batches(self):
-        """Every block's batched-call groups (the estimator's)."""
-        return self.estimator.batches
+    _batches = property(lambda self: self.estimator.batches, doc="Every block's batched-call groups (the estimator's).")
 
     @property
     def backend(self) -> str:
@@ -149,6 +148,10 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
     def block_states(self) -> list[dict]:
         """The per-block states, aligned with ``self.curvature.blocks``."""
         return [self.state[block.key] for block in self.curvature.blocks]
+
+    def memory_usage(self) -> dict:
+        """Bytes of the optimizer's state per block and per kind (:func:`kldwrm_fast.optim.memory.memory_usage`)."""
+        return memory_usage(self)
 
     def own_groups(self) -> list[dict]:
         """The param groups of this optimizer's own (not those of a routed optimizer)."""
@@ -174,10 +177,8 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
             )
 
     def __getstate__(self):
-        raise TypeError(
-            f"{type(self).__name__} cannot be copied or pickled: it holds hooks on the model; save "
-            "opt.state_dict() and load it into a new optimizer built on the model (opt.load_state_dict)"
-        )
+        raise TypeError(f"{type(self).__name__} cannot be copied or pickled: it holds hooks on the model; save "
+                        "opt.state_dict() and load it into a new optimizer built on the model (opt.load_state_dict)")
 
     def _follow_parameters(self) -> None:
         """After ``model.to(dtype or device)`` between steps: the estimator moves the state along."""
@@ -262,9 +263,9 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
 
     def _gradients_outside_blocks(self) -> bool:
         """Whether a parameter outside every preconditioned block has a gradient (it takes gradient descent)."""
-        return any(param.grad is not None for _, param in self.curvature.other_params) or any(
-            param.grad is not None for extra in self.param_groups[1:] for param in extra["params"]
-        )
+        outside = [param for _, param in self.curvature.other_params]
+        outside += [param for extra in self.param_groups[1:] for param in extra["params"]]
+        return any(param.grad is not None for param in outside)
 
     def _grad_unscale(self, stats_due: bool) -> Optional[Tensor]:
         """``1/scale`` when ``GradScaler.step`` passed a scale (gradients still scaled), else None."""

@@ -23,7 +23,7 @@ def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
 class Checkpointing:
     """Saving and loading (see the module docstring)."""
 
-    fixed_options: tuple[str, ...] = ("fisher", "predictive", "bias", "repeated_calls")
+    fixed_options: tuple[str, ...] = ("fisher", "predictive", "bias", "repeated_calls", "weight_sharing")
     """Construction arguments (attributes of the optimizer, copied into its param groups) that a checkpoint must
     share: loading one saved with another value raises."""
 

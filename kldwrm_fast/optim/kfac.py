@@ -41,6 +41,9 @@ class KFAC(CurvatureOptimizer):
             (Note [repeated calls] in :mod:`kldwrm_fast.curvature.blocks`).
         predictive_module: the module whose output the loss reads, when ``model`` is part of it (the sampled
             Fisher draws its labels there); default ``model``.
+        weight_sharing: ``"expand"`` or ``"reduce"``: how a Linear layer applied to ``(batch, seq, features)`` forms
+            its factors over the shared dimensions (Note [weight sharing over a sequence] in
+            :mod:`kldwrm_fast.curvature.blocks`).
         others, others_kwargs: a ``torch.optim`` optimizer class (and its arguments) for the parameters without a
             curvature block (:mod:`kldwrm_fast.optim.routing`); default plain gradient descent.
     """
@@ -67,11 +70,12 @@ class KFAC(CurvatureOptimizer):
         predictive_module: Optional[nn.Module] = None,
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
+        weight_sharing: str = "expand",
     ) -> None:
         options = KFACOptions(
             lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
-            eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls,
+            eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
         self._buffer_updates = BufferUpdates()

@@ -20,6 +20,7 @@ from kldwrm_fast.ops import BACKENDS
 
 BIAS_MODES = ("folded", "separate")
 REPEATED_CALLS = ("expand", "reduce")
+WEIGHT_SHARING = ("expand", "reduce")
 CURVATURE_SUMS = ("reweighted", "exact")
 
 
@@ -52,6 +53,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "backend": (lambda v: v in BACKENDS, f"one of {', '.join(map(repr, BACKENDS))}"),
     "bias": (lambda v: v in BIAS_MODES, f"one of {BIAS_MODES}"),
     "repeated_calls": (lambda v: v in REPEATED_CALLS, f"one of {REPEATED_CALLS}"),
+    "weight_sharing": (lambda v: v in WEIGHT_SHARING, f"one of {WEIGHT_SHARING}"),
     "check_numerics": (lambda v: isinstance(v, bool), "True or False"),
     "pack_statistics": (lambda v: isinstance(v, bool), "True or False"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "0 <= momentum < 1"),
@@ -101,6 +103,7 @@ class Options:
     bias: str
     eigenvalue_floor: float
     repeated_calls: str
+    weight_sharing: str = "expand"
     check_numerics: bool = True
     pack_statistics: bool = True
 

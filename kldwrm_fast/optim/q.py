@@ -59,8 +59,8 @@ class QKLDWRM(CurvatureOptimizer):
 
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``;
     ``kl_clip`` (default None) applies K-FAC's KL clip to the Q step before ``clip``; paper default ``rho=0.5``.
-    ``bias``, ``eigenvalue_floor``, ``repeated_calls``, ``predictive_module``, ``others`` and ``others_kwargs`` as
-    for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above. ``curvature_sum``:
+    ``bias``, ``eigenvalue_floor``, ``repeated_calls``, ``weight_sharing``, ``predictive_module``, ``others`` and
+    ``others_kwargs`` as for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above. ``curvature_sum``:
     ``"reweighted"`` (default) or ``"exact"``; a checkpoint resumes only with the value it was saved with.
     """
 
@@ -95,12 +95,13 @@ class QKLDWRM(CurvatureOptimizer):
         predictive_module: Optional[nn.Module] = None,
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
+        weight_sharing: str = "expand",
     ) -> None:
         options = QOptions(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, kl_clip=kl_clip, bias=bias,
             eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum, max_step_rms=max_step_rms,
-            repeated_calls=repeated_calls,
+            repeated_calls=repeated_calls, weight_sharing=weight_sharing,
         )  # fmt: skip
         self._start(model, options, predictive_module, others, others_kwargs)
 

@@ -85,6 +85,7 @@ class QEKLDWRM(QKLDWRM):
         predictive_module: Optional[nn.Module] = None,
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
+        weight_sharing: str = "expand",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -100,8 +101,8 @@ class QEKLDWRM(QKLDWRM):
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, kl_clip=kl_clip, bias=bias,
             eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum, max_step_rms=max_step_rms,
-            repeated_calls=repeated_calls, n_inner=n_inner, inner_lr_ratio=inner_lr_ratio, n_cap=n_cap,
-            kl_scale=kl_scale,
+            repeated_calls=repeated_calls, weight_sharing=weight_sharing, n_inner=n_inner,
+            inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale,
         )  # fmt: skip
         self._start(model, options, predictive_module, others, others_kwargs)
         self.model = model

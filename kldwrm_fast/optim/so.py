@@ -45,11 +45,12 @@ class SOKLDWRM(CurvatureOptimizer):
         predictive_module: Optional[nn.Module] = None,
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
+        weight_sharing: str = "expand",
     ) -> None:
         options = SOOptions(
             lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
-            eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls,
+            eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kldwrm_fast import KFAC, QKLDWRM, SOKLDWRM
+from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 
 OPTIMIZERS = [KFAC, SOKLDWRM, QKLDWRM]
 
@@ -325,3 +325,31 @@ def test_in_place_activations_do_not_change_the_statistics(fisher):
         factors.append([opt.state[layer.weight]["G"] for layer in (model[0], model[2])])
     for plain, in_place in zip(*factors):
         torch.testing.assert_close(in_place, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, QEKLDWRM])
+def test_memory_usage_counts_every_state_tensor_by_block_and_kind(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = cls(model, stat_freq=1, inv_freq=2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+        opt.step()
+    usage = opt.memory_usage()
+    first = usage["by_block"][opt.curvature.blocks[0].name]  # Linear(6, 5): A 7×7, Γ 5×5, float32
+    for kind in ("local factors", "averages", "eigenvectors"):
+        assert first[kind] == 4 * (7 * 7 + 5 * 5), kind
+    assert first["eigenvalues"] == 4 * (7 + 5)
+    every = [t for state in opt.block_states() for t in state.values() if torch.is_tensor(t)]
+    block_bytes = sum(t.numel() * t.element_size() for t in every)
+    assert sum(usage["by_kind"].values()) == block_bytes
+    assert sum(sum(kinds.values()) for kinds in usage["by_block"].values()) == block_bytes
+    assert usage["total"] == block_bytes + usage["other"]  # no two blocks share a stacked tensor here
+    n_params = sum(p.numel() for p in model.parameters())
+    if cls is KFAC:
+        assert usage["by_kind"]["momentum"] == 4 * n_params
+    if cls in (QKLDWRM, QEKLDWRM):
+        assert usage["by_kind"]["recursion"] == 3 * 4 * n_params  # Ĝ, previous V, M
+    if cls is QEKLDWRM:
+        assert usage["other"] >= 4 * 4 * n_params  # n_cap = 4 parameter snapshots
