@@ -149,12 +149,15 @@ class QKLDWRM(CurvatureOptimizer):
         in_eigenbasis = self.global_state.get(BASIS) == EIGENBASIS
         vs = plan.batches.rotate(self._ops, states, grads) if in_eigenbasis else grads
         # Ĝ_k = V_k + (λ_k/λ_{k−1}) ρ (Ĝ_{k−1} − V_{k−1} − M_{k−1})   (S103); Ĝ_0 = V_0
-        lr_prev = self.global_state["lr_prev"]
-        carried = [i for i, state in enumerate(states) if lr_prev is not None and "g_hat" in state]
-        for i in sorted(set(range(len(states))) - set(carried)):
-            store(states[i], "g_hat", vs[i].clone())
-            store(states[i], "v_prev", vs[i].clone())
-            store(states[i], "m", torch.zeros_like(vs[i]))
+        lr_prev, rejected = self.global_state["lr_prev"], self.global_state.get(REJECTED)
+        carried = []  # blocks whose recursion continues; the others (re)start it from V
+        for i, (state, v) in enumerate(zip(states, vs)):
+            if lr_prev is not None and "g_hat" in state:
+                carried.append(i)
+            else:
+                store(state, "g_hat", v.clone())
+                store(state, "v_prev", v.clone())
+                store(state, "m", torch.zeros_like(v))
         if carried:
             kept = [states[i] for i in carried]
             self._ops.ghat_recursion(
@@ -162,12 +165,10 @@ class QKLDWRM(CurvatureOptimizer):
                 [s["m"] for s in kept], recursion_ratio(rho, lr_prev, lr),
             )  # fmt: skip
             if limit is not None:  # norms are the same in either basis
-                rejected = self.global_state.get(REJECTED)
                 indices = tuple(plan.indices[i] for i in carried)
                 self._growth.guard(limit, kept, [vs[i] for i in carried], indices, self.numerics, rejected)
                 if plan.inverse_due:  # waits for the eigensolver anyway
                     self._growth.report(limit)
-        rejected = self.global_state.get(REJECTED)
         if rejected is not None and not self.numerics.on_device:  # consumed; a device verdict overwrites it instead
             rejected.fill_(False)
         # S_k = −lr_k P_{Â,Γ̂}(Ĝ_k)  (S89),  M_k = −λ_k Γ̄ S_k Ā  (S87); lr = 0: made with lr 1, S not applied

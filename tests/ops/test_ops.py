@@ -32,16 +32,8 @@ def spd(n, dtype, batch=()):
     return matrices.spd(n, dtype, batch, DEVICE)
 
 
-def eig(matrix):
-    values, vectors = torch.linalg.eigh(matrix)
-    return vectors, values.clamp_min(0.0)
-
-
 def preconditioner_inputs(n_out, n_in, dtype, batch=()):
-    q_g, d_g = eig(spd(n_out, dtype, batch))
-    q_a, d_a = eig(spd(n_in, dtype, batch))
-    v = torch.randn(*batch, n_out, n_in, dtype=dtype, device=DEVICE)
-    return q_g, d_g, q_a, d_a, v
+    return op_inputs.preconditioner_inputs(n_out, n_in, dtype, batch, DEVICE)
 
 
 def captured_rows(rows: int, n: int, dtype, layout: str):
