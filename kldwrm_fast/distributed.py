@@ -62,7 +62,8 @@ def data_parallel_for(model) -> DataParallel:
 def average_symmetric_(matrices: list[Tensor], pack: bool = True) -> None:
     """Average symmetric matrices over all ranks in place with one all-reduce per dtype and device.
 
-    With ``pack`` only upper triangles travel (about half the bytes) and are mirrored back.
+    With ``pack`` only upper triangles travel (about half the bytes) and are mirrored back. A vector (a diagonal
+    side's factor) travels whole.
     """
     world = dist.get_world_size()
     buckets: dict[tuple, list[Tensor]] = {}
@@ -71,7 +72,7 @@ def average_symmetric_(matrices: list[Tensor], pack: bool = True) -> None:
     for bucket in buckets.values():
         pieces = []
         for matrix in bucket:
-            if pack:
+            if pack and matrix.dim() == 2:
                 rows, cols = torch.triu_indices(*matrix.shape, device=matrix.device)
                 pieces.append(matrix[rows, cols])
             else:
@@ -83,7 +84,7 @@ def average_symmetric_(matrices: list[Tensor], pack: bool = True) -> None:
         for matrix, piece in zip(bucket, pieces):
             values = flat[offset : offset + piece.numel()]
             offset += piece.numel()
-            if pack:
+            if pack and matrix.dim() == 2:
                 rows, cols = torch.triu_indices(*matrix.shape, device=matrix.device)
                 matrix[rows, cols] = values
                 matrix[cols, rows] = values

@@ -6,7 +6,9 @@ only when some member's tensor was replaced, i.e. after an inverse step or ``loa
 updates of the averages write through the views. A block alone in its group goes to a backend that takes
 unbatched blocks as it is: on the host-bound paths (small models, CPU) the batch-of-one views and batched
 matmuls cost more than the arithmetic. With the PyTorch reference, preconditioning goes block by block
-(:meth:`BlockBatches.precondition`), bit for bit what the batched call gives.
+(:meth:`BlockBatches.precondition`), bit for bit what the batched call gives. Blocks with a diagonal side (Note
+[diagonal sides] in :mod:`kldwrm_fast.ops.reference`) form groups of their own, which run the PyTorch reference on
+every backend: the fused kernels take dense factors only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from kldwrm_fast.curvature.blocks import FactoredBlock
 from kldwrm_fast.curvature.state import EIGEN_KEYS, EIGENVECTOR_KEYS
-from kldwrm_fast.ops import Operations, reference
+from kldwrm_fast.ops import Operations, operations, reference
 
 
 def _stacks(base: Tensor, members: list[Tensor]) -> bool:
@@ -38,14 +40,15 @@ def _stacks(base: Tensor, members: list[Tensor]) -> bool:
 
 
 class BlockBatches:
-    """Groups of block indices with equal ``(shape, dtype, device)``, in first-appearance order."""
+    """Groups of block indices with equal ``(shape, diagonal sides, dtype, device)``, in first-appearance order."""
 
     def __init__(self, blocks: list[FactoredBlock]) -> None:
         groups: dict[tuple, list[int]] = {}
         for index, block in enumerate(blocks):
-            key = (block.shape, block.key.dtype, block.key.device)
+            key = (block.shape, block.diagonal, block.key.dtype, block.key.device)
             groups.setdefault(key, []).append(index)
         self.groups = list(groups.values())
+        self._reference_groups = {id(group) for group in self.groups if blocks[group[0]].diagonal}
         self._eigenvalue_terms: dict[int, list] = {}  # see eigenvalue_terms
 
     def _shared(self, group: list[int], states: list[dict], key: str) -> Tensor:
@@ -87,12 +90,14 @@ class BlockBatches:
         return shared, batch, lambda result: result.unbind(0)
 
     def per_group(self, ops: Operations, states, keys: tuple, per_block: list[Tensor], compute) -> list[list]:
-        """``compute(group, *shared state tensors of keys, stacked per_block)`` for each group; its outputs (a
-        tensor or a tuple of tensors) handed back per block: one list per output, aligned with the blocks."""
+        """``compute(group_ops, group, *shared state tensors of keys, stacked per_block)`` for each group, with
+        ``group_ops`` ``ops``, or the PyTorch reference for a group with a diagonal side; its outputs (a tensor or a
+        tuple of tensors) handed back per block: one list per output, aligned with the blocks."""
         outputs: list = []
         for group in self.groups:
-            shared, batch, members = self._run(ops, group, states, keys, per_block)
-            results = compute(group, *shared, batch)
+            group_ops = operations("torch") if id(group) in self._reference_groups else ops
+            shared, batch, members = self._run(group_ops, group, states, keys, per_block)
+            results = compute(group_ops, group, *shared, batch)
             results = results if isinstance(results, tuple) else (results,)
             if not outputs:
                 outputs = [[None] * len(per_block) for _ in results]
@@ -117,7 +122,7 @@ class BlockBatches:
                 reference.divided_precondition(state[q_g], state[q_a], denominator, v)
                 for state, denominator, v in zip(states, denominators, vs, strict=True)
             ]
-        (out,) = self.per_group(ops, states, EIGEN_KEYS, vs, lambda _, *args: ops.precondition(*args, damping))
+        (out,) = self.per_group(ops, states, EIGEN_KEYS, vs, lambda run, _, *args: run.precondition(*args, damping))
         return out
 
     def eigenvalue_terms(
@@ -150,5 +155,5 @@ class BlockBatches:
     def rotate(self, ops: Operations, states: list[dict], vs: list[Tensor], inverse: bool = False) -> list[Tensor]:
         """``Q_Γᵀ V Q_A`` per block with its cached eigenvectors (``inverse``: ``Q_Γ V Q_Aᵀ``)."""
         rotation = reference.unrotate if inverse else reference.rotate
-        (out,) = self.per_group(ops, states, EIGENVECTOR_KEYS, vs, lambda _, *args: rotation(*args))
+        (out,) = self.per_group(ops, states, EIGENVECTOR_KEYS, vs, lambda _, __, *args: rotation(*args))
         return out

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kldwrm_fast.curvature import layers
-from kldwrm_fast.curvature.state import SIDES, BlockState, average_key
+from kldwrm_fast.curvature.state import INPUT, OUTPUT, SIDES, BlockState, average_key
 from kldwrm_fast.ops import Operations, reference
 
 State = BlockState
@@ -32,10 +32,15 @@ def state_dtype(param: Tensor) -> torch.dtype:
 
 
 class FactoredBlock:
-    """Shared machinery of a block whose curvature is ``Γ ⊗ A`` in the row-major block form."""
+    """Shared machinery of a block whose curvature is ``Γ ⊗ A`` in the row-major block form.
+
+    :attr:`diagonal` names the sides ("A", "G") kept as their diagonals (Note [diagonal sides] in
+    :mod:`kldwrm_fast.ops.reference`): vectors in the state instead of matrices, set when the curvature is built
+    (an embedding's input side; a side wider than ``max_factor_dim``)."""
 
     name: str
     params: list[Tensor]
+    diagonal: tuple[str, ...] = ()
 
     @property
     def key(self) -> Tensor:
@@ -143,9 +148,10 @@ class FactoredBlock:
             v.add_(self.matrix([p.detach() for p in self.params]).to(self.dtype), alpha=weight_decay)
         return v
 
-    @staticmethod
-    def _fold(state: State, ops, side: str, x: Tensor, scale: float, rho: float, reweight):
+    def _fold(self, state: State, ops, side: str, x: Tensor, scale: float, rho: float, reweight):
         """Update ``side`` ("A" or "G"): local factor, average, and the reweighted factor when asked."""
+        if side in self.diagonal:
+            return self.fold_local(state, side, reference.diagonal_local(x, scale, self.dtype), rho, reweight)
         ea_key = average_key(side)
         first = ea_key not in state
         if first:
@@ -172,7 +178,8 @@ class KroneckerBlock(FactoredBlock):
         self.name = name or f"the model's own {type(module).__name__}"  # the root module's name is ""
         self.module = module
         self.modules = [module]
-        self.has_bias = fold_bias and module.bias is not None and module.bias.requires_grad
+        bias = getattr(module, "bias", None)  # (an embedding has none)
+        self.has_bias = fold_bias and bias is not None and bias.requires_grad
         self.params = [module.weight] + ([module.bias] if self.has_bias else [])
         self.inputs: list[Tensor] = []
         self.output_grads: list[Tensor] = []
@@ -215,13 +222,6 @@ class KroneckerBlock(FactoredBlock):
         return self.inputs + self.output_grads
 
     def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
-        if not self.inputs or not self.output_grads:
-            missing = "inputs" if not self.inputs else "output gradients"
-            raise RuntimeError(
-                f"statistics were due but layer {self.name!r} ({type(self.module).__name__}) recorded no "
-                f"{missing}: call the model in train mode with gradients enabled before step(), and do not "
-                "use the layer's weights outside its forward"
-            )
         passes = self.calls_by_pass()
         pieces = [layers.input_rows(self.module, x, self.has_bias, self.dtype) for calls in passes for x, _ in calls]
         a = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -231,6 +231,13 @@ class KroneckerBlock(FactoredBlock):
     def calls_by_pass(self) -> list[list[tuple[Tensor, Tensor]]]:
         """The captured ``(input, output gradient)`` pairs, grouped by pass (Note [repeated calls]): each pass is
         one pair when the layer ran once in it or its calls were reduced, else the pair of every call."""
+        if not self.inputs or not self.output_grads:
+            missing = "inputs" if not self.inputs else "output gradients"
+            raise RuntimeError(
+                f"statistics were due but layer {self.name!r} ({type(self.module).__name__}) recorded no "
+                f"{missing}: call the model in train mode with gradients enabled before step(), and do not "
+                "use the layer's weights outside its forward"
+            )
         if len(self.inputs) == 1:
             return [[self._shared(self.inputs[0], self.output_grads[0])]]
         grouped: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
@@ -311,6 +318,57 @@ def gradient_pieces(module: nn.Module, passes: list, rows) -> tuple[list[Tensor]
     pieces = [rows(e) for calls in passes for _, e in calls]
     shares = [max(c) / total for c in counts for _ in c]
     return pieces, [m for c in counts for m in c], shares
+
+
+class EmbeddingBlock(KroneckerBlock):
+    """One ``nn.Embedding`` (docs/algorithms.md §1, "embeddings"): ``y = W[i]`` is the Linear layer
+    ``y = Wᵀ onehot(i)`` without a bias, so the block form is ``Wᵀ`` (n_out = ``embedding_dim``, n_in =
+    ``num_embeddings``) and the input factor of one-hot rows is diagonal, the tokens' frequencies ``A = diag(c)/rows``,
+    kept as a vector (no V×V matrix is formed); ``Γ = rows · eᵀe`` as for a Linear layer. Every position is a
+    sample: weight sharing and repeated calls always expand, since averaged one-hot rows would make ``A`` dense.
+    The gradient's ``padding_idx`` column is zero after weight decay too, so that row is never updated."""
+
+    diagonal = (INPUT,)
+
+    def __init__(self, name: str, module: nn.Embedding):
+        super().__init__(name, module, fold_bias=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.module.embedding_dim, self.module.num_embeddings
+
+    @property
+    def matrix_copies(self) -> bool:
+        return True
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        return tensors[0].t().contiguous()
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        return [matrix.t()]
+
+    def gradient(self, weight_decay: float, grad_unscale: Optional[Tensor] = None) -> Tensor:
+        v = super().gradient(weight_decay, grad_unscale)
+        if self.module.padding_idx is not None:
+            v[:, self.module.padding_idx] = 0.0
+        return v
+
+    def captured(self) -> list[Tensor]:
+        return list(self.output_grads)  # (the inputs are token indices)
+
+    def _shared(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        return x, e
+
+    def _reduced(self, calls: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        return calls
+
+    def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
+        passes = self.calls_by_pass()
+        tokens = torch.cat([x.reshape(-1) for calls in passes for x, _ in calls])
+        counts = torch.bincount(tokens, minlength=self.module.num_embeddings)
+        g_pieces = gradient_pieces(self.module, passes, lambda e: e.reshape(-1, e.shape[-1]).to(self.dtype))
+        return {INPUT: (counts, 1.0 / tokens.numel()), OUTPUT: pooled_rows(*g_pieces[:2], grad_factor, grad_unscale,
+                                                                          g_pieces[2])}  # fmt: skip
 
 
 class BiasBlock(FactoredBlock):

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from kldwrm_fast.curvature.base import Curvature
-from kldwrm_fast.curvature.blocks import BiasBlock, FactoredBlock, KroneckerBlock
+from kldwrm_fast.curvature.blocks import BiasBlock, EmbeddingBlock, FactoredBlock, KroneckerBlock
 from kldwrm_fast.curvature.fisher import sampled_loss
 from kldwrm_fast.curvature.layers import is_supported
+from kldwrm_fast.curvature.state import INPUT, OUTPUT, SIDES
 
 
 def _attention_projections(model: nn.Module) -> set[int]:
@@ -41,7 +42,8 @@ def _computed_parameters(module: nn.Module) -> bool:
     if parametrize.is_parametrized(module):
         return True
     own = module._parameters
-    return not isinstance(own.get("weight"), nn.Parameter) or (own.get("bias") is None and module.bias is not None)
+    bias = getattr(module, "bias", None)
+    return not isinstance(own.get("weight"), nn.Parameter) or (own.get("bias") is None and bias is not None)
 
 
 def _uses_elsewhere(model: nn.Module, blocks: list[FactoredBlock]) -> list[str]:
@@ -71,7 +73,9 @@ def _own_forwards(blocks: list[FactoredBlock]) -> list[str]:
         if not isinstance(block, KroneckerBlock):
             continue
         cls = type(block.module)
-        if isinstance(block.module, nn.Linear):
+        if isinstance(block.module, nn.Embedding):
+            own = cls.forward is not nn.Embedding.forward
+        elif isinstance(block.module, nn.Linear):
             own = cls.forward is not nn.Linear.forward
         else:
             own = cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
@@ -82,8 +86,10 @@ def _own_forwards(blocks: list[FactoredBlock]) -> list[str]:
 
 def _same_layer(first: nn.Module, second: nn.Module) -> bool:
     """Whether two modules with one weight compute the same function of their inputs (so one block fits both)."""
-    if type(first) is not type(second) or first.bias is not second.bias:
+    if type(first) is not type(second) or getattr(first, "bias", None) is not getattr(second, "bias", None):
         return False
+    if isinstance(first, nn.Embedding):
+        return first.padding_idx == second.padding_idx and first.max_norm == second.max_norm
     if isinstance(first, nn.Conv2d):
         settings = ("stride", "padding", "dilation", "padding_mode")
         return all(getattr(first, name) == getattr(second, name) for name in settings)
@@ -103,7 +109,10 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
             continue
         block = by_weight.get(id(module.weight))
         if block is None:
-            by_weight[id(module.weight)] = KroneckerBlock(name, module, fold_bias=not separate_bias)
+            by_weight[id(module.weight)] = _block_for(name, module, separate_bias)
+        elif _tied_across_kinds(block.module, module):
+            if isinstance(block, EmbeddingBlock):  # Note [a tied embedding and output layer]
+                by_weight[id(module.weight)] = _block_for(name, module, separate_bias)
         elif all(module is not m for m in block.modules):
             if not _same_layer(block.module, module):
                 raise ValueError(
@@ -114,7 +123,7 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
     blocks: list[FactoredBlock] = []
     for block in by_weight.values():
         blocks.append(block)
-        bias = block.module.bias
+        bias = getattr(block.module, "bias", None)
         if separate_bias and bias is not None and bias.requires_grad:
             blocks.append(BiasBlock(block))
     owners: dict[int, str] = {}
@@ -128,6 +137,38 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
     covered = {id(p) for block in blocks for p in block.params}
     others = [(name, p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
     return blocks, others
+
+
+def _block_for(name: str, module: nn.Module, separate_bias: bool) -> KroneckerBlock:
+    if not isinstance(module, nn.Embedding):
+        return KroneckerBlock(name, module, fold_bias=not separate_bias)
+    refused = (
+        ("sparse", "sparse gradients have no block form"),
+        ("scale_grad_by_freq", "its gradient is rescaled past what the curvature describes"),
+    )
+    for setting, why in refused:
+        if getattr(module, setting):
+            raise ValueError(f"Invalid model: embedding {name!r} has {setting}=True ({why}); build it with "
+                             f"{setting}=False")  # fmt: skip
+    return EmbeddingBlock(name, module)
+
+
+def _tied_across_kinds(first: nn.Module, second: nn.Module) -> bool:
+    """Note [a tied embedding and output layer]
+        A language model's embedding and output layer often hold one weight. One block fits one of them: the output
+        layer's, whose output gradients reach every row of the weight at every step (the embedding's reach only the
+        tokens a batch holds), and which carries its bias. The construction notice on tied weights names the
+        embedding's use, which its curvature leaves out.
+
+    Whether two modules holding one weight are an embedding and a Linear layer."""
+    return isinstance(first, nn.Embedding) != isinstance(second, nn.Embedding)
+
+
+def diagonal_sides(block: FactoredBlock, max_factor_dim: int | None) -> tuple[str, ...]:
+    """The sides of ``block`` kept diagonal: those its kind always keeps so (an embedding's input side) and those wider
+    than ``max_factor_dim`` (None: none)."""
+    wide = {side for side, n in zip((OUTPUT, INPUT), block.shape) if max_factor_dim is not None and n > max_factor_dim}
+    return tuple(side for side in SIDES if side in wide or side in block.diagonal)
 
 
 _WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule", "FullyShardedDataParallel")
@@ -176,6 +217,7 @@ class KroneckerCurvature(Curvature):
         predictive_module: nn.Module | None = None,
         needs_predictive_output: bool = False,
         weight_sharing: str = "expand",
+        max_factor_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -189,11 +231,13 @@ class KroneckerCurvature(Curvature):
             if isinstance(block, KroneckerBlock):
                 block.repeated_calls = repeated_calls
                 block.weight_sharing = weight_sharing
+            block.diagonal = diagonal_sides(block, max_factor_dim)
         self.shared_with_other_modules = _uses_elsewhere(model, self.blocks)
         self.own_forwards = _own_forwards(self.blocks)
         if not self.blocks:
             raise ValueError(
-                f"Invalid model: {type(model).__name__} has no trainable nn.Linear or nn.Conv2d (groups=1) layer"
+                f"Invalid model: {type(model).__name__} has no trainable nn.Linear, nn.Conv2d (groups=1) or "
+                "nn.Embedding layer"
             )
         self._seed = seed
         self._generator: torch.Generator | None = None

@@ -6,7 +6,9 @@ because factors are positive semi-definite in exact arithmetic and rounding can 
 
 :func:`decompose_many` decomposes all factors due at a step: grouped by size into batched solver calls
 (cuSOLVER's through the CUDA extension, else ``torch.linalg.eigh``), with one host check for the whole step
-and the ladder only for members that failed.
+and the ladder only for members that failed. A diagonal side's factor (a vector, Note [diagonal sides] in
+:mod:`kldwrm_fast.ops.reference`) needs no solver: its eigenvalues are its entries, clamped at 0, and its
+eigenvectors the identity's empty marker.
 """
 
 from __future__ import annotations
@@ -144,9 +146,13 @@ def decompose_many(
         ``(Q, d)`` per request, in order (members of a batched group are views of one tensor).
     """
     groups: dict[tuple, list[int]] = {}
-    for index, (matrix, _, _) in enumerate(requests):
-        groups.setdefault((matrix.shape[-1], matrix.dtype, matrix.device), []).append(index)
     launched = []
+    for index, (matrix, _, _) in enumerate(requests):
+        if matrix.dim() == 1:  # its check joins the one host transfer below
+            ok = torch.isfinite(matrix).all().reshape(1)
+            launched.append(([index], matrix.clamp_min(0.0).unsqueeze(0), matrix.new_empty(1, 0), ok))
+            continue
+        groups.setdefault((matrix.shape[-1], matrix.dtype, matrix.device), []).append(index)
     for indices in groups.values():
         stack = torch.stack([requests[i][0] for i in indices])
         try:
@@ -163,10 +169,26 @@ def decompose_many(
                 results[index] = (vectors[j], values[j])
             position += 1
     for index, result in enumerate(results):
-        if result is None:
-            results[index] = _ladder(requests[index][0])
-            if results[index] is None:
-                results[index] = _fallback(*requests[index])
-                if failed is not None:
-                    failed.append(index)
+        if result is not None:
+            continue
+        diagonal = requests[index][0].dim() == 1
+        results[index] = None if diagonal else _ladder(requests[index][0])
+        if results[index] is None:
+            results[index] = (_diagonal_fallback if diagonal else _fallback)(*requests[index])
+            if failed is not None:
+                failed.append(index)
     return results
+
+
+def _diagonal_fallback(values: Tensor, previous, name: str) -> tuple[Tensor, Tensor]:
+    """A non-finite diagonal factor: the previous decomposition, or the identity (eigenvalues 1), with a warning, as
+    for a dense factor whose every rung failed."""
+    if previous is None:
+        warnings.warn(
+            f"{name} is not finite and no earlier one exists; using the identity until one is",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return values.new_empty(0), torch.ones_like(values)
+    warnings.warn(f"{name} is not finite; keeping the previous one", RuntimeWarning, stacklevel=4)
+    return previous[0].clone(), previous[1].clone()

@@ -49,7 +49,7 @@ from kldwrm_fast.curvature.state import (
     has_curvature,
     store,
 )
-from kldwrm_fast.ops import operations_for
+from kldwrm_fast.ops import operations_for, reference
 
 
 @dataclass
@@ -73,12 +73,14 @@ class CurvatureEstimator:
     """The curvature side of an optimizer (see the module docstring).
 
     Args:
-        model: an ``nn.Module`` (Kronecker blocks with capture hooks for its Linear/Conv2d layers) or a prebuilt
-            :class:`~kldwrm_fast.curvature.Curvature`, such as the exact ``DenseCurvature`` used as a test oracle.
-        fisher: ``"sampled"`` or ``"empirical"`` (empirical statistics are unscaled with the gradients).
-        predictive: the output distribution the sampled Fisher draws from.
-        backend: the requested backend (chosen again for the device when the parameters move).
-        bias, repeated_calls, predictive_module, weight_sharing: as the optimizers take them.
+        model: an ``nn.Module`` (Kronecker blocks with capture hooks for its Linear/Conv2d/Embedding layers) or a
+            prebuilt :class:`~kldwrm_fast.curvature.Curvature`, such as the exact ``DenseCurvature`` used as a test
+            oracle.
+        options: the rule's options (:class:`kldwrm_fast.optim.options.Options`); read here: ``fisher``
+            (``"sampled"`` or ``"empirical"``: empirical statistics are unscaled with the gradients),
+            ``predictive`` (the distribution the sampled Fisher draws from), ``backend`` (chosen again for the
+            device when the parameters move), ``bias``, ``repeated_calls``, ``weight_sharing``, ``max_factor_dim``.
+        predictive_module: as the optimizers take it.
         needs_predictive_output: whether the rule reads the model's outputs as ``predictive``'s (QE's KL terms).
         owner: the optimizer's class name, for warnings.
 
@@ -89,21 +91,15 @@ class CurvatureEstimator:
     def __init__(
         self,
         model: Union[nn.Module, Curvature],
-        fisher: str,
-        predictive: str,
-        backend: str,
-        bias: str,
-        repeated_calls: str,
+        options,
         predictive_module: Optional[nn.Module],
         needs_predictive_output: bool,
         owner: str,
-        weight_sharing: str = "expand",
     ) -> None:
         self.data_parallel = distributed.data_parallel_for(model)
-        self.fisher, self.owner, self.requested_backend = fisher, owner, backend
-        self.curvature = self._build(model, fisher, predictive, bias, repeated_calls, predictive_module,
-                                     needs_predictive_output, weight_sharing)  # fmt: skip
-        self.backend, self.ops = operations_for(backend, self.device)
+        self.fisher, self.owner, self.requested_backend = options.fisher, owner, options.backend
+        self.curvature = self._build(model, options, predictive_module, needs_predictive_output)
+        self.backend, self.ops = operations_for(options.backend, self.device)
         self.batches = BlockBatches(self.curvature.blocks)
         self._batch_cache: dict[tuple[int, ...], BlockBatches] = {}
         self._layout = self._parameter_layout()
@@ -112,7 +108,7 @@ class CurvatureEstimator:
         self._group: dict = {}
         self.curvature.capture_due = self.statistics_due
 
-    def _build(self, model, fisher, predictive, bias, repeated_calls, predictive_module, needs_output, weight_sharing):
+    def _build(self, model, options, predictive_module, needs_output):
         if isinstance(model, Curvature):
             return model
         if not isinstance(model, nn.Module):
@@ -128,9 +124,10 @@ class CurvatureEstimator:
             )
         seed = int(torch.randint(0, 2**62, (1,)).item()) + self.data_parallel.rank
         curvature = KroneckerCurvature(
-            model, fisher, predictive, seed, separate_bias=bias == "separate", repeated_calls=repeated_calls,
-            predictive_module=predictive_module, needs_predictive_output=needs_output,
-            weight_sharing=weight_sharing,
+            model, options.fisher, options.predictive, seed, separate_bias=options.bias == "separate",
+            repeated_calls=options.repeated_calls, predictive_module=predictive_module,
+            needs_predictive_output=needs_output, weight_sharing=options.weight_sharing,
+            max_factor_dim=options.max_factor_dim,
         )  # fmt: skip
         # What the curvature assumes, each named once at construction.
         notices = (
@@ -384,7 +381,9 @@ class CurvatureEstimator:
                 locals_ += [(block, side, state[average_key(side)].clone()) for side in SIDES]
                 continue
             for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
-                locals_.append((block, side, self._local_factor(rows, scale, block.dtype)))
+                diagonal = side in block.diagonal
+                local = reference.diagonal_local(rows, scale, block.dtype) if diagonal else None
+                locals_.append((block, side, local if diagonal else self._local_factor(rows, scale, block.dtype)))
         distributed.average_symmetric_([local for _, _, local in locals_], pack=self._group["pack_statistics"])
         reweighted: dict = {}  # block -> {side: X̂ or None}
         for block, side, local in locals_:
@@ -399,16 +398,23 @@ class CurvatureEstimator:
             self._decompose_distributed(factors, info.eigenvalue_floor)
 
     def _decompose_distributed(self, factors: list, floor: float) -> None:
-        owners = distributed.assign_by_cost(
-            [matrix.shape[0] for _, _, matrix in factors], self.data_parallel.world_size
-        )
+        """Each dense factor decomposed by one rank (shared out by cost) and broadcast; diagonal factors, whose
+        decomposition is their entries, by every rank (the averaged factors are the same on all)."""
+        dense = [i for i, (_, _, matrix) in enumerate(factors) if matrix.dim() == 2]
+        costs = [factors[i][2].shape[0] for i in dense]
+        owners = dict(zip(dense, distributed.assign_by_cost(costs, self.data_parallel.world_size)))
         rank = self.data_parallel.rank
-        mine = [i for i, owner in enumerate(owners) if owner == rank]
+        mine = [i for i in range(len(factors)) if owners.get(i, rank) == rank]
         # This rank's share in one grouped call (batched solver, one host check), as on a single process.
         decomposed = dict(zip(mine, decompose_many([self._eigen_request(*factors[i]) for i in mine], self.ops.eigh)))
-        for index, ((block, key, matrix), owner) in enumerate(zip(factors, owners)):
+        for index, (block, key, matrix) in enumerate(factors):
             state = self.state_of(block)
             keys = eigen_keys(key)
+            owner = owners.get(index)
+            if owner is None:
+                store(state, keys[0], decomposed[index][0])
+                store(state, keys[1], _floored(decomposed[index][1], floor))
+                continue
             if owner == rank:
                 vectors, values = decomposed[index]
             else:

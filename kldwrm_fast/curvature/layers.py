@@ -22,8 +22,10 @@ from torch import Tensor, nn
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether ``module`` becomes a Kronecker block: ``nn.Linear`` or ``nn.Conv2d`` with ``groups=1``."""
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+    """Whether ``module`` becomes a block: ``nn.Linear``, ``nn.Conv2d`` with ``groups=1``, ``nn.Embedding``."""
+    return (
+        isinstance(module, (nn.Linear, nn.Embedding)) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+    )
 
 
 def _batched_image(module: nn.Module, x: Tensor) -> Tensor:

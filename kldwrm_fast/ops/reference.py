@@ -3,6 +3,15 @@
 These functions are the executable specification: the CPU path, the fallback on CUDA tensors, and the
 oracle that every Triton or CUDA kernel is tested against. Each works on a single block (2-D tensors) or
 on a batch of blocks of equal shape (a leading batch dimension), and computes in the dtype of its inputs.
+
+Note [diagonal sides]
+    A factor side kept diagonal (an embedding's input side, a side wider than ``max_factor_dim``;
+    docs/algorithms.md §1) is held as its diagonal, a tensor with one dimension fewer than the block-form matrix
+    it meets: an average or local factor ``(..., n)``, eigenvalues ``(..., n)`` as for a dense side, and its
+    eigenvectors, the identity, as the empty ``(..., 0)`` marker. Every product with a factor or with eigenvectors
+    here (:func:`left`, :func:`right`, :func:`rotate`, :func:`unrotate`) reads a tensor of one dimension fewer that
+    way: an element-wise scaling, or nothing, instead of a GEMM. The fused kernels take dense sides only; blocks
+    with a diagonal side run these functions on every backend (:class:`kldwrm_fast.curvature.batching.BlockBatches`).
 """
 
 from __future__ import annotations
@@ -13,6 +22,34 @@ import torch
 from torch import Tensor
 
 from kldwrm_fast.ops.tracing import tracing
+
+
+def is_diagonal(factor: Tensor, matrix: Tensor) -> bool:
+    """Whether ``factor`` (a factor, average or eigenvector tensor) is a diagonal side's form next to the block-form
+    ``matrix`` (Note [diagonal sides])."""
+    return factor.dim() < matrix.dim()
+
+
+def left(factor: Tensor, matrix: Tensor) -> Tensor:
+    """``Y M`` for an output-side factor ``Y`` (..., n_out, n_out) or its diagonal (..., n_out), and (..., n_out, m)."""
+    return factor.unsqueeze(-1) * matrix if is_diagonal(factor, matrix) else torch.matmul(factor, matrix)
+
+
+def right(matrix: Tensor, factor: Tensor) -> Tensor:
+    """``M X`` for (..., m, n_in) and an input-side factor ``X`` (..., n_in, n_in), or its diagonal (..., n_in)."""
+    return matrix * factor.unsqueeze(-2) if is_diagonal(factor, matrix) else torch.matmul(matrix, factor)
+
+
+def sandwich(g: Tensor, s: Tensor, a: Tensor) -> Tensor:
+    """``Γ S A``, the curvature ``Γ ⊗ A`` applied to a block-form ``S`` (either factor possibly diagonal)."""
+    return right(left(g, s), a)
+
+
+def diagonal_local(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """The diagonal ``scale · diag(xᵀx)`` (n,) of a diagonal side's local factor from (rows, n) ``x`` in ``dtype``;
+    a 1-D ``x`` is already ``diag(xᵀx)`` (an embedding's token counts)."""
+    x = x.to(dtype)
+    return (x if x.dim() == 1 else (x * x).sum(0)) * scale
 
 
 def gram(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
@@ -122,18 +159,27 @@ def q_precondition(
         ``(S, M)`` with ``S = −lr · P_{Â,Γ̂}(Ĝ)`` (unclipped step) and ``M = −λ Γ̄ S Ā``.
     """
     step = precondition(q_g, d_g, q_a, d_a, g_hat, damping).mul_(-lr)
-    product = torch.matmul(torch.matmul(ea_g, step), ea_a).mul_(-1.0 / lr)
+    product = sandwich(ea_g, step, ea_a).mul_(-1.0 / lr)
     return step, product
 
 
 def rotate(q_g: Tensor, q_a: Tensor, v: Tensor) -> Tensor:
-    """``Q_Γᵀ V Q_A``: a block-form matrix (..., n_out, n_in) in the eigenbasis of its factors."""
-    return torch.matmul(torch.matmul(q_g.transpose(-1, -2), v), q_a)
+    """``Q_Γᵀ V Q_A``: a block-form matrix (..., n_out, n_in) in the eigenbasis of its factors (a diagonal side's
+    marker is the identity: Note [diagonal sides]). A new tensor, which callers may write."""
+    if is_diagonal(q_g, v) and is_diagonal(q_a, v):
+        return v.clone()
+    if not is_diagonal(q_g, v):
+        v = torch.matmul(q_g.transpose(-1, -2), v)
+    return v if is_diagonal(q_a, v) else torch.matmul(v, q_a)
 
 
 def unrotate(q_g: Tensor, q_a: Tensor, r: Tensor) -> Tensor:
-    """``Q_Γ R Q_Aᵀ``: the inverse of :func:`rotate` (the eigenvector matrices are orthogonal)."""
-    return torch.matmul(torch.matmul(q_g, r), q_a.transpose(-1, -2))
+    """``Q_Γ R Q_Aᵀ``: the inverse of :func:`rotate` (the eigenvector matrices are orthogonal); a new tensor."""
+    if is_diagonal(q_g, r) and is_diagonal(q_a, r):
+        return r.clone()
+    if not is_diagonal(q_g, r):
+        r = torch.matmul(q_g, r)
+    return r if is_diagonal(q_a, r) else torch.matmul(r, q_a.transpose(-1, -2))
 
 
 def q_cached_step(

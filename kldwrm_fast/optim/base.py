@@ -80,11 +80,8 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
         owner = type(self).__name__
         self.fisher, self.predictive, self.bias = options.fisher, options.predictive, options.bias
         self.repeated_calls, self._requested_backend = options.repeated_calls, options.backend
-        self.weight_sharing = options.weight_sharing
-        self.estimator = CurvatureEstimator(
-            model, options.fisher, options.predictive, options.backend, options.bias, options.repeated_calls,
-            predictive_module, self._reads_predictive_outputs, owner, options.weight_sharing,
-        )  # fmt: skip
+        self.weight_sharing, self.max_factor_dim = options.weight_sharing, options.max_factor_dim
+        self.estimator = CurvatureEstimator(model, options, predictive_module, self._reads_predictive_outputs, owner)
         curvature = self.estimator.curvature
         self.data_parallel = self.estimator.data_parallel
         routed = others is not None and bool(curvature.other_params)
@@ -104,7 +101,7 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
             self._notice(what, self._others.names)
         else:
             self._notice(
-                "parameters outside nn.Linear/nn.Conv2d(groups=1) layers (and attention projections that "
+                "parameters outside nn.Linear/nn.Conv2d(groups=1)/nn.Embedding layers (and attention projections that "
                 "nn.MultiheadAttention uses without calling them, and layers whose weight or bias is computed: "
                 "parametrizations, weight_norm, spectral_norm) get plain gradient descent with the same lr and "
                 "weight decay (others=torch.optim.AdamW routes them to an optimizer of your choice)",

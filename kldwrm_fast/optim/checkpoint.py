@@ -15,15 +15,18 @@ from kldwrm_fast.optim.routing import OTHERS_KEY
 
 
 def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
-    """The shapes a block's state tensors may have: factors, eigenvalues and block-form matrices."""
+    """The shapes a block's state tensors may have: factors, eigenvalues, block-form matrices, and a diagonal side's
+    identity marker."""
     n_out, n_in = block.shape
-    return {(n_in, n_in), (n_out, n_out), (n_out, n_in), (n_in,), (n_out,)}
+    return {(n_in, n_in), (n_out, n_out), (n_out, n_in), (n_in,), (n_out,), (0,)}
 
 
 class Checkpointing:
     """Saving and loading (see the module docstring)."""
 
-    fixed_options: tuple[str, ...] = ("fisher", "predictive", "bias", "repeated_calls", "weight_sharing")
+    fixed_options: tuple[str, ...] = (
+        "fisher", "predictive", "bias", "repeated_calls", "weight_sharing", "max_factor_dim",
+    )  # fmt: skip
     """Construction arguments (attributes of the optimizer, copied into its param groups) that a checkpoint must
     share: loading one saved with another value raises."""
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.optim.base import CurvatureOptimizer
-from kldwrm_fast.optim.options import KFACOptions
+from kldwrm_fast.optim.options import MAX_FACTOR_DIM, KFACOptions
 from kldwrm_fast.optim.updates import BufferUpdates, add_to_parameters, heavy_ball, kl_clip_
 
 
@@ -44,6 +44,9 @@ class KFAC(CurvatureOptimizer):
         weight_sharing: ``"expand"`` or ``"reduce"``: how a Linear layer applied to ``(batch, seq, features)`` forms
             its factors over the shared dimensions (Note [weight sharing over a sequence] in
             :mod:`kldwrm_fast.curvature.blocks`).
+        max_factor_dim: a factor side wider than this (an integer, or None for no limit) is kept as its diagonal,
+            the other side staying dense (docs/algorithms.md §1, "diagonal sides"); an embedding's input side is
+            always diagonal. Default 4096 (:data:`kldwrm_fast.optim.options.MAX_FACTOR_DIM` says why).
         others, others_kwargs: a ``torch.optim`` optimizer class (and its arguments) for the parameters without a
             curvature block (:mod:`kldwrm_fast.optim.routing`); default plain gradient descent.
     """
@@ -71,11 +74,13 @@ class KFAC(CurvatureOptimizer):
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
         weight_sharing: str = "expand",
+        max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
     ) -> None:
         options = KFACOptions(
             lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
+            max_factor_dim=max_factor_dim,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
         self._buffer_updates = BufferUpdates()

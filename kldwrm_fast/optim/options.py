@@ -20,6 +20,11 @@ from kldwrm_fast.ops import BACKENDS
 
 BIAS_MODES = ("folded", "separate")
 REPEATED_CALLS = ("expand", "reduce")
+MAX_FACTOR_DIM = 4096
+"""The default ``max_factor_dim`` (docs/algorithms.md §1, "diagonal sides"): a dense side of n = 4096 holds about four
+n × n float32 matrices in the state (local factor, average, eigenvectors; Q's reweighted ones on an inverse step),
+256 MiB, and one eigendecomposition of O(n³) ≈ 7·10¹⁰ multiply-adds per inverse step; at 8192 that is 1 GiB and 8×
+the arithmetic per side, at 32,000 (a vocabulary) 16 GiB and an eigensolve of minutes."""
 WEIGHT_SHARING = ("expand", "reduce")
 CURVATURE_SUMS = ("reweighted", "exact")
 
@@ -54,6 +59,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "bias": (lambda v: v in BIAS_MODES, f"one of {BIAS_MODES}"),
     "repeated_calls": (lambda v: v in REPEATED_CALLS, f"one of {REPEATED_CALLS}"),
     "weight_sharing": (lambda v: v in WEIGHT_SHARING, f"one of {WEIGHT_SHARING}"),
+    "max_factor_dim": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None"),
     "check_numerics": (lambda v: isinstance(v, bool), "True or False"),
     "pack_statistics": (lambda v: isinstance(v, bool), "True or False"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "0 <= momentum < 1"),
@@ -104,6 +110,7 @@ class Options:
     eigenvalue_floor: float
     repeated_calls: str
     weight_sharing: str = "expand"
+    max_factor_dim: Optional[int] = MAX_FACTOR_DIM
     check_numerics: bool = True
     pack_statistics: bool = True
 

@@ -14,7 +14,7 @@ from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.state import store, store_all
 from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
-from kldwrm_fast.optim.options import QOptions, group_option
+from kldwrm_fast.optim.options import MAX_FACTOR_DIM, QOptions, _check, group_option
 from kldwrm_fast.optim.q_steps import (
     BASIS,
     EIGENBASIS,
@@ -59,9 +59,10 @@ class QKLDWRM(CurvatureOptimizer):
 
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``;
     ``kl_clip`` (default None) applies K-FAC's KL clip to the Q step before ``clip``; paper default ``rho=0.5``.
-    ``bias``, ``eigenvalue_floor``, ``repeated_calls``, ``weight_sharing``, ``predictive_module``, ``others`` and
-    ``others_kwargs`` as for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above. ``curvature_sum``:
-    ``"reweighted"`` (default) or ``"exact"``; a checkpoint resumes only with the value it was saved with.
+    ``bias``, ``eigenvalue_floor``, ``repeated_calls``, ``weight_sharing``, ``max_factor_dim``, ``predictive_module``,
+    ``others`` and ``others_kwargs`` as for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above.
+    ``curvature_sum``: ``"reweighted"`` (default) or ``"exact"`` (not with diagonal sides); a checkpoint resumes
+    only with the value it was saved with.
     """
 
     fixed_options = (*CurvatureOptimizer.fixed_options, "curvature_sum")
@@ -96,12 +97,14 @@ class QKLDWRM(CurvatureOptimizer):
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
         weight_sharing: str = "expand",
+        max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
     ) -> None:
         options = QOptions(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, kl_clip=kl_clip, bias=bias,
             eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum, max_step_rms=max_step_rms,
             repeated_calls=repeated_calls, weight_sharing=weight_sharing,
+            max_factor_dim=max_factor_dim,
         )  # fmt: skip
         self._start(model, options, predictive_module, others, others_kwargs)
 
@@ -109,6 +112,12 @@ class QKLDWRM(CurvatureOptimizer):
         """The construction Q and QE share, from their options."""
         self.curvature_sum = options.curvature_sum
         super().__init__(model, options, predictive_module, others, others_kwargs)
+        diagonal = [block.name for block in self.curvature.blocks if block.diagonal]
+        _check(
+            options.curvature_sum != "exact" or not diagonal,
+            f"Invalid curvature_sum: 'exact' needs dense factors, and {', '.join(diagonal)} keep a diagonal side "
+            "(an embedding, or wider than max_factor_dim); use curvature_sum='reweighted'",
+        )
         self._growth = GrowthGuard(type(self).__name__, [block.name for block in self.curvature.blocks])
 
     @property

@@ -66,8 +66,8 @@ def q_steps(
     """``(S, M)`` per block, a batched call per group: ``S = −lr P_{Â,Γ̂}(Ĝ)``, ``M = −λ Γ̄ S Ā``; the decompositions
     of ``Â, Γ̂`` under ``eigen_keys``."""
 
-    def compute(_, q_g, d_g, q_a, d_a, ea_g, ea_a, batch):
-        return ops.q_precondition(q_g, d_g, q_a, d_a, batch, damping, lr, ea_g, ea_a)
+    def compute(run, _, q_g, d_g, q_a, d_a, ea_g, ea_a, batch):
+        return run.q_precondition(q_g, d_g, q_a, d_a, batch, damping, lr, ea_g, ea_a)
 
     steps, products = batches.per_group(ops, states, eigen_keys + AVERAGE_KEYS, g_hats, compute)
     return steps, products
@@ -92,7 +92,7 @@ def q_cached_steps(
         ]
         return [step for step, _ in results], [product for _, product in results]
 
-    def compute(group, *args):
+    def compute(_, group, *args):
         return reference.q_cached_step(*args, damping, lr, *scales[group[0]])
 
     steps, products = batches.per_group(ops, states, EIGEN_KEYS, rotated, compute)
@@ -106,7 +106,7 @@ def q_exact_steps(
     """``(S, M)`` per block with ``curvature_sum="exact"`` (:func:`kldwrm_fast.curvature.joint.exact_step`), a
     batched call per group: the averages' decompositions and the whitened local factors' ones."""
 
-    def compute(_, q_g, d_g, q_a, d_a, u_g, s_g, u_a, s_a, ea_g, ea_a, batch):
+    def compute(_, __, q_g, d_g, q_a, d_a, u_g, s_g, u_a, s_a, ea_g, ea_a, batch):
         return exact_step(q_g, d_g, u_g, s_g, q_a, d_a, u_a, s_a, ea_g, ea_a, batch, damping, lr, iterations)
 
     steps, products = batches.per_group(ops, states, EIGEN_KEYS + JOINT_EIGEN_KEYS + AVERAGE_KEYS, g_hats, compute)

@@ -11,7 +11,7 @@ from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.state import store_all
 from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
-from kldwrm_fast.optim.options import SOOptions
+from kldwrm_fast.optim.options import MAX_FACTOR_DIM, SOOptions
 from kldwrm_fast.optim.updates import add_to_parameters, kl_clip_, recursion_ratio
 
 
@@ -46,11 +46,13 @@ class SOKLDWRM(CurvatureOptimizer):
         others: Optional[Callable] = None,
         others_kwargs: Optional[dict] = None,
         weight_sharing: str = "expand",
+        max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
     ) -> None:
         options = SOOptions(
             lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
+            max_factor_dim=max_factor_dim,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
 

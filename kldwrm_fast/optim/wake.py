@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from kldwrm_fast.curvature.fisher import check_classes
+from kldwrm_fast.ops import reference
 
 
 def symmetric_kl_categorical(logits_a: Tensor, logits_b: Tensor) -> Tensor:
@@ -112,7 +113,7 @@ class WakeObjective:
         """Φ(s) as a scalar tensor (differentiable in ``steps``)."""
         total = 0.0
         for v, s, (a, g) in zip(self.gradients, steps, self.local_factors):
-            total = total + (v * s).sum() + 0.5 * (s * (g @ s @ a)).sum()
+            total = total + (v * s).sum() + 0.5 * (s * reference.sandwich(g, s, a)).sum()
         divergence = self.divergence(steps)
         return total if divergence is None else total + divergence
 
@@ -120,7 +121,7 @@ class WakeObjective:
         """∇Φ(s) per block: ``V + Γ s A`` (Γ and A are symmetric) plus the KL term's gradient, by autograd through
         the functional forward pass. Two GEMMs per block for the quadratic term, where autograd through
         ``½⟨s, Γ s A⟩`` takes four; and no forward pass without stored networks."""
-        gradients = [v + g @ s @ a for v, s, (a, g) in zip(self.gradients, steps, self.local_factors)]
+        gradients = [v + reference.sandwich(g, s, a) for v, s, (a, g) in zip(self.gradients, steps, self.local_factors)]
         with torch.enable_grad():
             leaves = [s.detach().requires_grad_() for s in steps]
             divergence = self.divergence(leaves)

@@ -18,7 +18,7 @@ def blocks_and_states(dtype):
     generator = torch.Generator().manual_seed(0)
     blocks, states = [], []
     for n_out, n_in in SHAPES:
-        blocks.append(SimpleNamespace(shape=(n_out, n_in), key=torch.zeros(1, dtype=dtype)))
+        blocks.append(SimpleNamespace(shape=(n_out, n_in), diagonal=(), key=torch.zeros(1, dtype=dtype)))
         states.append({
             "QG": torch.linalg.qr(torch.randn(n_out, n_out, generator=generator, dtype=dtype))[0],
             "dG": torch.rand(n_out, generator=generator, dtype=dtype),

@@ -41,6 +41,22 @@ def test_the_paper_code_options_equal_one_process_with_the_concatenated_batch(tm
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["KFAC", "QKLDWRM"])
+def test_diagonal_sides_equal_one_process_with_the_concatenated_batch(tmp_path, name):
+    extra = dict(max_factor_dim=9)  # every side but the output sides of the convolution (3) and of the head (3)
+    out = str(tmp_path / "params")
+    spawn(worker.data_parallel, 2, name, extra, out)
+    expected = worker.single_process(name, 2, extra)
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    for result in results:
+        for ours, theirs in zip(result["params"], expected):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    # A dense factor is decomposed by one rank; a diagonal one, whose decomposition is its entries, by each.
+    n_dense, n_diagonal, inverse_steps = 2, 6, len(range(0, worker.STEPS, 4))
+    per_inverse_step = (n_dense + 2 * n_diagonal) * (2 if name == "QKLDWRM" else 1)
+    assert len([n for result in results for n in result["eig_calls"]]) == per_inverse_step * inverse_steps
+
+
 @pytest.mark.parametrize("extra,compare", [(dict(n_inner=3, kl_scale=0.0), True), (dict(n_inner=3), False)])
 def test_qe_ranks_agree_and_follow_their_documented_semantics(tmp_path, extra, compare):
     out = str(tmp_path / "params")

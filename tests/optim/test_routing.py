@@ -16,7 +16,7 @@ ADAMW = dict(lr=3e-3, weight_decay=0.01)
 
 
 class Recurrent(nn.Module):
-    """An embedding and a GRU (no curvature blocks) under a Linear head (one block)."""
+    """An embedding (a block) and a GRU (no curvature block) under a Linear head (a block)."""
 
     def __init__(self):
         super().__init__()
@@ -57,7 +57,7 @@ def step(opt, model, k, scaler=None):
 
 
 def routed(model):
-    return [p for name, p in model.named_parameters() if not name.startswith("head")]
+    return [p for name, p in model.named_parameters() if name.startswith("rnn")]
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
@@ -86,7 +86,7 @@ def test_the_construction_warning_names_the_routing_and_no_plain_gradient_descen
         warnings.simplefilter("always")
         KFAC(Recurrent(), others=torch.optim.AdamW, others_kwargs=dict(lr=1e-3))
     messages = [str(w.message) for w in caught]
-    assert any("routed to AdamW(lr=0.001) (others=): embedding.weight, rnn.weight_ih_l0" in m for m in messages)
+    assert any("routed to AdamW(lr=0.001) (others=): rnn.weight_ih_l0, rnn.weight_hh_l0" in m for m in messages)
     assert not any("plain gradient descent" in m for m in messages)
 
 
