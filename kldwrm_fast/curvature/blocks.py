@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kldwrm_fast.curvature import layers
@@ -369,6 +370,82 @@ class EmbeddingBlock(KroneckerBlock):
         g_pieces = gradient_pieces(self.module, passes, lambda e: e.reshape(-1, e.shape[-1]).to(self.dtype))
         return {INPUT: (counts, 1.0 / tokens.numel()), OUTPUT: pooled_rows(*g_pieces[:2], grad_factor, grad_unscale,
                                                                           g_pieces[2])}  # fmt: skip
+
+
+class NormBlock(KroneckerBlock):
+    """Note [scale-and-shift blocks]
+        The affine parameters of a normalisation layer (``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
+        ``BatchNorm1d/2d/3d``), ``y = γ ⊙ x̂ + β`` with ``x̂`` the normalised input, are one block whose curvature is
+        the diagonal of the Fisher of ``(γ, β)`` (kfac-jax's ``ScaleAndShiftDiagonal``): block form the row
+        ``[γ, β]`` flattened, ``(n_out, n_in) = (1, |γ| + |β|)``, input side the diagonal ``A = m Σ_r g_r²`` of the
+        rows ``g_r = [e_r ⊙ x̂_r, e_r]`` (``e`` the output gradient of the mean loss, ``m`` the rows), output side
+        the constant ``[[1]]``, which the Q family reweights as a bias block's input side. A row is a sample: for
+        channel norms (BatchNorm, GroupNorm) the gradient summed over the sample's locations (its exact gradient;
+        BatchNorm's coupling of samples through the batch statistics is left out, as kfac-jax does); for
+        ``LayerNorm``/``RMSNorm`` over ``(batch, seq, features)`` every position with ``weight_sharing="expand"`` and
+        every sequence (summed) with ``"reduce"``, as for a Linear layer. ``x̂`` is computed again from the captured
+        input (the layer's own eps; BatchNorm from the batch's statistics, as in training); running statistics are
+        the layer's own business. Repeated calls always expand."""
+
+    diagonal = (INPUT,)
+
+    def __init__(self, name: str, module: nn.Module):
+        super().__init__(name, module, fold_bias=True)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return 1, sum(p.numel() for p in self.params)
+
+    @property
+    def matrix_copies(self) -> bool:
+        return True
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        parts = matrix[0].split([p.numel() for p in self.params])
+        return [part.view_as(p) for part, p in zip(parts, self.params)]
+
+    def _shared(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        return x, e
+
+    def _reduced(self, calls: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        return calls
+
+    def _normalised(self, x: Tensor) -> Tensor:
+        module = self.module
+        if isinstance(module, nn.LayerNorm):
+            return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        if isinstance(module, nn.GroupNorm):
+            return F.group_norm(x, module.num_groups, None, None, module.eps)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
+        return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+    def gradient_rows(self, x: Tensor, e: Tensor) -> Tensor:
+        """``[e ⊙ x̂, e]`` per sample (rows, |γ| + |β|) in :attr:`dtype` (Note [scale-and-shift blocks])."""
+        x, e = x.to(self.dtype), e.to(self.dtype)
+        scale = e * self._normalised(x)
+        parts = [scale, e] if self.has_bias else [scale]
+        if isinstance(self.module, layers.FEATURE_LAST):
+            features = self.params[0].numel()
+            rows = [p.reshape(-1, features) for p in parts]
+            if self.weight_sharing == "reduce" and x.dim() > len(self.module.normalized_shape) + 1:
+                rows = [r.reshape(x.shape[0], -1, features).sum(1) for r in rows]
+            return torch.cat(rows, dim=1)
+        return torch.cat([p.reshape(p.shape[0], p.shape[1], -1).sum(2) for p in parts], dim=1)
+
+    def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
+        passes = self.calls_by_pass()
+        rows = [[self.gradient_rows(x, e) for x, e in calls] for calls in passes]
+        counts = [[r.shape[0] for r in calls] for calls in rows]
+        total = sum(max(c) for c in counts)
+        shares = [max(c) / total for c in counts for _ in c]
+        flat = [r for calls in rows for r in calls]
+        one = torch.ones(1, 1, dtype=self.dtype, device=self.params[0].device)
+        pooled = pooled_rows(flat, [m for c in counts for m in c], grad_factor, grad_unscale, shares)
+        return {INPUT: pooled, OUTPUT: (one, 1.0)}
 
 
 class BiasBlock(FactoredBlock):

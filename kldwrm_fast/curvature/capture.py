@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from kldwrm_fast.curvature.base import Curvature
-from kldwrm_fast.curvature.blocks import BiasBlock, EmbeddingBlock, FactoredBlock, KroneckerBlock
+from kldwrm_fast.curvature.blocks import BiasBlock, EmbeddingBlock, FactoredBlock, KroneckerBlock, NormBlock
 from kldwrm_fast.curvature.fisher import sampled_loss
-from kldwrm_fast.curvature.layers import is_supported
+from kldwrm_fast.curvature.layers import is_normalisation, is_supported
 from kldwrm_fast.curvature.state import INPUT, OUTPUT, SIDES
 
 
@@ -65,23 +65,29 @@ def _uses_elsewhere(model: nn.Module, blocks: list[FactoredBlock]) -> list[str]:
 
 
 def _own_forwards(blocks: list[FactoredBlock]) -> list[str]:
-    """``"layer (class)"`` for each layer of a subclass of ``nn.Linear`` or ``nn.Conv2d`` that replaces how the output
-    is computed (``forward``, or a convolution's ``_conv_forward``): the curvature assumes the base class's
-    ``y = W x̄``, which such a forward may not compute (a scaled weight, say)."""
+    """``"layer (class)"`` for each layer of a subclass of a supported layer that replaces how the output is computed
+    (``forward``, or a convolution's ``_conv_forward``): the curvature assumes the base class's ``y = W x̄`` (or
+    ``γ ⊙ x̂ + β``), which such a forward may not compute (a scaled weight, say)."""
     found = []
     for block in blocks:
         if not isinstance(block, KroneckerBlock):
             continue
         cls = type(block.module)
-        if isinstance(block.module, nn.Embedding):
-            own = cls.forward is not nn.Embedding.forward
-        elif isinstance(block.module, nn.Linear):
-            own = cls.forward is not nn.Linear.forward
+        base = next((kind for kind in OWN_FORWARD_BASES if isinstance(block.module, kind)), None)
+        if base is not None:
+            own = cls.forward is not base.forward
         else:
             own = cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
         if own:
             found.append(f"{block.name} ({cls.__name__})")
     return found
+
+
+OWN_FORWARD_BASES = (
+    nn.Linear, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.SyncBatchNorm, *(() if getattr(nn, "RMSNorm", None) is None else (nn.RMSNorm,)),
+)
+"""The classes whose ``forward`` a block assumes (a convolution's, ``_conv_forward`` too, is checked apart)."""
 
 
 def _same_layer(first: nn.Module, second: nn.Module) -> bool:
@@ -124,7 +130,7 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
     for block in by_weight.values():
         blocks.append(block)
         bias = getattr(block.module, "bias", None)
-        if separate_bias and bias is not None and bias.requires_grad:
+        if separate_bias and type(block) is KroneckerBlock and bias is not None and bias.requires_grad:
             blocks.append(BiasBlock(block))
     owners: dict[int, str] = {}
     for block in blocks:
@@ -140,6 +146,8 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
 
 
 def _block_for(name: str, module: nn.Module, separate_bias: bool) -> KroneckerBlock:
+    if is_normalisation(module):
+        return NormBlock(name, module)
     if not isinstance(module, nn.Embedding):
         return KroneckerBlock(name, module, fold_bias=not separate_bias)
     refused = (
@@ -236,8 +244,8 @@ class KroneckerCurvature(Curvature):
         self.own_forwards = _own_forwards(self.blocks)
         if not self.blocks:
             raise ValueError(
-                f"Invalid model: {type(model).__name__} has no trainable nn.Linear, nn.Conv2d (groups=1) or "
-                "nn.Embedding layer"
+                f"Invalid model: {type(model).__name__} has no trainable nn.Linear, nn.Conv2d (groups=1), nn.Embedding "
+                "or affine normalisation layer"
             )
         self._seed = seed
         self._generator: torch.Generator | None = None

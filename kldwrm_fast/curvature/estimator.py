@@ -138,9 +138,9 @@ class CurvatureEstimator:
             ),
             (
                 curvature.own_forwards,
-                "layers whose class replaces nn.Linear's or nn.Conv2d's forward are preconditioned as if they "
-                "computed y = W x + b (their curvature is wrong if they compute something else, such as a scaled "
-                "weight)",
+                "layers whose class replaces its base class's forward (nn.Linear, nn.Conv2d, nn.Embedding, a "
+                "normalisation layer) are preconditioned as if they computed what the base class does (their "
+                "curvature is wrong if they compute something else, such as a scaled weight)",
             ),
         )
         for names, what in notices:

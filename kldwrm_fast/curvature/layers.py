@@ -20,11 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NORMALISATIONS = tuple(
+    kind for kind in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    if kind is not None
+)
+"""The normalisation layers whose affine parameters form a scale-and-shift block (``RMSNorm`` where torch has it;
+``_BatchNorm`` covers ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``)."""
+
+
+FEATURE_LAST = tuple(kind for kind in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if kind is not None)
+"""Normalisations over the last dimensions (their affine parameters have those dimensions' shape); the others
+(GroupNorm, BatchNorm) normalise channels, dimension 1."""
+
+
+def is_normalisation(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer with affine parameters (a scale-and-shift block)."""
+    return isinstance(module, NORMALISATIONS) and getattr(module, "weight", None) is not None
+
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether ``module`` becomes a block: ``nn.Linear``, ``nn.Conv2d`` with ``groups=1``, ``nn.Embedding``."""
+    """Whether ``module`` becomes a block: ``nn.Linear``, ``nn.Conv2d`` with ``groups=1``, ``nn.Embedding``, or an
+    affine normalisation layer."""
     return (
-        isinstance(module, (nn.Linear, nn.Embedding)) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+        isinstance(module, (nn.Linear, nn.Embedding))
+        or (isinstance(module, nn.Conv2d) and module.groups == 1)
+        or is_normalisation(module)
     )
 
 

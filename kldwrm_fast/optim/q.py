@@ -116,7 +116,8 @@ class QKLDWRM(CurvatureOptimizer):
         _check(
             options.curvature_sum != "exact" or not diagonal,
             f"Invalid curvature_sum: 'exact' needs dense factors, and {', '.join(diagonal)} keep a diagonal side "
-            "(an embedding, or wider than max_factor_dim); use curvature_sum='reweighted'",
+            "(an embedding, a normalisation layer, or a side wider than max_factor_dim); use "
+            "curvature_sum='reweighted'",
         )
         self._growth = GrowthGuard(type(self).__name__, [block.name for block in self.curvature.blocks])
 

@@ -16,18 +16,19 @@ CADENCES = [(1, 1), (2, 4)]
 
 
 class TokenModel(nn.Module):
-    """An embedding (padding row 0) feeding two Linear layers, in float64."""
+    """An embedding (padding row 0) feeding two Linear layers with a LayerNorm between, in float64."""
 
     def __init__(self, vocabulary=11, width=4, length=3, hidden=9, classes=3):
         super().__init__()
         torch.manual_seed(0)
         self.embedding = nn.Embedding(vocabulary, width, padding_idx=0)
         self.hidden = nn.Linear(width * length, hidden)
+        self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, classes)
         self.double()
 
     def forward(self, tokens):
-        return self.head(torch.tanh(self.hidden(self.embedding(tokens).flatten(1))))
+        return self.head(self.norm(torch.tanh(self.hidden(self.embedding(tokens).flatten(1)))))
 
 
 def batch(k, vocabulary=11, length=3, size=6):
@@ -55,13 +56,12 @@ def train(model, opt, steps=6):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def diagonal_matrix_fold(limit):
-    """``FactoredBlock._fold`` with every side wider than ``limit`` (and an embedding's input side) folded as the
-    dense diagonal matrix of its entries: the oracle for the vector form."""
+def diagonal_matrix_fold(sides):
+    """``FactoredBlock._fold`` with the sides ``sides[block name]`` folded as the dense diagonal matrix of their
+    entries: the oracle for the vector form."""
 
     def fold(self, state, ops, side, x, scale, rho, reweight):
-        n = dict(zip(("G", "A"), self.shape))[side]
-        if n > limit or x.dim() == 1:
+        if side in sides[self.name]:
             local = torch.diag(reference.diagonal_local(x, scale, self.dtype))
             return self.fold_local(state, side, local, rho, reweight)
         return original_fold(self, state, ops, side, x, scale, rho, reweight)
@@ -78,15 +78,15 @@ def test_the_vector_form_takes_the_steps_of_the_diagonal_matrix_form(monkeypatch
     model = TokenModel()
     opt = cls(model, **options(cls, cadence, max_factor_dim=8))
     diagonal = {block.name: block.diagonal for block in opt.curvature.blocks}
-    assert diagonal == {"embedding": ("A",), "hidden": ("A", "G"), "head": ("A",)}  # 11, 13 and 9, 10 wide
+    assert diagonal == {"embedding": ("A",), "hidden": ("A", "G"), "norm": ("A",), "head": ("A",)}  # 11; 13, 9; 10
     ours = train(model, opt)
     assert all(opt.state[b.key]["A_ea"].dim() == 1 for b in opt.curvature.blocks)
 
-    monkeypatch.setattr(FactoredBlock, "_fold", diagonal_matrix_fold(8))
+    monkeypatch.setattr(FactoredBlock, "_fold", diagonal_matrix_fold(diagonal))
     dense_model = TokenModel()
     dense_opt = cls(dense_model, **options(cls, cadence, max_factor_dim=None))
     for block in dense_opt.curvature.blocks:
-        block.diagonal = ()  # the embedding's input side too: a V × V diagonal matrix, for the oracle
+        block.diagonal = ()  # the embedding's and the norm's input sides too: diagonal matrices, for the oracle
     theirs = train(dense_model, dense_opt)
     assert all(dense_opt.state[b.key]["A_ea"].dim() == 2 for b in dense_opt.curvature.blocks)
     for a, b in zip(ours, theirs):
@@ -164,7 +164,7 @@ def test_a_tied_embedding_and_head_keep_the_heads_block_and_name_the_embedding(h
 
 
 def test_curvature_sum_exact_is_refused_with_diagonal_sides():
-    with pytest.raises(ValueError, match=r"^Invalid curvature_sum: 'exact' needs dense factors, and embedding keep"):
+    with pytest.raises(ValueError, match=r"^Invalid curvature_sum: 'exact' needs dense factors, and embedding, norm "):
         QKLDWRM(TokenModel(), curvature_sum="exact")
 
 

@@ -80,7 +80,7 @@ def test_a_checkpoint_without_the_newer_options_loads_with_the_optimizer_s_own()
 
 
 def test_an_option_set_on_the_optimizer_leaves_the_routed_groups_alone():
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    model = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 3))
     opt = KFAC(model, others=torch.optim.AdamW)
     opt.check_numerics = False
     own, routed = opt.param_groups[0], opt.param_groups[1]
