@@ -217,3 +217,23 @@ def test_the_weight_sharing_comparison_reports_every_optimizer(tmp_path):
     rows = json.loads(out.read_text())
     assert [row["optimizer"] for row in rows] == ["adamw", "kfac-reduce"]
     assert all(row["held_out_loss"] > 0 for row in rows) and "| kfac-reduce |" in result.stdout
+
+
+@pytest.mark.skipif(not pathlib.Path("/usr/share/common-licenses").is_dir(), reason="needs Debian's licence texts")
+@pytest.mark.skipif(not pathlib.Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Fashion-MNIST")
+def test_the_modern_layers_comparison_reports_both_workloads(tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "bench" / "modern_layers.py"), "--steps", "2", "--every", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert [r["workload"] for r in results] == ["lm", "resnet"]
+    for r in results:
+        rows = {row["optimizer"]: row for row in r["rows"]}
+        assert list(rows) == ["adamw", "kfac", "q"]
+        assert rows["kfac"]["preconditioned"] == 1.0 and rows["q"]["preconditioned"] == 1.0
+        assert all(row["equal_time"]["seconds"] <= r["budget_s"] * 1.02 for row in rows.values())
+    assert "| kfac | 100.0% |" in result.stdout

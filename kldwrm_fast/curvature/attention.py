@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -46,14 +45,8 @@ class ProjectionBlock(KroneckerBlock):
     ``weight`` (n_out × n_in) and ``bias`` of the attention ``module``, captured from its ``F.linear`` calls."""
 
     def __init__(self, name: str, module: nn.MultiheadAttention, weight: Tensor, bias: Optional[Tensor]):
-        self.weight, self.bias = weight, bias
-        super().__init__(name, module, fold_bias=bias is not None)
-        self.params = [weight] + ([bias] if self.has_bias else [])
-        self.no_curvature_reason: Optional[str] = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.weight.shape[0], self.weight.shape[1] + int(self.has_bias)
+        super().__init__(name, module, parameters=(weight, bias))
+        self.weight = weight
 
 
 def attention_blocks(name: str, module: nn.MultiheadAttention) -> list[KroneckerBlock]:
@@ -71,7 +64,9 @@ def attention_blocks(name: str, module: nn.MultiheadAttention) -> list[Kronecker
                 trainable.append(ProjectionBlock(f"{prefix}{side}_proj", module, weight, None))
     out = module.out_proj
     if out.weight.requires_grad:
-        trainable.append(ProjectionBlock(prefix + "out_proj", module, out.weight, _trainable(out.bias)))
+        block = ProjectionBlock(prefix + "out_proj", module, out.weight, _trainable(out.bias))
+        block.modules.append(out)  # (the module that holds its parameters)
+        trainable.append(block)
     return trainable
 
 

@@ -42,6 +42,8 @@ class FactoredBlock:
     name: str
     params: list[Tensor]
     diagonal: tuple[str, ...] = ()
+    why_plain: Optional[str] = None
+    """Set when the capture found that this block cannot have curvature: why it takes plain gradient descent."""
 
     @property
     def key(self) -> Tensor:
@@ -175,13 +177,14 @@ class KroneckerBlock(FactoredBlock):
     alone (the bias is a :class:`BiasBlock` of its own).
     """
 
-    def __init__(self, name: str, module: nn.Module, fold_bias: bool = True):
+    def __init__(self, name: str, module: nn.Module, fold_bias: bool = True, parameters: Optional[tuple] = None):
         self.name = name or f"the model's own {type(module).__name__}"  # the root module's name is ""
         self.module = module
         self.modules = [module]
-        bias = getattr(module, "bias", None)  # (an embedding has none)
+        # (weight, bias or None): the module's own, or those given (an attention module's projections)
+        weight, bias = (module.weight, getattr(module, "bias", None)) if parameters is None else parameters
         self.has_bias = fold_bias and bias is not None and bias.requires_grad
-        self.params = [module.weight] + ([module.bias] if self.has_bias else [])
+        self.params = [weight] + ([bias] if self.has_bias else [])
         self.inputs: list[Tensor] = []
         self.output_grads: list[Tensor] = []
         self.passes: list[tuple[int, int]] = []  # (forward, backward) of each captured pair: calls of one pass share it

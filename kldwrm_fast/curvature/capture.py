@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from kldwrm_fast.curvature.attention import ProjectionBlock, ProjectionCalls, attention_blocks
 from kldwrm_fast.curvature.base import Curvature
 from kldwrm_fast.curvature.blocks import BiasBlock, EmbeddingBlock, FactoredBlock, KroneckerBlock, NormBlock
 from kldwrm_fast.curvature.fisher import sampled_loss
@@ -30,7 +31,8 @@ from kldwrm_fast.curvature.state import INPUT, OUTPUT, SIDES
 
 
 def _attention_projections(model: nn.Module) -> set[int]:
-    """Linear modules whose weights ``nn.MultiheadAttention`` uses without calling them (its ``out_proj``)."""
+    """Linear modules whose weights ``nn.MultiheadAttention`` uses without calling them (its ``out_proj``): their
+    blocks are the attention module's (:mod:`kldwrm_fast.curvature.attention`), not a Linear layer's."""
     return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
@@ -70,7 +72,7 @@ def _own_forwards(blocks: list[FactoredBlock]) -> list[str]:
     ``γ ⊙ x̂ + β``), which such a forward may not compute (a scaled weight, say)."""
     found = []
     for block in blocks:
-        if not isinstance(block, KroneckerBlock):
+        if not isinstance(block, KroneckerBlock) or isinstance(block, ProjectionBlock):
             continue
         cls = type(block.module)
         base = next((kind for kind in OWN_FORWARD_BASES if isinstance(block.module, kind)), None)
@@ -109,6 +111,10 @@ def _discover(model: nn.Module, separate_bias: bool = False) -> tuple[list[Facto
     skipped = _attention_projections(model)
     by_weight: dict[int, KroneckerBlock] = {}
     for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.MultiheadAttention):
+            for block in attention_blocks(name, module):
+                by_weight.setdefault(id(block.params[0]), block)  # (a module listed twice: its first name)
+            continue
         if not is_supported(module) or id(module) in skipped or _computed_parameters(module):
             continue  # (the parametrized weight is not read: see _computed_parameters)
         if not module.weight.requires_grad:
@@ -262,8 +268,18 @@ class KroneckerCurvature(Curvature):
         self._handles = [
             module.register_forward_hook(torch._dynamo.disable(self._layer_hook(block, module)))
             for block in self.blocks
+            if not isinstance(block, ProjectionBlock)
             for module in block.modules
         ]
+        self._projection_calls = ProjectionCalls(lambda *args: self._record_projection(*args))
+        attention: dict[int, tuple[nn.Module, list[ProjectionBlock]]] = {}
+        for block in self.blocks:
+            if isinstance(block, ProjectionBlock):
+                attention.setdefault(id(block.module), (block.module, []))[1].append(block)
+        for module, projections in attention.values():
+            enter, leave = self._attention_hooks(module, projections)
+            self._handles.append(module.register_forward_pre_hook(torch._dynamo.disable(enter), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(torch._dynamo.disable(leave), always_call=True))
         # Hooks are plain closures, not bound methods: copy.deepcopy(model) would deep-copy a bound method's
         # owner (this object) into the copy.
         self._handles.append(
@@ -299,6 +315,48 @@ class KroneckerCurvature(Curvature):
                 self._pending.append((block, output, output._version))
 
         return hook
+
+    def _attention_hooks(self, attention: nn.Module, blocks: list[ProjectionBlock]):
+        """The forward pre-hook and hook of one attention module (Note [attention projections] in
+        :mod:`kldwrm_fast.curvature.attention`)."""
+        entered: list[bool] = []
+
+        def enter(module, args: tuple, kwargs: dict) -> None:
+            if module is not attention or self._paused or not module.training or not torch.is_grad_enabled():
+                return
+            if not self.capture_due():
+                return
+            if torch._C._current_graph_task_id() != -1:  # activation checkpointing recomputes inside a backward
+                for block in blocks:
+                    if block.name not in self._hooked:
+                        self._recomputed(block)
+                return
+            query = args[0] if args else kwargs["query"]
+            self._projection_calls.enter(blocks, query, module.batch_first)
+            entered.append(True)
+
+        def leave(module, args, output) -> None:
+            if module is not attention or not entered:
+                return
+            entered.pop()
+            for block in self._projection_calls.exit(blocks):
+                if block.weight is getattr(module, "in_proj_weight", None):
+                    block.why_plain = (
+                        f"layer {block.name!r} ran with a query other than its key (cross-attention): the rows of "
+                        "the packed in_proj_weight then see different inputs, which one Kronecker block cannot "
+                        "describe, so it takes plain gradient descent"
+                    )
+
+        return enter, leave
+
+    def _record_projection(self, block: ProjectionBlock, x: Tensor, output: Tensor, arrange) -> None:
+        """One projection call of an attention module (its input batch-first; ``arrange`` makes the output's gradient
+        batch-first): recorded as a Linear layer's call is."""
+        self._hooked.add(block.name)
+        forward, slot = self._forwards, []
+        output.register_hook(lambda grad: self._record(block, x, arrange(grad), forward, slot))
+        if self.fisher == "sampled":
+            self._pending.append((block, output, output._version))
 
     def _recomputed(self, block: KroneckerBlock) -> None:
         """A layer whose forward ran inside a backward pass without having been captured in a forward before:

@@ -218,12 +218,11 @@ class CurvatureEstimator:
             plain.append(block)
             if block.name not in self._warned_plain:
                 self._warned_plain.add(block.name)
-                warnings.warn(
-                    f"{self.owner}: layer {block.name!r} has no curvature yet (its forward has not run in train mode "
-                    "with gradients on an inverse step); it takes plain gradient descent until then",
-                    UserWarning,
-                    stacklevel=5,
+                why = block.why_plain or (
+                    f"layer {block.name!r} has no curvature yet (its forward has not run in train mode with gradients "
+                    "on an inverse step); it takes plain gradient descent until then"
                 )
+                warnings.warn(f"{self.owner}: {why}", UserWarning, stacklevel=5)
         return tuple(indices), plain
 
     def batches_for(self, indices: tuple[int, ...]) -> BlockBatches:

@@ -101,10 +101,11 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
             self._notice(what, self._others.names)
         else:
             self._notice(
-                "parameters outside nn.Linear/nn.Conv2d(groups=1)/nn.Embedding/affine normalisation layers (and "
-                "attention projections that nn.MultiheadAttention uses without calling them, and layers whose weight "
-                "or bias is computed: parametrizations, weight_norm, spectral_norm) get plain gradient descent with "
-                "the same lr and weight decay (others=torch.optim.AdamW routes them to an optimizer of your choice)",
+                "parameters outside nn.Linear/nn.Conv2d(groups=1)/nn.Embedding/nn.MultiheadAttention/affine "
+                "normalisation layers (and an attention's bias_k/bias_v, its in_proj_bias with kdim/vdim, and layers "
+                "whose weight or bias is computed: parametrizations, weight_norm, spectral_norm) get plain gradient "
+                "descent with the same lr and weight decay (others=torch.optim.AdamW routes them to an optimizer of "
+                "your choice)",
                 [name for name, _ in curvature.other_params],
             )
 

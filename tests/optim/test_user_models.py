@@ -50,20 +50,21 @@ class Attention(nn.Module):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
-def test_a_transformer_layer_trains_with_its_attention_projections_on_gradient_descent(cls):
+def test_a_transformer_layer_preconditions_every_parameter(cls):
     model = Attention()
-    with pytest.warns(UserWarning, match="self_attn.out_proj"):
-        opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left to plain gradient descent
+        opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2, **({"max_step_rms": None} if cls in (QKLDWRM, QEKLDWRM)
+                                                                  else {}))  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, 4, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen)
-    out_proj = model.encoder.self_attn.out_proj.weight
-    before = out_proj.detach().clone()
     for _ in range(3):
         train_step(opt, model, x, y)
     assert finite(model)
-    assert not torch.equal(before, out_proj)
+    assert not opt.curvature.other_params
+    assert all(has_curvature(opt.state[block.key]) for block in opt.curvature.blocks)
     names = {block.name for block in opt.curvature.blocks}
-    assert "encoder.linear1" in names and "encoder.self_attn.out_proj" not in names
+    assert {"encoder.self_attn.in_proj", "encoder.self_attn.out_proj", "encoder.norm1", "encoder.linear1"} <= names
 
 
 def _old_weight_norm(module):
