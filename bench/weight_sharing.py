@@ -4,8 +4,8 @@ The text is the licence collection Debian's ``base-files`` installs in ``/usr/sh
 of English; nothing is downloaded). The model reads 16 characters and predicts the next: an embedding (an
 ``nn.Embedding`` block since 2026-12-07; the table in docs/benchmarks.md was measured when it was routed to AdamW
 with ``others=``, which now routes nothing here), one ``nn.Linear`` applied at every position (its weight shared
-over the sequence, the layer ``weight_sharing`` concerns), tanh, and a head over the flattened positions. Every optimizer takes the same
-batches; the held-out loss is measured on the last 10% of the text.
+over the sequence, the layer ``weight_sharing`` concerns), tanh, and a head over the flattened positions. Every
+optimizer takes the same batches; the held-out loss is measured on the last 10% of the text.
 
     python bench/weight_sharing.py [--steps 600] [--seeds 2] [--json FILE]
 """
