@@ -35,6 +35,8 @@ import math
 import torch
 from torch import Tensor
 
+from kldwrm_fast.ops import reference
+
 
 def damping_split(d_g: Tensor, d_a: Tensor, damping: float) -> tuple[Tensor, Tensor]:
     """``(α_Γ, α_A)``, each (..., 1): ``α_Γ α_A = δ`` with ``α_A/α_Γ = π²``, ``π² = mean d_A / mean d_Γ`` (1 where a
@@ -47,12 +49,17 @@ def damping_split(d_g: Tensor, d_a: Tensor, damping: float) -> tuple[Tensor, Ten
 
 
 def whitening(q: Tensor, d: Tensor, alpha: Tensor) -> Tensor:
-    """``W = Q diag(d + α)^{-1/2}`` (..., n, n), so that ``Wᵀ (X̄ + α I) W = I`` for ``X̄ = Q diag(d) Qᵀ``."""
-    return q * (d + alpha).rsqrt().unsqueeze(-2)
+    """``W = Q diag(d + α)^{-1/2}`` (..., n, n), so that ``Wᵀ (X̄ + α I) W = I`` for ``X̄ = Q diag(d) Qᵀ``; for a
+    diagonal side (``q`` the identity's marker) its diagonal (..., n)."""
+    scale = (d + alpha).rsqrt()
+    return scale if q.dim() < d.dim() + 1 else q * scale.unsqueeze(-2)
 
 
 def whitened_local(local: Tensor, q: Tensor, d: Tensor, alpha: Tensor) -> Tensor:
-    """``Wᵀ X W`` (..., n, n), exactly symmetric: the local factor ``X`` in the whitened basis of its average."""
+    """``Wᵀ X W`` (..., n, n), exactly symmetric: the local factor ``X`` in the whitened basis of its average; for a
+    diagonal side (``local`` its diagonal, (..., n)) the diagonal ``X ⊘ (d + α)``."""
+    if local.dim() == d.dim():
+        return local / (d + alpha)
     w = whitening(q, d, alpha)
     c = torch.matmul(torch.matmul(w.transpose(-1, -2), local), w)
     return (c + c.transpose(-1, -2)) * 0.5
@@ -60,8 +67,12 @@ def whitened_local(local: Tensor, q: Tensor, d: Tensor, alpha: Tensor) -> Tensor
 
 def joint_basis(q: Tensor, d: Tensor, u: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(E, a, h)`` of one side: the joint basis ``E = W U`` (..., n, n) and the diagonals ``a`` of ``EᵀX̄E`` and
-    ``h`` of ``EᵀE`` (..., n), from the average's ``(Q, d)`` and the whitened local factor's eigenvectors ``U``."""
+    ``h`` of ``EᵀE`` (..., n), from the average's ``(Q, d)`` and the whitened local factor's eigenvectors ``U``. A
+    diagonal side's ``E`` is diagonal, ``diag(d + α)^{-1/2}``, returned as that vector (Note [diagonal sides] in
+    :mod:`kldwrm_fast.ops.reference`)."""
     p = d + alpha
+    if u.dim() < d.dim() + 1:
+        return p.rsqrt(), d / p, p.reciprocal()
     weights = u * u  # column j: the squared entries of U's j-th eigenvector, summing to 1
     a = torch.matmul((d / p).unsqueeze(-2), weights).squeeze(-2)
     h = torch.matmul(p.reciprocal().unsqueeze(-2), weights).squeeze(-2)
@@ -129,20 +140,21 @@ def exact_step(
     outer = lambda x, y: x.unsqueeze(-1) * y.unsqueeze(-2)  # noqa: E731
     lr_s = lr * outer(s_g, s_a)
     inverse_diagonal = (outer(a_g, a_a) + lr_s + damping * outer(h_g, h_a)).reciprocal_()
-    projected = torch.matmul(torch.matmul(e_g.transpose(-1, -2), g_hat), e_a)
+    t = lambda e: e if reference.is_diagonal(e, g_hat) else e.transpose(-1, -2)  # noqa: E731  (Eᵀ)
+    projected = reference.sandwich(t(e_g), g_hat, e_a)
     if damping > 0 and max_iterations > 0:
-        full_g = torch.matmul(e_g.transpose(-1, -2), e_g)
-        full_a = torch.matmul(e_a.transpose(-1, -2), e_a)
+        full_g = reference.left(t(e_g), e_g) if e_g.dim() == g_hat.dim() else e_g * e_g
+        full_a = reference.left(t(e_a), e_a) if e_a.dim() == g_hat.dim() else e_a * e_a
         alpha_g, alpha_a = alpha_g.unsqueeze(-1), alpha_a.unsqueeze(-1)
 
         def apply(x: Tensor) -> Tensor:  # (I − α_Γ H_Γ) X (I − α_A H_A) + lr s_Γ s_Aᵀ ⊙ X + δ H_Γ X H_A
-            left = torch.matmul(full_g, x)
-            both = torch.matmul(left, full_a)
-            return x - alpha_g * left - alpha_a * torch.matmul(x, full_a) + 2 * damping * both + lr_s * x
+            left = reference.left(full_g, x)
+            both = reference.right(left, full_a)
+            return x - alpha_g * left - alpha_a * reference.right(x, full_a) + 2 * damping * both + lr_s * x
 
         solved, _ = _conjugate_gradient(apply, projected, inverse_diagonal, max_iterations)
     else:
         solved = projected * inverse_diagonal
-    solved = torch.matmul(torch.matmul(e_g, solved), e_a.transpose(-1, -2))
-    product = torch.matmul(torch.matmul(ea_g, solved), ea_a)
+    solved = reference.sandwich(e_g, solved, t(e_a))
+    product = reference.sandwich(ea_g, solved, ea_a)
     return solved.mul_(-lr), product

@@ -14,7 +14,7 @@ from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.state import store, store_all
 from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
-from kldwrm_fast.optim.options import MAX_FACTOR_DIM, QOptions, _check, group_option
+from kldwrm_fast.optim.options import MAX_FACTOR_DIM, QOptions, group_option
 from kldwrm_fast.optim.q_steps import (
     BASIS,
     EIGENBASIS,
@@ -61,8 +61,8 @@ class QKLDWRM(CurvatureOptimizer):
     ``kl_clip`` (default None) applies K-FAC's KL clip to the Q step before ``clip``; paper default ``rho=0.5``.
     ``bias``, ``eigenvalue_floor``, ``repeated_calls``, ``weight_sharing``, ``max_factor_dim``, ``predictive_module``,
     ``others`` and ``others_kwargs`` as for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above.
-    ``curvature_sum``: ``"reweighted"`` (default) or ``"exact"`` (not with diagonal sides); a checkpoint resumes
-    only with the value it was saved with.
+    ``curvature_sum``: ``"reweighted"`` (default) or ``"exact"``; a checkpoint resumes only with the value it was
+    saved with.
     """
 
     fixed_options = (*CurvatureOptimizer.fixed_options, "curvature_sum")
@@ -112,13 +112,6 @@ class QKLDWRM(CurvatureOptimizer):
         """The construction Q and QE share, from their options."""
         self.curvature_sum = options.curvature_sum
         super().__init__(model, options, predictive_module, others, others_kwargs)
-        diagonal = [block.name for block in self.curvature.blocks if block.diagonal]
-        _check(
-            options.curvature_sum != "exact" or not diagonal,
-            f"Invalid curvature_sum: 'exact' needs dense factors, and {', '.join(diagonal)} keep a diagonal side "
-            "(an embedding, a normalisation layer, or a side wider than max_factor_dim); use "
-            "curvature_sum='reweighted'",
-        )
         self._growth = GrowthGuard(type(self).__name__, [block.name for block in self.curvature.blocks])
 
     @property

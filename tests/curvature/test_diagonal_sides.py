@@ -72,11 +72,14 @@ def diagonal_matrix_fold(sides):
 original_fold = FactoredBlock._fold
 
 
+VARIANTS = [(cls, {}) for cls in OPTIMIZERS] + [(QKLDWRM, {"curvature_sum": "exact"})]
+
+
 @pytest.mark.parametrize("cadence", CADENCES)
-@pytest.mark.parametrize("cls", OPTIMIZERS)
-def test_the_vector_form_takes_the_steps_of_the_diagonal_matrix_form(monkeypatch, cls, cadence):
+@pytest.mark.parametrize("cls,extra", VARIANTS, ids=["KFAC", "SO", "Q", "QE", "Q-exact"])
+def test_the_vector_form_takes_the_steps_of_the_diagonal_matrix_form(monkeypatch, cls, extra, cadence):
     model = TokenModel()
-    opt = cls(model, **options(cls, cadence, max_factor_dim=8))
+    opt = cls(model, **options(cls, cadence, max_factor_dim=8, **extra))
     diagonal = {block.name: block.diagonal for block in opt.curvature.blocks}
     assert diagonal == {"embedding": ("A",), "hidden": ("A", "G"), "norm": ("A",), "head": ("A",)}  # 11; 13, 9; 10
     ours = train(model, opt)
@@ -84,7 +87,7 @@ def test_the_vector_form_takes_the_steps_of_the_diagonal_matrix_form(monkeypatch
 
     monkeypatch.setattr(FactoredBlock, "_fold", diagonal_matrix_fold(diagonal))
     dense_model = TokenModel()
-    dense_opt = cls(dense_model, **options(cls, cadence, max_factor_dim=None))
+    dense_opt = cls(dense_model, **options(cls, cadence, max_factor_dim=None, **extra))
     for block in dense_opt.curvature.blocks:
         block.diagonal = ()  # the embedding's and the norm's input sides too: diagonal matrices, for the oracle
     theirs = train(dense_model, dense_opt)
@@ -161,11 +164,6 @@ def test_a_tied_embedding_and_head_keep_the_heads_block_and_name_the_embedding(h
         opt = KFAC(model)
     assert [(block.name, type(block.module).__name__) for block in opt.curvature.blocks] == [("head", "Linear")]
     assert opt.curvature.blocks[0].params == [head.weight, head.bias]
-
-
-def test_curvature_sum_exact_is_refused_with_diagonal_sides():
-    with pytest.raises(ValueError, match=r"^Invalid curvature_sum: 'exact' needs dense factors, and embedding, norm "):
-        QKLDWRM(TokenModel(), curvature_sum="exact")
 
 
 @pytest.mark.parametrize("value", [0, 2.5, "wide"])
