@@ -200,7 +200,8 @@ def table(result: dict) -> str:
     adamw = next((r["ms_per_step"] for r in result["rows"] if r["optimizer"] == "adamw"), None)
     accuracy = result["workload"] == "resnet"
     head = "| optimizer | preconditioned | ms/step (× AdamW) | after equal steps | after equal time |"
-    lines = [f"{result['description']}; {result['steps']} steps; equal time = {result['budget_s']:.1f} s", head,
+    lrs = ", ".join(f"{r['optimizer']} lr {r['settings']['lr']:g}" for r in result["rows"])
+    lines = [f"{result['description']}; {result['steps']} steps; {lrs}; equal time = {result['budget_s']:.1f} s", head,
              "|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
         def cell(t):
@@ -221,8 +222,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=25, help="evaluate every this many steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", default="", help="learning rates by optimizer, e.g. kfac=0.03,q=0.03")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    for item in filter(None, args.lr.split(",")):
+        name, value = item.split("=")
+        SETTINGS[name] = {**SETTINGS[name], "lr": float(value)}
     results = []
     for name in args.workloads.split(","):
         result = run(Workload(name), args.optimizers.split(","), args.steps, args.every, args.seed)

@@ -19,6 +19,10 @@ on a GPU:
 - ``ghat_recursion``, every class: our kernel. It is memory-bound, and one multi-tensor launch for every
   block reads and writes each element once; PyTorch's ``_foreach`` ops make four passes.
 
+Blocks with a diagonal factor side (embeddings, normalisation layers, sides wider than ``max_factor_dim``) are not
+routed: their ``precondition`` and ``q_precondition`` run the PyTorch reference on every backend, ``auto`` and
+forced ones alike (:class:`kldwrm_fast.curvature.batching.BlockBatches`), since the kernels take dense factors.
+
 ``python bench/gpu_check.py --tune FILE`` measures every operation on every available backend and writes the
 fastest per operation and size class; ``KLDWRM_DISPATCH_TABLE=FILE`` makes ``auto`` read it (entries it lacks
 keep the defaults). A backend a table names that cannot run on the device falls back to the first of

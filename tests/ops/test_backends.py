@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.trajectories import model_and_batches, trajectory
+from torch import nn
 
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.ops import reference
@@ -104,3 +105,45 @@ def test_eigendecompositions_keep_no_larger_tensor_alive():
         for key in ("QA", "dA", "QG", "dG"):
             tensor = state[key]
             assert tensor.untyped_storage().nbytes() == len(group_of[index]) * tensor.numel() * tensor.element_size()
+
+
+@pytest.mark.parametrize("cls", [KFAC, QKLDWRM])
+def test_blocks_with_a_diagonal_side_never_reach_a_fused_kernel(cls):
+    """Kernels take dense factors only: with a stand-in for a GPU backend's operations (stacked batches only, as
+    the kernels take), the embedding's, the norm's and a wide layer's groups run the reference instead, and the
+    trajectory is the torch backend's."""
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(9, 4), nn.Flatten(), nn.Linear(12, 6), nn.LayerNorm(6), nn.Linear(6, 40),
+                             nn.Tanh(), nn.Linear(40, 3)).double()  # fmt: skip
+
+    def kernel(name):
+        def call(q_g, d_g, q_a, d_a, v, *rest):
+            assert q_g.dim() == q_a.dim() == v.dim() == 3, f"{name} got a diagonal side"
+            calls.append(tuple(v.shape))
+            return getattr(reference, name)(q_g, d_g, q_a, d_a, v, *rest)
+
+        return call
+
+    calls: list = []
+    runs = []
+    for stand_in in (False, True):
+        net = model()
+        opt = cls(net, lr=0.05, stat_freq=1, inv_freq=2, max_factor_dim=32, fisher="empirical")
+        if stand_in:
+            functions = {**opt._ops.functions, "precondition": kernel("precondition"),
+                         "q_precondition": kernel("q_precondition")}  # fmt: skip
+            opt.estimator.ops = dataclasses.replace(opt._ops, functions=functions, takes_unbatched=False)
+        for k in range(4):
+            gen = torch.Generator().manual_seed(k)
+            x, y = torch.randint(0, 9, (8, 3), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in net.parameters()])
+    assert sorted({block.name: block.diagonal for block in opt.curvature.blocks}.items()) == [
+        ("0", ("A",)), ("2", ()), ("3", ("A",)), ("4", ("G",)), ("6", ("A",))]  # fmt: skip
+    assert calls and set(calls) == {(1, 6, 13)}  # only the dense Linear(12, 6) reached the stand-in kernels
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
