@@ -244,3 +244,44 @@ def test_the_sampled_fisher_reaches_the_projections_and_leaves_grad_alone():
     assert torch.equal(model.attention.in_proj_weight.grad, twin.attention.in_proj_weight.grad)
     opt.step()
     assert all("QA" in opt.state[block.key] for block in opt.curvature.blocks)
+
+
+class Branchy(nn.Module):
+    """A frozen embedding, self-attention, and a LayerNorm used only when asked."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(9, E)
+        self.embed.weight.requires_grad_(False)
+        self.attention = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.norm = nn.LayerNorm(E)
+        self.head = nn.Linear(E, 2)
+
+    def forward(self, tokens, with_norm):
+        h = self.embed(tokens)
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head((self.norm(h) if with_norm else h).mean(1))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_new_block_kinds_that_are_frozen_or_see_no_data_stay_as_they_are(cls):
+    model = Branchy()
+    opt = cls(model, lr=0.05, stat_freq=1, inv_freq=2)
+    assert [block.name for block in opt.curvature.blocks] == ["attention.in_proj", "attention.out_proj", "norm",
+                                                               "head"]  # fmt: skip
+    frozen = model.embed.weight.detach().clone()
+    for k in range(6):
+        gen = torch.Generator().manual_seed(k)
+        tokens, y = torch.randint(0, 9, (4, 5), generator=gen), torch.randint(0, 2, (4,), generator=gen)
+        with_norm = k % 3 == 0
+        norm_before = [p.detach().clone() for p in model.norm.parameters()]
+        opt.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            F.cross_entropy(model(tokens, with_norm), y).backward()
+            opt.step()
+        moved = not all(torch.equal(a, b) for a, b in zip(norm_before, model.norm.parameters()))
+        assert moved == with_norm, k
+    assert torch.equal(model.embed.weight, frozen)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
