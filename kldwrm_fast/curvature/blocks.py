@@ -375,7 +375,28 @@ class EmbeddingBlock(KroneckerBlock):
                                                                           g_pieces[2])}  # fmt: skip
 
 
-class NormBlock(KroneckerBlock):
+class FlatRow:
+    """The block form of a block whose output side is one row: all its parameters flattened in order, (1, n)."""
+
+    params: list[Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return 1, sum(p.numel() for p in self.params)
+
+    @property
+    def matrix_copies(self) -> bool:
+        return True
+
+    def matrix(self, tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        parts = matrix[0].split([p.numel() for p in self.params])
+        return [part.view_as(p) for part, p in zip(parts, self.params)]
+
+
+class NormBlock(FlatRow, KroneckerBlock):
     """Note [scale-and-shift blocks]
         The affine parameters of a normalisation layer (``LayerNorm``, ``RMSNorm``, ``GroupNorm``,
         ``BatchNorm1d/2d/3d``), ``y = γ ⊙ x̂ + β`` with ``x̂`` the normalised input, are one block whose curvature is
@@ -394,21 +415,6 @@ class NormBlock(KroneckerBlock):
 
     def __init__(self, name: str, module: nn.Module):
         super().__init__(name, module, fold_bias=True)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return 1, sum(p.numel() for p in self.params)
-
-    @property
-    def matrix_copies(self) -> bool:
-        return True
-
-    def matrix(self, tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)
-
-    def unflatten(self, matrix: Tensor) -> list[Tensor]:
-        parts = matrix[0].split([p.numel() for p in self.params])
-        return [part.view_as(p) for part, p in zip(parts, self.params)]
 
     def _shared(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
         return x, e
@@ -494,7 +500,7 @@ class BiasBlock(FactoredBlock):
         return {"A": (one, 1.0), "G": pooled_rows(*pieces[:2], grad_factor, grad_unscale, pieces[2])}
 
 
-class DenseBlock(FactoredBlock):
+class DenseBlock(FlatRow, FactoredBlock):
     """Exact curvature over arbitrary parameters, for oracle tests (docs/algorithms.md §1, "dense curvature block").
 
     ``curvature_rows()`` returns ``(R, scale)`` with ``R`` (rows, n) such that the block's curvature is
@@ -508,24 +514,6 @@ class DenseBlock(FactoredBlock):
         self.name = name
         self.params = list(params)
         self.curvature_rows = curvature_rows
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return 1, sum(p.numel() for p in self.params)
-
-    @property
-    def matrix_copies(self) -> bool:
-        return True
-
-    def matrix(self, tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors]).unsqueeze(0)
-
-    def unflatten(self, matrix: Tensor) -> list[Tensor]:
-        parts, offset = [], 0
-        for p in self.params:
-            parts.append(matrix[0, offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return parts
 
     def clear(self) -> None:
         """Nothing is captured: the curvature is computed on demand."""
