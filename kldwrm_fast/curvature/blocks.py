@@ -177,6 +177,11 @@ class KroneckerBlock(FactoredBlock):
     alone (the bias is a :class:`BiasBlock` of its own).
     """
 
+    expands_only = False
+    """Whether the block's inputs are never averaged over shared dimensions or repeated calls (``weight_sharing`` and
+    ``repeated_calls`` ``"reduce"``): an embedding's one-hot rows would make its input factor dense, a
+    normalisation layer's rows are formed from the products first."""
+
     def __init__(self, name: str, module: nn.Module, fold_bias: bool = True, parameters: Optional[tuple] = None):
         self.name = name or f"the model's own {type(module).__name__}"  # the root module's name is ""
         self.module = module
@@ -262,7 +267,7 @@ class KroneckerBlock(FactoredBlock):
             KFC's expand convention. Both are the same when ``T = 1``.
 
         The pair ``(input, output gradient)`` with the shared dimensions reduced, or as it is."""
-        if self.weight_sharing == "expand" or isinstance(self.module, nn.Conv2d) or x.dim() <= 2:
+        if self.weight_sharing == "expand" or self.expands_only or isinstance(self.module, nn.Conv2d) or x.dim() <= 2:
             return x, e
         shared = tuple(range(1, x.dim() - 1))
         return x.mean(shared), e.sum(shared)
@@ -280,7 +285,7 @@ class KroneckerBlock(FactoredBlock):
             step grows as c. Calls of different shapes cannot be paired row by row and are expanded.
 
         Returns the pass's pairs: one pair when reduced, else ``calls``."""
-        if len(calls) == 1 or self.repeated_calls == "expand":
+        if len(calls) == 1 or self.repeated_calls == "expand" or self.expands_only:
             return calls
         x0, e0 = calls[0]
         if any(x.shape != x0.shape or e.shape != e0.shape for x, e in calls):
@@ -333,6 +338,7 @@ class EmbeddingBlock(KroneckerBlock):
     The gradient's ``padding_idx`` column is zero after weight decay too, so that row is never updated."""
 
     diagonal = (INPUT,)
+    expands_only = True
 
     def __init__(self, name: str, module: nn.Embedding):
         super().__init__(name, module, fold_bias=False)
@@ -359,12 +365,6 @@ class EmbeddingBlock(KroneckerBlock):
 
     def captured(self) -> list[Tensor]:
         return list(self.output_grads)  # (the inputs are token indices)
-
-    def _shared(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
-        return x, e
-
-    def _reduced(self, calls: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        return calls
 
     def statistics_rows(self, grad_factor=1.0, grad_unscale=None):
         passes = self.calls_by_pass()
@@ -412,15 +412,10 @@ class NormBlock(FlatRow, KroneckerBlock):
         the layer's own business. Repeated calls always expand."""
 
     diagonal = (INPUT,)
+    expands_only = True  # (its rows already sum over positions for weight_sharing="reduce": gradient_rows)
 
     def __init__(self, name: str, module: nn.Module):
         super().__init__(name, module, fold_bias=True)
-
-    def _shared(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
-        return x, e
-
-    def _reduced(self, calls: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        return calls
 
     def _normalised(self, x: Tensor) -> Tensor:
         module = self.module

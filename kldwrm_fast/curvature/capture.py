@@ -26,7 +26,7 @@ from kldwrm_fast.curvature.attention import ProjectionBlock, ProjectionCalls, at
 from kldwrm_fast.curvature.base import Curvature
 from kldwrm_fast.curvature.blocks import BiasBlock, EmbeddingBlock, FactoredBlock, KroneckerBlock, NormBlock
 from kldwrm_fast.curvature.fisher import sampled_loss
-from kldwrm_fast.curvature.layers import is_normalisation, is_supported
+from kldwrm_fast.curvature.layers import NORMALISATIONS, is_normalisation, is_supported
 from kldwrm_fast.curvature.state import INPUT, OUTPUT, SIDES
 
 
@@ -85,11 +85,9 @@ def _own_forwards(blocks: list[FactoredBlock]) -> list[str]:
     return found
 
 
-OWN_FORWARD_BASES = (
-    nn.Linear, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.SyncBatchNorm, *(() if getattr(nn, "RMSNorm", None) is None else (nn.RMSNorm,)),
-)
-"""The classes whose ``forward`` a block assumes (a convolution's, ``_conv_forward`` too, is checked apart)."""
+OWN_FORWARD_BASES = (nn.Linear, nn.Embedding, nn.SyncBatchNorm, *NORMALISATIONS)
+"""The classes whose ``forward`` a block assumes, the first that matches (``SyncBatchNorm`` before ``_BatchNorm``,
+whose forward it replaces; a convolution's, ``_conv_forward`` too, is checked apart)."""
 
 
 def _same_layer(first: nn.Module, second: nn.Module) -> bool:
@@ -271,7 +269,7 @@ class KroneckerCurvature(Curvature):
             if not isinstance(block, ProjectionBlock)
             for module in block.modules
         ]
-        self._projection_calls = ProjectionCalls(lambda *args: self._record_projection(*args))
+        self._projection_calls = ProjectionCalls(lambda *args: self._watch(*args))
         attention: dict[int, tuple[nn.Module, list[ProjectionBlock]]] = {}
         for block in self.blocks:
             if isinstance(block, ProjectionBlock):
@@ -305,16 +303,24 @@ class KroneckerCurvature(Curvature):
                 if block.name not in self._hooked:
                     self._recomputed(block)
                 return
-            self._hooked.add(block.name)
-            # The input is kept only once its output gradient arrives, so that a forward without a backward
-            # (a training metric, say) adds no unmatched rows. A tensor hook sees the gradient of the output as
-            # the layer produced it, even if a later in-place op (ReLU(inplace=True)) rewrites that tensor.
-            x, forward, slot = inputs[0].detach(), self._forwards, []
-            output.register_hook(lambda grad: self._record(block, x, grad, forward, slot))
-            if self.fisher == "sampled":
-                self._pending.append((block, output, output._version))
+            self._watch(block, inputs[0].detach(), output)
 
         return hook
+
+    def _watch(self, block: KroneckerBlock, x: Tensor, output: Tensor, arrange=None) -> None:
+        """Capture one call of a layer: its input ``x`` and, once it arrives, the gradient of ``output`` (made batch-
+        first by ``arrange`` for an attention projection). The input is kept only once its output gradient arrives,
+        so that a forward without a backward (a training metric, say) adds no unmatched rows. A tensor hook sees the
+        gradient of the output as the layer produced it, even if a later in-place op (ReLU(inplace=True)) rewrites
+        that tensor."""
+        self._hooked.add(block.name)
+        forward, slot = self._forwards, []
+        if arrange is None:
+            output.register_hook(lambda grad: self._record(block, x, grad, forward, slot))
+        else:
+            output.register_hook(lambda grad: self._record(block, x, arrange(grad), forward, slot))
+        if self.fisher == "sampled":
+            self._pending.append((block, output, output._version))
 
     def _attention_hooks(self, attention: nn.Module, blocks: list[ProjectionBlock]):
         """The forward pre-hook and hook of one attention module (Note [attention projections] in
@@ -348,15 +354,6 @@ class KroneckerCurvature(Curvature):
                     )
 
         return enter, leave
-
-    def _record_projection(self, block: ProjectionBlock, x: Tensor, output: Tensor, arrange) -> None:
-        """One projection call of an attention module (its input batch-first; ``arrange`` makes the output's gradient
-        batch-first): recorded as a Linear layer's call is."""
-        self._hooked.add(block.name)
-        forward, slot = self._forwards, []
-        output.register_hook(lambda grad: self._record(block, x, arrange(grad), forward, slot))
-        if self.fisher == "sampled":
-            self._pending.append((block, output, output._version))
 
     def _recomputed(self, block: KroneckerBlock) -> None:
         """A layer whose forward ran inside a backward pass without having been captured in a forward before:

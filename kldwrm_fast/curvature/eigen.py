@@ -73,16 +73,19 @@ def _ladder(matrix: Tensor) -> Optional[tuple[Tensor, Tensor]]:
 def _fallback(matrix: Tensor, previous: Optional[tuple[Tensor, Tensor]], name: str) -> tuple[Tensor, Tensor]:
     """A copy of the previous decomposition, or the identity when there is none, with a warning. (A copy: the
     previous one may be another key's state, which the caller then writes in place; Q's ``Â`` falls back to the
-    tensors of ``Ā``'s decomposition.)"""
+    tensors of ``Ā``'s decomposition.) A diagonal factor (a vector) fails only by not being finite; its identity is
+    the empty marker with eigenvalues 1."""
+    diagonal = matrix.dim() == 1
     if previous is None:
-        warnings.warn(
-            f"eigendecomposition of {name} failed and no earlier one exists; using the identity until one succeeds",
-            RuntimeWarning,
-            stacklevel=4,
-        )
+        what = f"{name} is not finite" if diagonal else f"eigendecomposition of {name} failed"
+        until = "one is" if diagonal else "one succeeds"
+        warnings.warn(f"{what} and no earlier one exists; using the identity until {until}", RuntimeWarning,
+                      stacklevel=4)  # fmt: skip
         n = matrix.shape[-1]
-        return torch.eye(n, dtype=matrix.dtype, device=matrix.device), matrix.new_ones(n)
-    warnings.warn(f"eigendecomposition of {name} failed; keeping the previous one", RuntimeWarning, stacklevel=4)
+        eye = matrix.new_empty(0) if diagonal else torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+        return eye, matrix.new_ones(n)
+    what = f"{name} is not finite" if diagonal else f"eigendecomposition of {name} failed"
+    warnings.warn(f"{what}; keeping the previous one", RuntimeWarning, stacklevel=4)
     return previous[0].clone(), previous[1].clone()
 
 
@@ -171,24 +174,11 @@ def decompose_many(
     for index, result in enumerate(results):
         if result is not None:
             continue
-        diagonal = requests[index][0].dim() == 1
+        diagonal = requests[index][0].dim() == 1  # (no rung retries a diagonal: it failed by not being finite)
         results[index] = None if diagonal else _ladder(requests[index][0])
         if results[index] is None:
-            results[index] = (_diagonal_fallback if diagonal else _fallback)(*requests[index])
+            results[index] = _fallback(*requests[index])
             if failed is not None:
                 failed.append(index)
     return results
 
-
-def _diagonal_fallback(values: Tensor, previous, name: str) -> tuple[Tensor, Tensor]:
-    """A non-finite diagonal factor: the previous decomposition, or the identity (eigenvalues 1), with a warning, as
-    for a dense factor whose every rung failed."""
-    if previous is None:
-        warnings.warn(
-            f"{name} is not finite and no earlier one exists; using the identity until one is",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return values.new_empty(0), torch.ones_like(values)
-    warnings.warn(f"{name} is not finite; keeping the previous one", RuntimeWarning, stacklevel=4)
-    return previous[0].clone(), previous[1].clone()

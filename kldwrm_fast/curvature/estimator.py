@@ -363,9 +363,11 @@ class CurvatureEstimator:
         kind = f"{prefix}{'input' if side == INPUT else 'output'}"
         return matrix, previous, f"{kind} factor of {block.name}"
 
-    def _local_factor(self, rows: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    def _local_factor(self, rows: Tensor, scale: float, dtype: torch.dtype, diagonal: bool = False) -> Tensor:
         """``scale · rowsᵀrows`` through the dispatched fused factor update (an average started from it, ρ = 0,
-        into a scratch buffer), exactly symmetric, as on the single-process path."""
+        into a scratch buffer), exactly symmetric, as on the single-process path; a diagonal side's diagonal."""
+        if diagonal:
+            return reference.diagonal_local(rows, scale, dtype)
         n = rows.shape[1]
         scratch = rows.new_empty((n, n), dtype=dtype)
         return self.ops.factor_update(rows, scratch, rows.new_empty(0, dtype=dtype), scale, 0.0, 0.0, True, False)
@@ -380,9 +382,7 @@ class CurvatureEstimator:
                 locals_ += [(block, side, state[average_key(side)].clone()) for side in SIDES]
                 continue
             for side, (rows, scale) in block.statistics_rows(factor, unscale).items():
-                diagonal = side in block.diagonal
-                local = reference.diagonal_local(rows, scale, block.dtype) if diagonal else None
-                locals_.append((block, side, local if diagonal else self._local_factor(rows, scale, block.dtype)))
+                locals_.append((block, side, self._local_factor(rows, scale, block.dtype, side in block.diagonal)))
         distributed.average_symmetric_([local for _, _, local in locals_], pack=self._group["pack_statistics"])
         reweighted: dict = {}  # block -> {side: X̂ or None}
         for block, side, local in locals_:
@@ -409,18 +409,15 @@ class CurvatureEstimator:
         for index, (block, key, matrix) in enumerate(factors):
             state = self.state_of(block)
             keys = eigen_keys(key)
-            owner = owners.get(index)
-            if owner is None:
-                store(state, keys[0], decomposed[index][0])
-                store(state, keys[1], _floored(decomposed[index][1], floor))
-                continue
-            if owner == rank:
+            owner = owners.get(index)  # None: a diagonal factor, decomposed here
+            if owner in (None, rank):
                 vectors, values = decomposed[index]
             else:
                 vectors, values = torch.empty_like(matrix), matrix.new_empty(matrix.shape[0])
-            vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
-            torch.distributed.broadcast(vectors, src=owner)
-            torch.distributed.broadcast(values, src=owner)
+            if owner is not None:
+                vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
+                torch.distributed.broadcast(vectors, src=owner)
+                torch.distributed.broadcast(values, src=owner)
             store(state, keys[0], vectors)
             store(state, keys[1], _floored(values, floor))
 
