@@ -237,3 +237,60 @@ def test_the_modern_layers_comparison_reports_both_workloads(tmp_path):
         assert rows["kfac"]["preconditioned"] == 1.0 and rows["q"]["preconditioned"] == 1.0
         assert all(row["equal_time"]["seconds"] <= r["budget_s"] * 1.02 for row in rows.values())
     assert "| kfac | 100.0% |" in result.stdout
+
+
+def test_the_quick_race_reports_every_workload_and_optimizer(tmp_path):
+    """bench/race.py --quick: one row per optimizer in each workload's table, a result or one line saying why not
+    (heavyball missing, the reference K-FAC's layer kinds, QE's per-sample logits), the JSON's schema and a figure per
+    workload."""
+    import importlib.util
+
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "bench" / "race.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import race_optimizers
+        from race_workloads import TARGETS
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    report = json.loads((tmp_path / "race.json").read_text())
+    assert set(report) == {"machine", "quick", "workloads", "grids", "summary", "runs", "wall_seconds"}
+    assert report["quick"] is True and list(report["summary"]) == list(TARGETS)
+    has_heavyball = importlib.util.find_spec("heavyball") is not None
+    table = (tmp_path / "race.md").read_text()
+    for workload, cells in report["summary"].items():
+        assert list(cells) == race_optimizers.NAMES
+        assert report["workloads"][workload]["metric"] in ("accuracy", "loss")
+        for name, cell in cells.items():
+            assert f"| {race_optimizers.LABELS[name]} |" in table
+            ran = "seconds" in cell
+            if name in race_optimizers.HEAVYBALL:
+                assert ran == has_heavyball and (ran or cell["reason"].startswith("missing: heavyball"))
+            elif name == "reference-kfac":
+                assert ran == (workload in ("paper-cnn", "mlp")), cell["reason"]
+            elif name == "qe" and workload == "lm":
+                assert not ran and cell["reason"].startswith("error: ValueError: QEKLDWRM")
+            else:
+                assert ran, cell["reason"]
+            if ran:
+                assert cell["seeds"] == 2 and cell["reached"] in (0, 1, 2) and cell["ms_per_step"] > 0
+                assert len(cell["seconds"]) == 3 and len(cell["steps"]) == 3
+    for run in report["runs"]:
+        assert {"workload", "optimizer", "settings", "seed", "stage", "status", "trace"} <= set(run)
+        if run["status"] == "ok":
+            steps = [point["step"] for point in run["trace"]]
+            assert steps == [0, 4, 8, 12] and run["steps"] == 12
+            assert {"loss", "accuracy", "seconds"} <= set(run["trace"][-1]) and "final_test" in run
+    for workload in TARGETS:
+        assert (tmp_path / f"race-{workload}.png").stat().st_size > 10_000
+
+
+def test_the_race_names_an_unknown_optimizer(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "race.py"), "--out", str(tmp_path), "--optimizers", "adamw,lamb"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--optimizers: unknown lamb; accepted: kfac," in result.stderr

@@ -83,6 +83,21 @@ def summary_markdown(runs: list[dict], context: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_band(axis, x, curves, colour: str, label: str, band: str = "range") -> None:
+    """The mean of ``curves`` (runs × len(x), a NumPy array) as a line labelled ``label`` and a band around it: the
+    runs' minimum to maximum (``band="range"``) or ±1 sample SD (``"sd"``; none for a single run)."""
+    import numpy as np
+
+    mean = curves.mean(axis=0)
+    if band == "sd":
+        sd = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+        low, high = mean - sd, mean + sd
+    else:
+        low, high = curves.min(axis=0), curves.max(axis=0)
+    axis.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
+    axis.plot(x, mean, color=colour, linewidth=2, label=label)
+
+
 def plot_curves(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
     """Write the study's figures and return their paths.
 
@@ -113,11 +128,8 @@ def plot_curves(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
             curves = np.array([[e[metric] * scale[metric] for e in run["epochs"][:length]] for run in group])
             for curve in curves:
                 axis.plot(epochs, curve, color=colours[name], linewidth=0.6, alpha=0.35)
-            mean = curves.mean(axis=0)
-            sd = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-            axis.fill_between(epochs, mean - sd, mean + sd, color=colours[name], alpha=0.15, linewidth=0)
-            legend = f"{OPTIMIZER_LABELS.get(name, name)} (n={len(group)})"
-            axis.plot(epochs, mean, color=colours[name], linewidth=2, label=legend)
+            plot_band(axis, epochs, curves, colours[name], f"{OPTIMIZER_LABELS.get(name, name)} (n={len(group)})",
+                      band="sd")  # fmt: skip
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.set_ylabel(label)
