@@ -6,7 +6,8 @@
 # trajectories against the reference), bench/gpu_check.py (accuracy and timing tables, and the dispatch table
 # measured on this GPU for KLDWRM_DISPATCH_TABLE), then the step-time
 # suite on the paper CNN and the MLP at the 10/100 cadence (the issue's GPU targets), and the host time and
-# operation count of a plain step (what bounds a launch-bound small model), and last the floor table.
+# operation count of a plain step (what bounds a launch-bound small model), the race on the MLP workload, and last the
+# floor table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device-check}
@@ -24,6 +25,11 @@ python -m pytest bench/test_step_time.py --benchmark-only -q -k "10/100 and (pap
 # (the compiled steps after a training batch left out: four more compilations, and the issue's measure is batch 2)
 python -m pytest bench/test_host_overhead.py --benchmark-only -q -k "not (compiled and training)" \
   --benchmark-json "$out/host_overhead.json" 2>&1 | tail -40 | tee "$out/host_overhead.txt"
+# The race (issue 33) on the GPU, sized for its time (about 26 runs of the MLP workload): K-FAC and Q against AdamW
+# and SOAP (heavyball, when the image has it; otherwise its row says missing), one run after the other; heavyball
+# compiles its steps on CUDA (its compile time reported apart).
+timeout 240 python -W ignore bench/race.py --workloads mlp --optimizers kfac,q,adamw,soap --jobs 1 \
+  --out "$out/race" 2>&1 | tail -50 | tee "$out/race.txt"
 # Last (it may be cut by the run's time limit; each cell stops after 30 s, and its JSON keeps the rounds it
 # finished): the nine cells against the linear-algebra floor with backend="auto" (issue 17's GPU target:
 # ours / (SGD + floor) <= 1.10).

@@ -246,8 +246,8 @@ def markdown(race: Race, table: dict) -> str:
                 f"{cell['ms_per_step']:.1f} | {compiled} | "
                 f"{cell['validation']:.4f} | {cell['test']:.4f} |"
             )
-        lines += ["", f"Grid on seed 0 ({w}):", "", "| optimizer | stage | setting | s to target | final val |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", verdict(cells), "", f"Grid on seed 0 ({w}):", "",
+                  "| optimizer | stage | setting | s to target | final val |", "|---|---|---|---|---|"]  # fmt: skip
         for r in race.records:
             if r["workload"] == w and r["seed"] == 0 and "final_validation" in r:
                 reached = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"
@@ -256,6 +256,21 @@ def markdown(race: Race, table: dict) -> str:
                              f"{reached}{status} | {r['final_validation'][work.metric]:.4f} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
+
+
+def verdict(cells: dict) -> str:
+    """Where the time to target goes: the best of ours against AdamW as (steps to target) × (time per step)."""
+    ours = {o: c for o, c in cells.items() if o in optimizers.OURS and "seconds" in c}
+    adamw = cells.get("adamw", {})
+    if not ours or "seconds" not in adamw or math.isinf(adamw["seconds"][0]):
+        return "No comparison with AdamW: it or all of ours did not run or did not reach the target."
+    name, cell = min(ours.items(), key=lambda item: item[1]["seconds"][0])
+    if math.isinf(cell["seconds"][0]):
+        return f"None of ours reached the target in the median seed; AdamW did in {adamw['seconds'][0]:.1f} s."
+    steps, cost = cell["steps"][0] / adamw["steps"][0], cell["ms_per_step"] / adamw["ms_per_step"]
+    outcome = "beats" if cell["seconds"][0] < adamw["seconds"][0] else "loses to"
+    return (f"Best of ours: {optimizers.LABELS[name]} {outcome} AdamW, {cell['seconds'][0] / adamw['seconds'][0]:.2f}× "
+            f"its time = {steps:.2f}× its steps to target × {cost:.2f}× its time per step.")
 
 
 def machine_line(args) -> str:

@@ -110,11 +110,13 @@ class Workload:
 
     def evaluate(self, model: nn.Module, split: Split) -> dict:
         """``{"loss", "accuracy"}`` on ``split`` in eval mode (accuracy per predicted character for ``lm``)."""
+        device = next(model.parameters()).device
+        x, y = split.x.to(device), split.y.to(device)
         model.eval()
         with torch.no_grad():
-            output = model(split.x)
-            loss = self.loss(output, split.y).item()
-            accuracy = (output.argmax(-1) == split.y).double().mean().item()
+            output = model(x)
+            loss = self.loss(output, y).item()
+            accuracy = (output.argmax(-1) == y).double().mean().item()
         model.train()
         return {"loss": loss, "accuracy": accuracy}
 
