@@ -48,8 +48,8 @@ class BlockBatches:
             key = (block.shape, block.diagonal, block.key.dtype, block.key.device)
             groups.setdefault(key, []).append(index)
         self.groups = list(groups.values())
-        # Decided once, as one flag per group: a traced (compiled) step cannot look a list up by ``id``.
-        self._runs_reference = [blocks[group[0]].diagonal for group in self.groups]
+        # Kept per block, read by a group's first index: a traced (compiled) step cannot look a list up by ``id``.
+        self._diagonal = [block.diagonal for block in blocks]
         self._eigenvalue_terms: dict[int, list] = {}  # see eigenvalue_terms
 
     def _shared(self, group: list[int], states: list[dict], key: str) -> Tensor:
@@ -95,8 +95,8 @@ class BlockBatches:
         ``group_ops`` ``ops``, or the PyTorch reference for a group with a diagonal side; its outputs (a tensor or a
         tuple of tensors) handed back per block: one list per output, aligned with the blocks."""
         outputs: list = []
-        for group, runs_reference in zip(self.groups, self._runs_reference, strict=True):
-            group_ops = operations("torch") if runs_reference else ops
+        for group in self.groups:
+            group_ops = operations("torch") if self._diagonal[group[0]] else ops
             shared, batch, members = self._run(group_ops, group, states, keys, per_block)
             results = compute(group_ops, group, *shared, batch)
             results = results if isinstance(results, tuple) else (results,)
