@@ -57,6 +57,25 @@ class CharTransformer(nn.Module):
         return self.head(self.norm(self.encoder(h, mask=self.causal[: x.shape[1], : x.shape[1]], is_causal=True)))
 
 
+def load_corpus() -> tuple[torch.Tensor, int]:
+    """The corpus as symbol codes (int64, one per character, sorted-vocabulary order) and the vocabulary size."""
+    text = "\n".join(p.read_text(errors="replace") for p in sorted(CORPUS.iterdir()) if p.is_file())
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    return torch.tensor([index[c] for c in text]), len(vocab)
+
+
+def windows(codes: torch.Tensor, starts: torch.Tensor):
+    """Inputs and next-symbol targets, both (len(starts), CONTEXT), of the windows starting at ``starts``."""
+    chunk = codes[starts[:, None] + torch.arange(CONTEXT + 1)]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def next_symbol_loss(output, y):
+    """Cross-entropy over every position: ``output`` (..., classes), ``y`` (...)."""
+    return F.cross_entropy(output.flatten(0, -2), y.flatten())
+
+
 class Residual(nn.Module):
     def __init__(self, channels_in: int, channels: int, stride: int):
         super().__init__()
@@ -85,11 +104,8 @@ class Workload:
     def __init__(self, name: str):
         self.name = name
         if name == "lm":
-            text = "\n".join(p.read_text(errors="replace") for p in sorted(CORPUS.iterdir()) if p.is_file())
-            vocab = sorted(set(text))
-            index = {c: i for i, c in enumerate(vocab)}
-            self.codes = torch.tensor([index[c] for c in text])
-            self.vocab, self.split = len(vocab), int(0.9 * len(self.codes))
+            self.codes, self.vocab = load_corpus()
+            self.split = int(0.9 * len(self.codes))
             starts = torch.arange(self.split, len(self.codes) - CONTEXT - 1, 97)
             self.held_out = self._windows(starts)
             self.description = f"{len(self.codes)} characters of /usr/share/common-licenses, vocabulary {self.vocab}"
@@ -100,9 +116,7 @@ class Workload:
             self.description = f"Fashion-MNIST, {len(self.train_y)} training images, 2000 held out"
 
     def _windows(self, starts):
-        offsets = torch.arange(CONTEXT + 1)
-        chunk = self.codes[starts[:, None] + offsets]
-        return chunk[:, :-1], chunk[:, 1:]
+        return windows(self.codes, starts)
 
     def model(self) -> nn.Module:
         return CharTransformer(self.vocab) if self.name == "lm" else resnet()
@@ -113,9 +127,7 @@ class Workload:
         picked = torch.randint(0, len(self.train_y), (IMAGE_BATCH,), generator=gen)
         return self.train_x[picked], self.train_y[picked]
 
-    @staticmethod
-    def loss(output, y):
-        return F.cross_entropy(output.flatten(0, -2), y.flatten())
+    loss = staticmethod(next_symbol_loss)
 
     def evaluate(self, model: nn.Module) -> dict:
         model.eval()

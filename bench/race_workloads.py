@@ -20,8 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from modern_layers import CONTEXT, CORPUS, CharTransformer, resnet
+from modern_layers import CONTEXT, CORPUS, CharTransformer, load_corpus, next_symbol_loss, resnet, windows
 from torch import nn
 from workloads import mlp
 
@@ -71,25 +70,16 @@ class Workload:
                             f"(carved from training), {len(self.test.y)} test")  # fmt: skip
 
     def _load_text(self, evaluation: int) -> None:
-        text = "\n".join(p.read_text(errors="replace") for p in sorted(CORPUS.iterdir()) if p.is_file())
-        vocab = sorted(set(text))
-        index = {c: i for i, c in enumerate(vocab)}
-        self.codes = torch.tensor([index[c] for c in text])
-        self.vocab = len(vocab)
+        self.codes, self.vocab = load_corpus()
         n = len(self.codes)
         self.bounds = (0, int(0.8 * n), int(0.9 * n), n)
 
-        def windows(lo, hi):
-            starts = torch.linspace(lo, hi - CONTEXT - 2, evaluation).long()
-            return Split(*self._windows(starts))
+        def evenly(lo, hi):
+            return Split(*windows(self.codes, torch.linspace(lo, hi - CONTEXT - 2, evaluation).long()))
 
-        self.validation, self.test = windows(*self.bounds[1:3]), windows(*self.bounds[2:4])
+        self.validation, self.test = evenly(*self.bounds[1:3]), evenly(*self.bounds[2:4])
         self.description = (f"{n} characters of {CORPUS} (vocabulary {self.vocab}): 80% training, 10% validation, "
                             f"10% test; {evaluation} windows of {CONTEXT} evaluated")  # fmt: skip
-
-    def _windows(self, starts):
-        chunk = self.codes[starts[:, None] + torch.arange(CONTEXT + 1)]
-        return chunk[:, :-1], chunk[:, 1:]
 
     def model(self) -> nn.Module:
         if self.name == "paper-cnn":
@@ -100,13 +90,12 @@ class Workload:
 
     def batch(self, gen: torch.Generator):
         if self.name == "lm":
-            return self._windows(torch.randint(0, self.bounds[1] - CONTEXT - 1, (self.batch_size,), generator=gen))
+            starts = torch.randint(0, self.bounds[1] - CONTEXT - 1, (self.batch_size,), generator=gen)
+            return windows(self.codes, starts)
         picked = torch.randint(0, len(self.train.y), (self.batch_size,), generator=gen)
         return self.train.x[picked], self.train.y[picked]
 
-    @staticmethod
-    def loss(output, y):
-        return F.cross_entropy(output.flatten(0, -2), y.flatten())
+    loss = staticmethod(next_symbol_loss)
 
     def evaluate(self, model: nn.Module, split: Split) -> dict:
         """``{"loss", "accuracy"}`` on ``split`` in eval mode (accuracy per predicted character for ``lm``)."""
