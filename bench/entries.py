@@ -18,6 +18,11 @@ OURS = {
     "q": QKLDWRM,
     "qexact": functools.partial(QKLDWRM, curvature_sum="exact"),
     "qe": QEKLDWRM,
+    # warm-started eigenbases (docs/algorithms.md §6.5): one orthogonal-iteration step, and none (eigenvalues only)
+    "kfacwarm": functools.partial(KFAC, eigensolver="warm"),
+    "kfacwarm0": functools.partial(KFAC, eigensolver="warm", warm_iters=0),
+    "qwarm": functools.partial(QKLDWRM, eigensolver="warm"),
+    "qwarm0": functools.partial(QKLDWRM, eigensolver="warm", warm_iters=0),
 }
 BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
 ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]

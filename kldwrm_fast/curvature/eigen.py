@@ -19,6 +19,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from kldwrm_fast.curvature.warm import WarmStart, orthogonal_iteration
+
 JITTER = 1e-6
 
 HOST_MAX_N = 128
@@ -128,49 +130,108 @@ def _eigh_batched(stack: Tensor, solver: Optional[BatchedSolver]) -> tuple[Tenso
     return values, vectors, ok if converged is None else ok & converged
 
 
-def decompose_many(
-    requests: list[tuple[Tensor, Optional[tuple[Tensor, Tensor]], str]],
-    solver: Optional[BatchedSolver] = None,
-    failed: Optional[list[int]] = None,
-) -> list[tuple[Tensor, Tensor]]:
-    """:func:`symmetric_eig` for many factors, grouped by size, dtype and device into batched calls.
-
-    All groups are launched first; one host transfer of their per-member success flags follows (the step's
-    only sync for eigendecompositions); members that failed, or whose group the solver rejected, go down the
-    fallback ladder on their own.
-
-    Args:
-        requests: ``(matrix, previous, name)`` per factor, as for :func:`symmetric_eig`.
-        solver: the batched solver (:data:`BatchedSolver`; the CUDA backend passes cuSOLVER's); None:
-            ``torch.linalg.eigh``, on the host CPU for lone CUDA factors up to :data:`HOST_MAX_N`.
-        failed: if given, the indices of requests for which every rung failed are appended to it.
-
-    Returns:
-        ``(Q, d)`` per request, in order (members of a batched group are views of one tensor).
-    """
+def _by_size(indices: list[int], requests: list) -> list[list[int]]:
+    """``indices`` grouped by their matrices' size, dtype and device (one batched call each)."""
     groups: dict[tuple, list[int]] = {}
-    launched = []
-    for index, (matrix, _, _) in enumerate(requests):
-        if matrix.dim() == 1:  # its check joins the one host transfer below
-            ok = torch.isfinite(matrix).all().reshape(1)
-            launched.append(([index], matrix.clamp_min(0.0).unsqueeze(0), matrix.new_empty(1, 0), ok))
-            continue
+    for index in indices:
+        matrix = requests[index][0]
         groups.setdefault((matrix.shape[-1], matrix.dtype, matrix.device), []).append(index)
-    for indices in groups.values():
-        stack = torch.stack([requests[i][0] for i in indices])
+    return list(groups.values())
+
+
+def _launch_exact(indices: list[int], requests: list, solver: Optional[BatchedSolver]) -> list[tuple]:
+    """Batched solver calls for ``requests[indices]``, grouped by size, dtype and device: ``(indices, values,
+    vectors, ok)`` per group the solver accepted (a rejected group's members are left to the ladder)."""
+    launched = []
+    for members in _by_size(indices, requests):
+        stack = torch.stack([requests[i][0] for i in members])
         try:
             values, vectors, ok = _eigh_batched(stack, solver)
         except RuntimeError:  # LinAlgError from torch, any error of the extension's solver: ladder per member
             continue
-        launched.append((indices, values.clamp_min_(0.0), vectors, ok))
-    flags = torch.cat([ok.to(launched[0][3].device) for *_, ok in launched]).tolist() if launched else []
-    results: list = [None] * len(requests)
+        launched.append((members, values.clamp_min_(0.0), vectors, ok))
+    return launched
+
+
+def _warm_startable(request: tuple) -> bool:
+    matrix, previous, _ = request
+    return matrix.dim() == 2 and previous is not None and previous[0].shape == matrix.shape
+
+
+def _launch_warm(indices: list[int], requests: list, warm: WarmStart) -> list[tuple]:
+    """Orthogonal iteration from each member's previous basis (:mod:`kldwrm_fast.curvature.warm`), grouped as
+    :func:`_launch_exact`; ``ok`` also asks for a residual within ``warm.tol``."""
+    launched = []
+    for members in _by_size(indices, requests):
+        stack = torch.stack([requests[i][0] for i in members])
+        basis = torch.stack([requests[i][1][0].to(stack.dtype) for i in members])
+        try:
+            values, vectors, residual = orthogonal_iteration(stack, basis, warm.iters)
+        except RuntimeError:  # a QR that failed: the exact path
+            continue
+        finite = torch.isfinite(values.sum(-1) + vectors.sum((-2, -1)) + stack.sum((-2, -1)))
+        launched.append((members, values.clamp_min_(0.0), vectors, finite & (residual <= warm.tol)))
+    return launched
+
+
+def _accept(launched: list[tuple], results: list) -> None:
+    """One host transfer of every launched member's flag; accepted members' ``(Q, d)`` go into ``results``."""
+    if not launched:
+        return
+    flags = torch.cat([ok.to(launched[0][3].device) for *_, ok in launched]).tolist()
     position = 0
     for indices, values, vectors, _ in launched:
         for j, index in enumerate(indices):
             if flags[position]:
                 results[index] = (vectors[j], values[j])
             position += 1
+
+
+def decompose_many(
+    requests: list[tuple[Tensor, Optional[tuple[Tensor, Tensor]], str]],
+    solver: Optional[BatchedSolver] = None,
+    failed: Optional[list[int]] = None,
+    warm: Optional[WarmStart] = None,
+    warmed: Optional[list[int]] = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`symmetric_eig` for many factors, grouped by size, dtype and device into batched calls.
+
+    All groups are launched first; one host transfer of their per-member success flags follows (the step's
+    only sync for eigendecompositions); members that failed, or whose group the solver rejected, go down the
+    fallback ladder on their own. With ``warm``, a dense factor with a previous decomposition of its shape is
+    first updated from it (:func:`~kldwrm_fast.curvature.warm.orthogonal_iteration`, launched with the exact
+    groups); one whose update fails or whose residual exceeds ``warm.tol`` is then decomposed exactly (batched
+    again, one more host transfer, only when some warm update was refused).
+
+    Args:
+        requests: ``(matrix, previous, name)`` per factor, as for :func:`symmetric_eig`.
+        solver: the batched solver (:data:`BatchedSolver`; the CUDA backend passes cuSOLVER's); None:
+            ``torch.linalg.eigh``, on the host CPU for lone CUDA factors up to :data:`HOST_MAX_N`.
+        failed: if given, the indices of requests for which every rung failed are appended to it.
+        warm: the warm start's settings, or None for exact decompositions only.
+        warmed: if given, the indices of requests whose warm update was accepted are appended to it.
+
+    Returns:
+        ``(Q, d)`` per request, in order (members of a batched group are views of one tensor), eigenvalues ascending.
+    """
+    launched, dense, starts = [], [], []
+    for index, request in enumerate(requests):
+        matrix = request[0]
+        if matrix.dim() == 1:  # its check joins the one host transfer below
+            ok = torch.isfinite(matrix).all().reshape(1)
+            launched.append(([index], matrix.clamp_min(0.0).unsqueeze(0), matrix.new_empty(1, 0), ok))
+        elif warm is not None and _warm_startable(request):
+            starts.append(index)
+        else:
+            dense.append(index)
+    launched += _launch_exact(dense, requests, solver) + (_launch_warm(starts, requests, warm) if starts else [])
+    results: list = [None] * len(requests)
+    _accept(launched, results)
+    refused = [index for index in starts if results[index] is None]
+    if warmed is not None:
+        warmed += [index for index in starts if results[index] is not None]
+    if refused:
+        _accept(_launch_exact(refused, requests, solver), results)
     for index, result in enumerate(results):
         if result is not None:
             continue
@@ -181,4 +242,3 @@ def decompose_many(
             if failed is not None:
                 failed.append(index)
     return results
-

@@ -49,6 +49,7 @@ from kldwrm_fast.curvature.state import (
     has_curvature,
     store,
 )
+from kldwrm_fast.curvature.warm import WarmStart
 from kldwrm_fast.ops import operations_for, reference
 
 
@@ -106,6 +107,9 @@ class CurvatureEstimator:
         self._warned_plain: set[str] = set()
         self._state: dict = {}
         self._group: dict = {}
+        self.decompositions = {"exact": 0, "warm": 0}
+        """Dense factor decompositions since construction: exact ones and accepted warm updates (diagnostics; not
+        saved)."""
         self.curvature.capture_due = self.statistics_due
 
     def _build(self, model, options, predictive_module, needs_output):
@@ -182,6 +186,29 @@ class CurvatureEstimator:
     def steps_without_inverse(self) -> bool:
         """Whether steps without an eigendecomposition follow an inverse step (``inv_freq > 1``)."""
         return self._schedule()[2] > 1
+
+    def warm_start(self) -> Optional[WarmStart]:
+        """The warm start of this step's refresh (docs/algorithms.md §6.5), or None where it decomposes exactly:
+        ``eigensolver="exact"``, or every ``full_every``-th refresh (counted from step 0, so a resumed run forces
+        the same ones)."""
+        group = self._group
+        if group.get("eigensolver", "exact") != "warm":
+            return None
+        k, _, inv_freq = self._schedule()
+        full_every = group["full_every"]
+        if full_every is not None and (k // inv_freq) % full_every == 0:
+            return None
+        return WarmStart(group["warm_iters"], group["warm_tol"])
+
+    def _decompose(self, requests: list, failed: Optional[list[int]] = None, warm: Optional[WarmStart] = None):
+        """:func:`~kldwrm_fast.curvature.eigen.decompose_many` with the dispatched solver, counted in
+        :attr:`decompositions`."""
+        warmed: list[int] = []
+        results = decompose_many(requests, self.ops.eigh, failed, warm, warmed)
+        dense = sum(1 for matrix, _, _ in requests if matrix.dim() == 2)
+        self.decompositions["warm"] += len(warmed)
+        self.decompositions["exact"] += dense - len(warmed)
+        return results
 
     def plan(
         self, lr: float, stats_due: bool, inverse_due: bool, grad_unscale: Optional[Tensor], eigenvalue_floor: float
@@ -294,7 +321,8 @@ class CurvatureEstimator:
         if info.inverse_due:
             requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
             failed: list[int] = []
-            for (block, key, _), (vectors, values) in zip(factors, decompose_many(requests, self.ops.eigh, failed)):
+            results = self._decompose(requests, failed, self.warm_start())
+            for (block, key, _), (vectors, values) in zip(factors, results):
                 vectors_key, values_key = eigen_keys(key)
                 state = self.state_of(block)
                 store(state, vectors_key, vectors)
@@ -318,7 +346,7 @@ class CurvatureEstimator:
             self._decompose_distributed(factors, 0.0)
             return
         requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
-        for (block, key, _), (vectors, values) in zip(factors, decompose_many(requests, self.ops.eigh)):
+        for (block, key, _), (vectors, values) in zip(factors, self._decompose(requests)):
             state = self.state_of(block)
             state[eigen_keys(key)[0]], state[eigen_keys(key)[1]] = vectors, values
 
@@ -405,7 +433,8 @@ class CurvatureEstimator:
         rank = self.data_parallel.rank
         mine = [i for i in range(len(factors)) if owners.get(i, rank) == rank]
         # This rank's share in one grouped call (batched solver, one host check), as on a single process.
-        decomposed = dict(zip(mine, decompose_many([self._eigen_request(*factors[i]) for i in mine], self.ops.eigh)))
+        requests = [self._eigen_request(*factors[i]) for i in mine]
+        decomposed = dict(zip(mine, self._decompose(requests, warm=self.warm_start())))
         for index, (block, key, matrix) in enumerate(factors):
             state = self.state_of(block)
             keys = eigen_keys(key)

@@ -9,7 +9,7 @@ from torch import nn
 
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.optim.base import CurvatureOptimizer
-from kldwrm_fast.optim.options import MAX_FACTOR_DIM, KFACOptions
+from kldwrm_fast.optim.options import FULL_EVERY, MAX_FACTOR_DIM, WARM_TOL, KFACOptions
 from kldwrm_fast.optim.updates import BufferUpdates, add_to_parameters, heavy_ball, kl_clip_
 
 
@@ -47,6 +47,11 @@ class KFAC(CurvatureOptimizer):
         max_factor_dim: a factor side wider than this (an integer, or None for no limit) is kept as its diagonal,
             the other side staying dense (docs/algorithms.md §1, "diagonal sides"); an embedding's input side is
             always diagonal. Default 4096 (:data:`kldwrm_fast.optim.options.MAX_FACTOR_DIM` says why).
+        eigensolver: ``"exact"`` (every refresh decomposes its factors) or ``"warm"`` (a refresh updates each dense
+            factor's last eigenbasis by ``warm_iters`` steps of orthogonal iteration, 0 keeping the basis and
+            refreshing its eigenvalues, and keeps it while its relative residual is at most ``warm_tol``; the first
+            decomposition, a refused update and every ``full_every``-th refresh (None: none forced) are exact:
+            docs/algorithms.md §6.5). Param-group entries, which may change between steps.
         others, others_kwargs: a ``torch.optim`` optimizer class (and its arguments) for the parameters without a
             curvature block (:mod:`kldwrm_fast.optim.routing`); default plain gradient descent.
     """
@@ -75,12 +80,17 @@ class KFAC(CurvatureOptimizer):
         others_kwargs: Optional[dict] = None,
         weight_sharing: str = "expand",
         max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
+        eigensolver: str = "exact",
+        warm_iters: int = 1,
+        warm_tol: float = WARM_TOL,
+        full_every: Optional[int] = FULL_EVERY,
     ) -> None:
         options = KFACOptions(
             lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
-            max_factor_dim=max_factor_dim,
+            max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
+            warm_tol=warm_tol, full_every=full_every,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
         self._buffer_updates = BufferUpdates()

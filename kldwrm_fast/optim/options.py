@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Optional
 from torch import nn
 
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
+from kldwrm_fast.curvature.warm import EIGENSOLVERS
 from kldwrm_fast.ops import BACKENDS
 
 BIAS_MODES = ("folded", "separate")
@@ -25,6 +26,11 @@ MAX_FACTOR_DIM = 4096
 n × n float32 matrices in the state (local factor, average, eigenvectors; Q's reweighted ones on an inverse step),
 256 MiB, and one eigendecomposition of O(n³) ≈ 7·10¹⁰ multiply-adds per inverse step; at 8192 that is 1 GiB and 8×
 the arithmetic per side, at 32,000 (a vocabulary) 16 GiB and an eigensolve of minutes."""
+WARM_TOL = 0.1
+"""The default ``warm_tol`` (docs/algorithms.md §6.5): a warm basis is kept while the factor it decomposes exactly is
+within 10% (relative Frobenius distance) of the true one."""
+FULL_EVERY = 10
+"""The default ``full_every``: every tenth refresh decomposes exactly, whatever the residuals say."""
 WEIGHT_SHARING = ("expand", "reduce")
 CURVATURE_SUMS = ("reweighted", "exact")
 
@@ -60,6 +66,10 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "repeated_calls": (lambda v: v in REPEATED_CALLS, f"one of {REPEATED_CALLS}"),
     "weight_sharing": (lambda v: v in WEIGHT_SHARING, f"one of {WEIGHT_SHARING}"),
     "max_factor_dim": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None"),
+    "eigensolver": (lambda v: v in EIGENSOLVERS, f"one of {EIGENSOLVERS}"),
+    "warm_iters": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "warm_tol": (lambda v: _number(v) and 0 <= v < math.inf, "0 <= warm_tol < inf"),
+    "full_every": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None"),
     "check_numerics": (lambda v: isinstance(v, bool), "True or False"),
     "pack_statistics": (lambda v: isinstance(v, bool), "True or False"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "0 <= momentum < 1"),
@@ -111,6 +121,10 @@ class Options:
     repeated_calls: str
     weight_sharing: str = "expand"
     max_factor_dim: Optional[int] = MAX_FACTOR_DIM
+    eigensolver: str = "exact"
+    warm_iters: int = 1
+    warm_tol: float = WARM_TOL
+    full_every: Optional[int] = FULL_EVERY
     check_numerics: bool = True
     pack_statistics: bool = True
 

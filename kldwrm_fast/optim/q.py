@@ -14,7 +14,7 @@ from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.state import store, store_all
 from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
-from kldwrm_fast.optim.options import MAX_FACTOR_DIM, QOptions, group_option
+from kldwrm_fast.optim.options import FULL_EVERY, MAX_FACTOR_DIM, WARM_TOL, QOptions, group_option
 from kldwrm_fast.optim.q_steps import (
     BASIS,
     EIGENBASIS,
@@ -60,7 +60,8 @@ class QKLDWRM(CurvatureOptimizer):
     Args: as :class:`~kldwrm_fast.KFAC` with ``clip`` (τ > 0 or None, default 2.0) in place of ``momentum``;
     ``kl_clip`` (default None) applies K-FAC's KL clip to the Q step before ``clip``; paper default ``rho=0.5``.
     ``bias``, ``eigenvalue_floor``, ``repeated_calls``, ``weight_sharing``, ``max_factor_dim``, ``predictive_module``,
-    ``others`` and ``others_kwargs`` as for KFAC; ``max_step_rms`` (> 0 or None, default 0.02): the step cap above.
+    ``others``, ``others_kwargs``, ``eigensolver``, ``warm_iters``, ``warm_tol`` and ``full_every`` as for KFAC;
+    ``max_step_rms`` (> 0 or None, default 0.02): the step cap above.
     ``curvature_sum``: ``"reweighted"`` (default) or ``"exact"``; a checkpoint resumes only with the value it was
     saved with.
     """
@@ -98,13 +99,18 @@ class QKLDWRM(CurvatureOptimizer):
         others_kwargs: Optional[dict] = None,
         weight_sharing: str = "expand",
         max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
+        eigensolver: str = "exact",
+        warm_iters: int = 1,
+        warm_tol: float = WARM_TOL,
+        full_every: Optional[int] = FULL_EVERY,
     ) -> None:
         options = QOptions(
             lr=lr, rho=rho, damping=damping, clip=clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, kl_clip=kl_clip, bias=bias,
             eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum, max_step_rms=max_step_rms,
             repeated_calls=repeated_calls, weight_sharing=weight_sharing,
-            max_factor_dim=max_factor_dim,
+            max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
+            warm_tol=warm_tol, full_every=full_every,
         )  # fmt: skip
         self._start(model, options, predictive_module, others, others_kwargs)
 

@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_map_only
 
 from kldwrm_fast import distributed
 from kldwrm_fast.curvature.state import SIDES, average_key
-from kldwrm_fast.optim.options import MAX_FACTOR_DIM, QEOptions, _check
+from kldwrm_fast.optim.options import FULL_EVERY, MAX_FACTOR_DIM, WARM_TOL, QEOptions, _check
 from kldwrm_fast.optim.q import QKLDWRM
 from kldwrm_fast.optim.wake import WakeObjective, stored_outputs
 
@@ -87,6 +87,10 @@ class QEKLDWRM(QKLDWRM):
         others_kwargs: Optional[dict] = None,
         weight_sharing: str = "expand",
         max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
+        eigensolver: str = "exact",
+        warm_iters: int = 1,
+        warm_tol: float = WARM_TOL,
+        full_every: Optional[int] = FULL_EVERY,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -103,7 +107,8 @@ class QEKLDWRM(QKLDWRM):
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, kl_clip=kl_clip, bias=bias,
             eigenvalue_floor=eigenvalue_floor, curvature_sum=curvature_sum, max_step_rms=max_step_rms,
             repeated_calls=repeated_calls, weight_sharing=weight_sharing,
-            max_factor_dim=max_factor_dim, n_inner=n_inner,
+            max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
+            warm_tol=warm_tol, full_every=full_every, n_inner=n_inner,
             inner_lr_ratio=inner_lr_ratio, n_cap=n_cap, kl_scale=kl_scale,
         )  # fmt: skip
         self._start(model, options, predictive_module, others, others_kwargs)

@@ -11,7 +11,7 @@ from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.curvature.state import store_all
 from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
-from kldwrm_fast.optim.options import MAX_FACTOR_DIM, SOOptions
+from kldwrm_fast.optim.options import FULL_EVERY, MAX_FACTOR_DIM, WARM_TOL, SOOptions
 from kldwrm_fast.optim.updates import add_to_parameters, kl_clip_, recursion_ratio
 
 
@@ -47,12 +47,17 @@ class SOKLDWRM(CurvatureOptimizer):
         others_kwargs: Optional[dict] = None,
         weight_sharing: str = "expand",
         max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
+        eigensolver: str = "exact",
+        warm_iters: int = 1,
+        warm_tol: float = WARM_TOL,
+        full_every: Optional[int] = FULL_EVERY,
     ) -> None:
         options = SOOptions(
             lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
-            max_factor_dim=max_factor_dim,
+            max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
+            warm_tol=warm_tol, full_every=full_every,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
 
