@@ -353,7 +353,7 @@ def parse_args(argv=None):
                         help="let heavyball torch.compile its steps (default: on with CUDA, off on a CPU)")
     args = parser.parse_args(argv)
     args.workloads, args.optimizers = args.workloads.split(","), args.optimizers.split(",")
-    for name, known, flag in ((args.workloads, TARGETS, "--workloads"), (args.optimizers, optimizers.NAMES,
+    for name, known, flag in ((args.workloads, TARGETS, "--workloads"), (args.optimizers, list(optimizers.LABELS),
                                                                          "--optimizers")):  # fmt: skip
         unknown = [n for n in name if n not in known]
         if unknown:

@@ -1,5 +1,5 @@
 """The bench scripts run end to end on CPU: the GPU check (tiny shapes), the interleaved step-time comparison, the
-linear-algebra floor and the weight-sharing comparison."""
+linear-algebra floor, the weight-sharing comparison and the warm-eigenbasis comparisons."""
 
 import json
 import os
@@ -294,3 +294,33 @@ def test_the_race_names_an_unknown_optimizer(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "--optimizers: unknown lamb; accepted: kfac," in result.stderr
+
+
+def test_the_warm_eigensolver_comparison_times_every_solver_and_reports_residuals(tmp_path):
+    out = tmp_path / "warm.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "warm_eigh.py"), "--sizes", "16,24", "--batch", "1,3", "--repeats", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["n"], row["batch"]) for row in rows] == [(16, 1), (16, 3), (24, 1), (24, 3)]
+    for row in rows:
+        assert set(row["ms"]) >= {"eigh (torch)", "warm, 0 iterations", "warm, 1 iteration"}
+        assert 0 < row["residual"]["1"] < row["residual"]["0"] < 0.1  # a 5% step; one iteration refines it
+
+
+def test_the_warm_trajectory_comparison_measures_the_distance_from_the_exact_run(tmp_path):
+    out = tmp_path / "trajectory.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "warm_trajectory.py"), "--optimizers", "kfac", "--epochs", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(out.read_text())["runs"]
+    variants = ("exact", "warm", "warm, 0 iterations", "exact, initial weights moved by 1e-6")
+    assert set(runs) == {f"kfac {variant}" for variant in variants}
+    assert runs["kfac exact"][0]["gap"] == 0 and runs["kfac exact"][0]["warm"] == 0
+    assert runs["kfac warm"][0]["warm"] > 0 and runs["kfac warm"][0]["gap"] > 0

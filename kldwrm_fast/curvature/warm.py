@@ -49,4 +49,4 @@ def orthogonal_iteration(stack: Tensor, basis: Tensor, iters: int) -> tuple[Tens
     scale = torch.linalg.vector_norm(stack, dim=(-2, -1))
     residual = torch.where(scale > 0, misfit / scale.clamp_min(torch.finfo(stack.dtype).tiny), misfit)
     values, order = values.sort(-1)
-    return values, vectors.take_along_dim(order.unsqueeze(-2), -1), residual
+    return values, vectors.gather(-1, order.unsqueeze(-2).expand_as(vectors)), residual
