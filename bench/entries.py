@@ -23,6 +23,7 @@ OURS = {
     "kfacwarm0": functools.partial(KFAC, eigensolver="warm", warm_iters=0),
     "qwarm": functools.partial(QKLDWRM, eigensolver="warm"),
     "qwarm0": functools.partial(QKLDWRM, eigensolver="warm", warm_iters=0),
+    "kfacfactored": functools.partial(KFAC, damping_form="factored"),  # two GEMMs per block (§6.6)
 }
 BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
 ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]

@@ -14,6 +14,7 @@ is reported apart). When heavyball is not installed its rows say so (``pip insta
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 
@@ -23,12 +24,22 @@ from torch import nn
 from kldwrm_fast import KFAC, QEKLDWRM, QKLDWRM, SOKLDWRM
 from kldwrm_fast.baselines import ReferenceKFAC
 
-OURS = {"kfac": KFAC, "so": SOKLDWRM, "q": QKLDWRM, "qe": QEKLDWRM}
+WARM = {
+    "kfac-warm": functools.partial(KFAC, eigensolver="warm"),
+    "kfac-warm0": functools.partial(KFAC, eigensolver="warm", warm_iters=0),
+    "kfac-factored": functools.partial(KFAC, damping_form="factored"),
+}
+"""K-FAC with warm-started eigenbases (docs/algorithms.md §6.5) or factored damping (§6.6): raced on request
+(``--optimizers``), not by default."""
+OURS = {"kfac": KFAC, "so": SOKLDWRM, "q": QKLDWRM, "qe": QEKLDWRM, **WARM}
 HEAVYBALL = {"soap": "SOAP", "psgd-kron": "PSGDKron", "shampoo": "KLShampoo"}
 LABELS = {"kfac": "KFAC (ours)", "so": "SO (ours)", "q": "Q (ours)", "qe": "QE (ours)", "adamw": "AdamW",
           "sgd": "SGD-Nesterov", "soap": "SOAP (heavyball)", "psgd-kron": "PSGD-Kron (heavyball)",
-          "shampoo": "KL-Shampoo (heavyball)", "reference-kfac": "reference K-FAC"}  # fmt: skip
-NAMES = list(LABELS)
+          "shampoo": "KL-Shampoo (heavyball)", "reference-kfac": "reference K-FAC",
+          "kfac-warm": "KFAC warm (ours)", "kfac-warm0": "KFAC warm, 0 iterations (ours)",
+          "kfac-factored": "KFAC factored damping (ours)"}  # fmt: skip
+NAMES = [name for name in LABELS if name not in WARM]
+"""The optimizers raced by default."""
 
 OUR_BASE = dict(damping=0.01, stat_freq=10, inv_freq=10)
 GRIDS = {

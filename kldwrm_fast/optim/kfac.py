@@ -10,7 +10,7 @@ from torch import nn
 from kldwrm_fast.curvature import Curvature
 from kldwrm_fast.optim.base import CurvatureOptimizer
 from kldwrm_fast.optim.options import FULL_EVERY, MAX_FACTOR_DIM, WARM_TOL, KFACOptions
-from kldwrm_fast.optim.updates import BufferUpdates, add_to_parameters, heavy_ball, kl_clip_
+from kldwrm_fast.optim.updates import BufferUpdates, add_to_parameters, heavy_ball, kl_clip_, preconditioned
 
 
 class KFAC(CurvatureOptimizer):
@@ -84,13 +84,14 @@ class KFAC(CurvatureOptimizer):
         warm_iters: int = 1,
         warm_tol: float = WARM_TOL,
         full_every: Optional[int] = FULL_EVERY,
+        damping_form: str = "eigen",
     ) -> None:
         options = KFACOptions(
             lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
             max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
-            warm_tol=warm_tol, full_every=full_every,
+            warm_tol=warm_tol, full_every=full_every, damping_form=damping_form,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
         self._buffer_updates = BufferUpdates()
@@ -99,7 +100,7 @@ class KFAC(CurvatureOptimizer):
         lr, momentum = plan.lr, group["momentum"]
         self.estimator.refresh(plan, group["rho"], reweight=None)
         states = [self.block_state(block) for block in plan.blocks]
-        directions = plan.batches.precondition(self._ops, states, grads, group["damping"])  # d = P(V)
+        directions = preconditioned(self._ops, group, plan, states, grads)  # d = P(V)
         inner = kl_clip_(directions, grads, lr, group["kl_clip"])  # d ← ν d
         if not self.numerics.update_is_finite(directions, group, self.global_state["step"], inner):
             return

@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Optional
 
 from torch import nn
 
+from kldwrm_fast.curvature.factored import DAMPING_FORMS
 from kldwrm_fast.curvature.fisher import FISHER_TYPES, PREDICTIVES
 from kldwrm_fast.curvature.warm import EIGENSOLVERS
 from kldwrm_fast.ops import BACKENDS
@@ -70,6 +71,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "warm_iters": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "warm_tol": (lambda v: _number(v) and 0 <= v < math.inf, "0 <= warm_tol < inf"),
     "full_every": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None"),
+    "damping_form": (lambda v: v in DAMPING_FORMS, f"one of {DAMPING_FORMS}"),
     "check_numerics": (lambda v: isinstance(v, bool), "True or False"),
     "pack_statistics": (lambda v: isinstance(v, bool), "True or False"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "0 <= momentum < 1"),
@@ -142,11 +144,13 @@ class Options:
 class KFACOptions(Options):
     momentum: float
     kl_clip: Optional[float]
+    damping_form: str = "eigen"
 
 
 @dataclass(kw_only=True)
 class SOOptions(Options):
     kl_clip: Optional[float]
+    damping_form: str = "eigen"
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ from kldwrm_fast.curvature.state import store_all
 from kldwrm_fast.ops import tracing
 from kldwrm_fast.optim.base import CurvatureOptimizer
 from kldwrm_fast.optim.options import FULL_EVERY, MAX_FACTOR_DIM, WARM_TOL, SOOptions
-from kldwrm_fast.optim.updates import add_to_parameters, kl_clip_, recursion_ratio
+from kldwrm_fast.optim.updates import add_to_parameters, kl_clip_, preconditioned, recursion_ratio
 
 
 class SOKLDWRM(CurvatureOptimizer):
@@ -51,13 +51,14 @@ class SOKLDWRM(CurvatureOptimizer):
         warm_iters: int = 1,
         warm_tol: float = WARM_TOL,
         full_every: Optional[int] = FULL_EVERY,
+        damping_form: str = "eigen",
     ) -> None:
         options = SOOptions(
             lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
             max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
-            warm_tol=warm_tol, full_every=full_every,
+            warm_tol=warm_tol, full_every=full_every, damping_form=damping_form,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
 
@@ -72,7 +73,7 @@ class SOKLDWRM(CurvatureOptimizer):
             differences = torch._foreach_sub(grads, torch._foreach_mul([state["v_prev"] for state in states], coef))
         elif coef:
             differences = [v - coef * s["v_prev"] if "v_prev" in s else v for s, v in zip(states, grads)]
-        directions = plan.batches.precondition(self._ops, states, differences, group["damping"])  # d = P(u)
+        directions = preconditioned(self._ops, group, plan, states, differences)  # d = P(u)
         inner = kl_clip_(directions, differences, lr, group["kl_clip"])
         if not self.numerics.update_is_finite(directions, group, self.global_state["step"], inner):
             return

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kldwrm_fast.curvature import factored
 from kldwrm_fast.ops import reference, tracing
 from kldwrm_fast.optim.numerics import Numerics
 
@@ -18,6 +19,15 @@ def recursion_ratio(rho: float, lr_prev: Optional[float], lr: float) -> float:
     """``ρ λ_k/λ_{k−1} = ρ lr_{k−1}/lr_k``, the coefficient of SO's and Q's recursions; 0 when either lr is 0 or there
     is no previous step (Note [zero learning rate] in :mod:`kldwrm_fast.optim.base`): the recursion restarts."""
     return rho * lr_prev / lr if lr_prev and lr else 0.0
+
+
+def preconditioned(ops, group: dict, plan, states: list[dict], vs: list[Tensor]) -> list[Tensor]:
+    """``P(V)`` for the plan's blocks (KFAC, SO): the eigenbasis form with the damping on eigenvalue products, or with
+    ``damping_form="factored"`` the cached damped inverses of :mod:`kldwrm_fast.curvature.factored`."""
+    if group["damping_form"] == "factored":
+        factored.refresh_inverses(states, group["damping"], plan.inverse_due)
+        return factored.precondition(states, vs)
+    return plan.batches.precondition(ops, states, vs, group["damping"])
 
 
 def add_to_parameters(blocks, updates: list[Tensor], alpha: float, numerics: Numerics) -> None:
