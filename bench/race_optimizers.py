@@ -28,6 +28,7 @@ WARM = {
     "kfac-warm": functools.partial(KFAC, eigensolver="warm"),
     "kfac-warm0": functools.partial(KFAC, eigensolver="warm", warm_iters=0),
     "kfac-factored": functools.partial(KFAC, damping_form="factored"),
+    "kfac-factored-warm0": functools.partial(KFAC, damping_form="factored", eigensolver="warm", warm_iters=0),
 }
 """K-FAC with warm-started eigenbases (docs/algorithms.md §6.5) or factored damping (§6.6): raced on request
 (``--optimizers``), not by default."""
@@ -37,7 +38,8 @@ LABELS = {"kfac": "KFAC (ours)", "so": "SO (ours)", "q": "Q (ours)", "qe": "QE (
           "sgd": "SGD-Nesterov", "soap": "SOAP (heavyball)", "psgd-kron": "PSGD-Kron (heavyball)",
           "shampoo": "KL-Shampoo (heavyball)", "reference-kfac": "reference K-FAC",
           "kfac-warm": "KFAC warm (ours)", "kfac-warm0": "KFAC warm, 0 iterations (ours)",
-          "kfac-factored": "KFAC factored damping (ours)"}  # fmt: skip
+          "kfac-factored": "KFAC factored damping (ours)",
+          "kfac-factored-warm0": "KFAC factored damping, warm 0 iterations (ours)"}  # fmt: skip
 NAMES = [name for name in LABELS if name not in WARM]
 """The optimizers raced by default."""
 
