@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from kldwrm_fast.experiments.datasets import load_mnist_sample
+from kldwrm_fast.experiments.datasets import Split, load_mnist_sample
 from kldwrm_fast.experiments.mnist import OPTIMIZERS, PAPER_HYPERPARAMETERS, evaluate
 from kldwrm_fast.experiments.models import paper_cnn
 
@@ -29,8 +29,7 @@ VARIANTS = {
 """The last is the yardstick: how far the exact run itself goes from a relative 1e-6 change of its start."""
 
 
-def train(name: str, variant: dict, epochs: int, cadence: tuple[int, int], batch: int) -> list[dict]:
-    data = load_mnist_sample()
+def train(name: str, variant: dict, data: Split, epochs: int, cadence: tuple[int, int], batch: int) -> list[dict]:
     torch.manual_seed(0)
     model = paper_cnn()
     variant = dict(variant)
@@ -68,9 +67,11 @@ def main() -> None:
     print(f"paper CNN, MNIST sample, batch {args.batch}, cadence {args.cadence}, torch {torch.__version__}, one thread")
     print("| optimizer | variant | ‖θ − θ_exact‖ / ‖θ_exact‖ after epochs 1, 5, 10 | test accuracy | exact / warm |")
     print("|---|---|---|---|---|")
+    data = load_mnist_sample()
     results = {}
     for name in args.optimizers.split(","):
-        runs = {label: train(name, variant, args.epochs, cadence, args.batch) for label, variant in VARIANTS.items()}
+        runs = {label: train(name, variant, data, args.epochs, cadence, args.batch)
+                for label, variant in VARIANTS.items()}  # fmt: skip
         exact = runs["exact"]
         for label, run in runs.items():
             gaps = [(e["params"] - x["params"]).norm().item() / x["params"].norm().item() for e, x in zip(run, exact)]

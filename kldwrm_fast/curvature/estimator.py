@@ -192,7 +192,7 @@ class CurvatureEstimator:
         ``eigensolver="exact"``, or every ``full_every``-th refresh (counted from step 0, so a resumed run forces
         the same ones)."""
         group = self._group
-        if group.get("eigensolver", "exact") != "warm":
+        if group["eigensolver"] != "warm":
             return None
         k, _, inv_freq = self._schedule()
         full_every = group["full_every"]
