@@ -24,6 +24,8 @@ OURS = {
     "qwarm": functools.partial(QKLDWRM, eigensolver="warm"),
     "qwarm0": functools.partial(QKLDWRM, eigensolver="warm", warm_iters=0),
     "kfacfactored": functools.partial(KFAC, damping_form="factored"),  # two GEMMs per block (§6.6)
+    "kfacrank64": functools.partial(KFAC, rank=64),  # sides at least 64 wide kept to 64 pairs and a tail (§6.7)
+    "kfacrank16": functools.partial(KFAC, rank=16),
 }
 BACKENDS = [b for b in IMPLEMENTATIONS if unavailable_reason(b, DEVICE) is None and (FULL or b == "torch")]
 ENTRIES = ["sgd", "adam", "kfac-reference"] + [f"{name}-{backend}" for name in OURS for backend in BACKENDS]

@@ -29,8 +29,11 @@ WARM = {
     "kfac-warm0": functools.partial(KFAC, eigensolver="warm", warm_iters=0),
     "kfac-factored": functools.partial(KFAC, damping_form="factored"),
     "kfac-factored-warm0": functools.partial(KFAC, damping_form="factored", eigensolver="warm", warm_iters=0),
+    "kfac-rank64": functools.partial(KFAC, rank=64),
+    "kfac-rank16": functools.partial(KFAC, rank=16),
 }
-"""K-FAC with warm-started eigenbases (docs/algorithms.md §6.5) or factored damping (§6.6): raced on request
+"""K-FAC with warm-started eigenbases (docs/algorithms.md §6.5), factored damping (§6.6) or low-rank sides (§6.7):
+raced on request
 (``--optimizers``), not by default."""
 OURS = {"kfac": KFAC, "so": SOKLDWRM, "q": QKLDWRM, "qe": QEKLDWRM, **WARM}
 HEAVYBALL = {"soap": "SOAP", "psgd-kron": "PSGDKron", "shampoo": "KLShampoo"}
@@ -39,7 +42,8 @@ LABELS = {"kfac": "KFAC (ours)", "so": "SO (ours)", "q": "Q (ours)", "qe": "QE (
           "shampoo": "KL-Shampoo (heavyball)", "reference-kfac": "reference K-FAC",
           "kfac-warm": "KFAC warm (ours)", "kfac-warm0": "KFAC warm, 0 iterations (ours)",
           "kfac-factored": "KFAC factored damping (ours)",
-          "kfac-factored-warm0": "KFAC factored damping, warm 0 iterations (ours)"}  # fmt: skip
+          "kfac-factored-warm0": "KFAC factored damping, warm 0 iterations (ours)",
+          "kfac-rank64": "KFAC rank 64 (ours)", "kfac-rank16": "KFAC rank 16 (ours)"}  # fmt: skip
 NAMES = [name for name in LABELS if name not in WARM]
 """The optimizers raced by default."""
 

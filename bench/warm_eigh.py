@@ -18,6 +18,7 @@ import statistics
 import machine
 import torch
 
+from kldwrm_fast.curvature.lowrank import OVERSAMPLE, range_finder
 from kldwrm_fast.curvature.warm import orthogonal_iteration
 from kldwrm_fast.ops.backends import unavailable_reason
 
@@ -33,7 +34,15 @@ def factors(n: int, batch: int, device: torch.device) -> tuple[torch.Tensor, tor
     return (0.5 * (after + after.mT)).to(device), basis.to(device)
 
 
-def solvers(device: torch.device) -> dict:
+def low_rank_start(basis: torch.Tensor, rank: int) -> torch.Tensor:
+    """The range finder's start as the optimizer builds it: the top ``rank`` eigenvectors, largest first, and
+    :data:`OVERSAMPLE` Gaussian columns."""
+    gen = torch.Generator().manual_seed(rank)
+    fresh = torch.randn(*basis.shape[:-1], OVERSAMPLE, generator=gen).to(basis.device)
+    return torch.cat([basis[..., -rank:].flip(-1), fresh], -1)
+
+
+def solvers(device: torch.device, ranks: list[int]) -> dict:
     calls = {"eigh (torch)": lambda x, q: torch.linalg.eigh(x)}
     if unavailable_reason("cuda", device) is None:
         from kldwrm_fast.ops import cuda_ext
@@ -41,6 +50,8 @@ def solvers(device: torch.device) -> dict:
         calls["eigh (cuSOLVER)"] = lambda x, q: cuda_ext.eigh(x)
     calls["warm, 0 iterations"] = lambda x, q: orthogonal_iteration(x, q, 0)
     calls["warm, 1 iteration"] = lambda x, q: orthogonal_iteration(x, q, 1)
+    for rank in ranks:
+        calls[f"rank {rank}"] = lambda x, q, r=rank: range_finder(x, low_rank_start(q, r), r)
     return calls
 
 
@@ -48,18 +59,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="256,512,1024,2048")
     parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--ranks", default="16,64", help="low-rank widths r to time (skipped where r >= n)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args()
     device = machine.DEVICE
-    calls = solvers(device)
+    ranks = [int(r) for r in args.ranks.split(",") if r]
+    calls = solvers(device, ranks)
     rows = []
     for n in map(int, args.sizes.split(",")):
         for batch in map(int, args.batch.split(",")):
             x, q = factors(n, batch, device)
-            times: dict = {name: [] for name in calls}
+            here = {name: call for name, call in calls.items() if not name.startswith("rank ")}
+            here.update({f"rank {r}": calls[f"rank {r}"] for r in ranks if r < n})
+            times: dict = {name: [] for name in here}
             for _ in range(args.repeats + 1):  # the first round warms up
-                for name, call in calls.items():
+                for name, call in here.items():
                     times[name].append(machine.ms_per_call(lambda: call(x, q), 1, 1))
             residuals = {it: orthogonal_iteration(x, q, it)[2].max().item() for it in (0, 1)}
             rows.append({"n": n, "batch": batch, "ms": {k: statistics.median(v[1:]) for k, v in times.items()},
@@ -71,7 +86,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(calls) + "---|")
     for row in rows:
         base = row["ms"]["eigh (torch)"]
-        cells = [f"{ms:.2f} ({ms / base:.2f}×)" for ms in row["ms"].values()]
+        cells = [f"{row['ms'][name]:.2f} ({row['ms'][name] / base:.2f}×)" if name in row["ms"] else "—"
+                 for name in calls]  # fmt: skip
         print(f"| {row['n']} | {row['batch']} | " + " | ".join(cells)
               + f" | {row['residual'][0]:.3f} / {row['residual'][1]:.3f} |")  # fmt: skip
     if args.json:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from kldwrm_fast import distributed
+from kldwrm_fast.curvature import lowrank
 from kldwrm_fast.curvature.base import Curvature
 from kldwrm_fast.curvature.batching import BlockBatches
 from kldwrm_fast.curvature.blocks import FactoredBlock
@@ -105,11 +106,12 @@ class CurvatureEstimator:
         self._batch_cache: dict[tuple[int, ...], BlockBatches] = {}
         self._layout = self._parameter_layout()
         self._warned_plain: set[str] = set()
+        self._positions: Optional[dict[int, int]] = None  # id(block) -> its index: the low-rank seeds
         self._state: dict = {}
         self._group: dict = {}
-        self.decompositions = {"exact": 0, "warm": 0}
-        """Dense factor decompositions since construction: exact ones and accepted warm updates (diagnostics; not
-        saved)."""
+        self.decompositions = {"exact": 0, "warm": 0, "low_rank": 0}
+        """Dense factor decompositions since construction: exact ones, accepted warm updates and low-rank ones
+        (diagnostics; not saved)."""
         self.curvature.capture_due = self.statistics_due
 
     def _build(self, model, options, predictive_module, needs_output):
@@ -200,15 +202,47 @@ class CurvatureEstimator:
             return None
         return WarmStart(group["warm_iters"], group["warm_tol"])
 
-    def _decompose(self, requests: list, failed: Optional[list[int]] = None, warm: Optional[WarmStart] = None):
+    def _decompose(
+        self, factors: list, failed: Optional[list[int]] = None, warm: Optional[WarmStart] = None
+    ) -> list[tuple]:
         """:func:`~kldwrm_fast.curvature.eigen.decompose_many` with the dispatched solver, counted in
-        :attr:`decompositions`."""
+        :attr:`decompositions`; with the group's ``rank`` set (KFAC, SO), the factors it applies to go to
+        :func:`kldwrm_fast.curvature.lowrank.decompose_many` and come back as ``(U, d, t)``. ``factors``: ``(block,
+        key, matrix)`` per factor; returns the decompositions in order."""
+        requests = [self._eigen_request(*factor) for factor in factors]
+        rank = self._group.get("rank")
+        low = [i for i, request in enumerate(requests) if lowrank.applies(request[0], rank)]
+        rest = [i for i in range(len(requests)) if i not in set(low)]
+        for i in rest:  # a side low-rank under an earlier ``rank``: its basis is no start nor fallback for a full one
+            if requests[i][1] is not None and len(requests[i][1]) == 3:
+                requests[i] = (requests[i][0], None, requests[i][2])
+        results: list = [None] * len(requests)
+        for indices, decompose in ((low, self._decompose_low_rank), (rest, self._decompose_exact)):
+            if not indices:
+                continue
+            lost: list[int] = []
+            chosen = [factors[i] for i in indices]
+            for index, result in zip(indices, decompose(chosen, [requests[i] for i in indices], lost, warm)):
+                results[index] = result
+            if failed is not None:
+                failed += [indices[i] for i in lost]
+        return results
+
+    def _decompose_exact(self, _factors, requests: list, failed: list[int], warm: Optional[WarmStart]) -> list:
         warmed: list[int] = []
         results = decompose_many(requests, self.ops.eigh, failed, warm, warmed)
         dense = sum(1 for matrix, _, _ in requests if matrix.dim() == 2)
         self.decompositions["warm"] += len(warmed)
         self.decompositions["exact"] += dense - len(warmed)
         return results
+
+    def _decompose_low_rank(self, factors: list, requests: list, failed: list[int], _warm) -> list:
+        self.decompositions["low_rank"] += len(requests)
+        if self._positions is None:
+            self._positions = {id(block): i for i, block in enumerate(self.curvature.blocks)}
+        step = self._schedule()[0]
+        seeds = [lowrank.seed_of(step, self._positions[id(block)], key) for block, key, _ in factors]
+        return lowrank.decompose_many(requests, self._group["rank"], seeds, failed)
 
     def plan(
         self, lr: float, stats_due: bool, inverse_due: bool, grad_unscale: Optional[Tensor], eigenvalue_floor: float
@@ -319,14 +353,10 @@ class CurvatureEstimator:
                 hats = block.repeat_statistics(state, rho, reweight_now)
             factors += self._decomposition_targets(block, state, hats)
         if info.inverse_due:
-            requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
             failed: list[int] = []
-            results = self._decompose(requests, failed, self.warm_start())
-            for (block, key, _), (vectors, values) in zip(factors, results):
-                vectors_key, values_key = eigen_keys(key)
-                state = self.state_of(block)
-                store(state, vectors_key, vectors)
-                store(state, values_key, _floored(values, info.eigenvalue_floor))
+            results = self._decompose(factors, failed, self.warm_start())
+            for (block, key, _), result in zip(factors, results):
+                _store_decomposition(self.state_of(block), key, result, info.eigenvalue_floor)
             self._restart_non_finite_averages({factors[i][0] for i in failed})
             info.batches.compact([self.state_of(block) for block in blocks])
 
@@ -345,8 +375,7 @@ class CurvatureEstimator:
         if self.data_parallel.active:
             self._decompose_distributed(factors, 0.0)
             return
-        requests = [self._eigen_request(block, key, matrix) for block, key, matrix in factors]
-        for (block, key, _), (vectors, values) in zip(factors, self._decompose(requests)):
+        for (block, key, _), (vectors, values) in zip(factors, self._decompose(factors)):
             state = self.state_of(block)
             state[eigen_keys(key)[0]], state[eigen_keys(key)[1]] = vectors, values
 
@@ -386,7 +415,7 @@ class CurvatureEstimator:
         side = key[0]
         joint = key.endswith(JOINT)  # no earlier decomposition of the whitened factor stands in for it
         stored = [eigen_keys(name) for name in (key, side) if eigen_keys(name)[0] in state and not joint]
-        previous = (state[stored[0][0]], state[stored[0][1]]) if stored else None
+        previous = tuple(state[k] for k in (*stored[0], lowrank.tail_key(key)) if k in state) if stored else None
         prefix = "reweighted " if key.endswith("_hat") else "whitened local " if joint else ""
         kind = f"{prefix}{'input' if side == INPUT else 'output'}"
         return matrix, previous, f"{kind} factor of {block.name}"
@@ -433,22 +462,33 @@ class CurvatureEstimator:
         rank = self.data_parallel.rank
         mine = [i for i in range(len(factors)) if owners.get(i, rank) == rank]
         # This rank's share in one grouped call (batched solver, one host check), as on a single process.
-        requests = [self._eigen_request(*factors[i]) for i in mine]
-        decomposed = dict(zip(mine, self._decompose(requests, warm=self.warm_start())))
+        decomposed = dict(zip(mine, self._decompose([factors[i] for i in mine], warm=self.warm_start())))
+        low_rank = self._group.get("rank")
         for index, (block, key, matrix) in enumerate(factors):
-            state = self.state_of(block)
-            keys = eigen_keys(key)
             owner = owners.get(index)  # None: a diagonal factor, decomposed here
             if owner in (None, rank):
-                vectors, values = decomposed[index]
+                result = decomposed[index]
+            elif lowrank.applies(matrix, low_rank):
+                n = matrix.shape[0]
+                result = (matrix.new_empty(n, low_rank), matrix.new_empty(low_rank), matrix.new_empty(()))
             else:
-                vectors, values = torch.empty_like(matrix), matrix.new_empty(matrix.shape[0])
+                result = (torch.empty_like(matrix), matrix.new_empty(matrix.shape[0]))
             if owner is not None:
-                vectors, values = vectors.contiguous().clone(), values.contiguous().clone()
-                torch.distributed.broadcast(vectors, src=owner)
-                torch.distributed.broadcast(values, src=owner)
-            store(state, keys[0], vectors)
-            store(state, keys[1], _floored(values, floor))
+                result = tuple(t.contiguous().clone() for t in result)
+                for tensor in result:
+                    torch.distributed.broadcast(tensor, src=owner)
+            _store_decomposition(self.state_of(block), key, result, floor)
+
+
+def _store_decomposition(state: dict, key: str, result: tuple, floor: float) -> None:
+    """``(Q, d)`` under ``Q{key}``, ``d{key}``, eigenvalues floored; a low-rank side's tail under ``t{key}``."""
+    vectors_key, values_key = eigen_keys(key)
+    store(state, vectors_key, result[0])
+    store(state, values_key, _floored(result[1], floor))
+    if len(result) == 3:
+        store(state, lowrank.tail_key(key), _floored(result[2], floor))
+    else:  # a side that was low-rank under another ``rank``
+        state.pop(lowrank.tail_key(key), None)
 
 
 def _floored(values: Tensor, floor: float) -> Tensor:

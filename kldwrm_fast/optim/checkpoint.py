@@ -14,11 +14,12 @@ from kldwrm_fast.curvature.state import GLOBAL
 from kldwrm_fast.optim.routing import OTHERS_KEY
 
 
-def _block_shapes(block: FactoredBlock) -> set[tuple[int, ...]]:
-    """The shapes a block's state tensors may have: factors, eigenvalues, block-form matrices, and a diagonal side's
-    identity marker."""
+def _block_shapes(block: FactoredBlock, rank) -> set[tuple[int, ...]]:
+    """The shapes a block's state tensors may have: factors, eigenvalues, block-form matrices, a diagonal side's
+    identity marker, and with ``rank`` a low-rank side's basis and eigenvalues."""
     n_out, n_in = block.shape
-    return {(n_in, n_in), (n_out, n_out), (n_out, n_in), (n_in,), (n_out,), (0,)}
+    shapes = {(n_in, n_in), (n_out, n_out), (n_out, n_in), (n_in,), (n_out,), (0,)}
+    return shapes if rank is None else shapes | {(n_in, rank), (n_out, rank), (rank,)}
 
 
 class Checkpointing:
@@ -30,10 +31,11 @@ class Checkpointing:
     """Construction arguments (attributes of the optimizer, copied into its param groups) that a checkpoint must
     share: loading one saved with another value raises."""
 
-    def _check_saved_shapes(self, saved_id_of: dict[int, int], saved_state: dict) -> None:
-        """Raise one line when a saved block state does not fit this model's layer (a state_dict of another model)."""
+    def _check_saved_shapes(self, saved_id_of: dict[int, int], saved_state: dict, rank) -> None:
+        """Raise one line when a saved block state does not fit this model's layer (a state_dict of another model);
+        ``rank``: the saved group's."""
         for block in self.curvature.blocks:
-            allowed = _block_shapes(block)
+            allowed = _block_shapes(block, rank)
             for key, value in saved_state.get(saved_id_of.get(id(block.key)), {}).items():
                 if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) not in allowed:
                     raise ValueError(
@@ -87,7 +89,8 @@ class Checkpointing:
         curvature_state = state_dict.pop("curvature", {})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"])
+        saved_rank = state_dict["param_groups"][0].get("rank") if state_dict["param_groups"] else None
+        self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"], saved_rank)
         super().load_state_dict(state_dict)
         if self._others is not None:
             # torch.optim made new group dicts: the routed optimizer's own take their places again (Note in routing).

@@ -52,6 +52,14 @@ class KFAC(CurvatureOptimizer):
             refreshing its eigenvalues, and keeps it while its relative residual is at most ``warm_tol``; the first
             decomposition, a refused update and every ``full_every``-th refresh (None: none forced) are exact:
             docs/algorithms.md §6.5). Param-group entries, which may change between steps.
+        damping_form: ``"eigen"`` (the damping on eigenvalue products, the paper's) or ``"factored"`` (cached damped
+            inverses with Martens and Grosse's π rule, two GEMMs per block; another approximation:
+            docs/algorithms.md §6.6).
+        rank: None (every dense side exact) or an integer ``r`` >= 1: a dense side at least ``r`` wide keeps its top
+            ``r`` eigenpairs from a warm-started randomized range finder and the mean of the rest of its spectrum,
+            so its decomposition costs O(n²r) instead of O(n³) and the preconditioning O(n_out·n_in·r) instead of
+            O(n_out·n_in·n) (docs/algorithms.md §6.7); not with ``damping_form="factored"``. A param-group entry: a
+            change takes effect at the next inverse step.
         others, others_kwargs: a ``torch.optim`` optimizer class (and its arguments) for the parameters without a
             curvature block (:mod:`kldwrm_fast.optim.routing`); default plain gradient descent.
     """
@@ -85,13 +93,14 @@ class KFAC(CurvatureOptimizer):
         warm_tol: float = WARM_TOL,
         full_every: Optional[int] = FULL_EVERY,
         damping_form: str = "eigen",
+        rank: Optional[int] = None,
     ) -> None:
         options = KFACOptions(
             lr=lr, rho=rho, damping=damping, momentum=momentum, kl_clip=kl_clip, weight_decay=weight_decay,
             stat_freq=stat_freq, inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
             max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
-            warm_tol=warm_tol, full_every=full_every, damping_form=damping_form,
+            warm_tol=warm_tol, full_every=full_every, damping_form=damping_form, rank=rank,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
         self._buffer_updates = BufferUpdates()

@@ -72,6 +72,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "warm_tol": (lambda v: _number(v) and 0 <= v < math.inf, "0 <= warm_tol < inf"),
     "full_every": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None"),
     "damping_form": (lambda v: v in DAMPING_FORMS, f"one of {DAMPING_FORMS}"),
+    "rank": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 or None"),
     "check_numerics": (lambda v: isinstance(v, bool), "True or False"),
     "pack_statistics": (lambda v: isinstance(v, bool), "True or False"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "0 <= momentum < 1"),
@@ -99,6 +100,12 @@ def check_option(name: str, value, context: Mapping) -> None:
         return
     accepts, expected = _RULES[name]
     _check(accepts(value), f"Invalid {name}: {value!r}; expected {expected}")
+    if name == "rank" and value is not None:
+        _check(
+            context.get("damping_form", "eigen") == "eigen",
+            f"Invalid rank: {value!r} with damping_form={context.get('damping_form')!r}; low-rank sides take the "
+            "eigenvalue damping (damping_form='eigen') or rank=None",
+        )
 
 
 @dataclass(kw_only=True)
@@ -145,12 +152,14 @@ class KFACOptions(Options):
     momentum: float
     kl_clip: Optional[float]
     damping_form: str = "eigen"
+    rank: Optional[int] = None
 
 
 @dataclass(kw_only=True)
 class SOOptions(Options):
     kl_clip: Optional[float]
     damping_form: str = "eigen"
+    rank: Optional[int] = None
 
 
 @dataclass(kw_only=True)

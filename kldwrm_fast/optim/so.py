@@ -52,13 +52,14 @@ class SOKLDWRM(CurvatureOptimizer):
         warm_tol: float = WARM_TOL,
         full_every: Optional[int] = FULL_EVERY,
         damping_form: str = "eigen",
+        rank: Optional[int] = None,
     ) -> None:
         options = SOOptions(
             lr=lr, rho=rho, damping=damping, kl_clip=kl_clip, weight_decay=weight_decay, stat_freq=stat_freq,
             inv_freq=inv_freq, fisher=fisher, predictive=predictive, backend=backend, bias=bias,
             eigenvalue_floor=eigenvalue_floor, repeated_calls=repeated_calls, weight_sharing=weight_sharing,
             max_factor_dim=max_factor_dim, eigensolver=eigensolver, warm_iters=warm_iters,
-            warm_tol=warm_tol, full_every=full_every, damping_form=damping_form,
+            warm_tol=warm_tol, full_every=full_every, damping_form=damping_form, rank=rank,
         )  # fmt: skip
         super().__init__(model, options, predictive_module, others, others_kwargs)
 

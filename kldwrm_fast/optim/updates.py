@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kldwrm_fast.curvature import factored
+from kldwrm_fast.curvature import factored, lowrank
 from kldwrm_fast.ops import reference, tracing
 from kldwrm_fast.optim.numerics import Numerics
 
@@ -23,7 +23,12 @@ def recursion_ratio(rho: float, lr_prev: Optional[float], lr: float) -> float:
 
 def preconditioned(ops, group: dict, plan, states: list[dict], vs: list[Tensor]) -> list[Tensor]:
     """``P(V)`` for the plan's blocks (KFAC, SO): the eigenbasis form with the damping on eigenvalue products, or with
-    ``damping_form="factored"`` the cached damped inverses of :mod:`kldwrm_fast.curvature.factored`."""
+    ``damping_form="factored"`` the cached damped inverses of :mod:`kldwrm_fast.curvature.factored`, or with
+    low-rank sides the form of :mod:`kldwrm_fast.curvature.lowrank` (PyTorch operations on every backend). The form
+    follows the stored decompositions, so a ``rank`` or ``damping_form`` changed between steps takes effect when the
+    next inverse step has made the decompositions it needs."""
+    if lowrank.present(states):
+        return lowrank.precondition(states, vs, group["damping"])
     if group["damping_form"] == "factored":
         factored.refresh_inverses(states, group["damping"], plan.inverse_due)
         return factored.precondition(states, vs)

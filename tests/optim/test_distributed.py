@@ -74,6 +74,18 @@ def test_warm_eigenbases_keep_the_ranks_together_and_equal_one_process_to_their_
         torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["KFAC", "SOKLDWRM"])
+def test_low_rank_sides_keep_the_ranks_together_and_equal_one_process(tmp_path, name):
+    """The range finder's Gaussian columns are seeded by the step, the block's position and the side (not the layer's
+    name, which DistributedDataParallel prefixes), so the owner of a factor draws what one process draws."""
+    out = str(tmp_path / "params")
+    spawn(worker.data_parallel, 2, name, dict(rank=6), out)
+    results = [torch.load(f"{out}.{rank}")["params"] for rank in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    for ours, theirs in zip(results[0], worker.single_process(name, 2, dict(rank=6))):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("extra,compare", [(dict(n_inner=3, kl_scale=0.0), True), (dict(n_inner=3), False)])
 def test_qe_ranks_agree_and_follow_their_documented_semantics(tmp_path, extra, compare):
     out = str(tmp_path / "params")

@@ -44,7 +44,7 @@ def test_full_every_forces_exact_refreshes_and_the_rest_are_warm():
     opt = KFAC(model, lr=0.05, stat_freq=1, inv_freq=1, eigensolver="warm", warm_tol=1.0, full_every=3)
     run(opt, model, batches * 2)  # 14 refreshes: 0, 3, 6, 9, 12 exact
     n_dense = 2 * len(opt.curvature.blocks)
-    assert opt.estimator.decompositions == {"exact": 5 * n_dense, "warm": 9 * n_dense}
+    assert opt.estimator.decompositions == {"exact": 5 * n_dense, "warm": 9 * n_dense, "low_rank": 0}
 
 
 def test_a_factor_whose_spectrum_jumps_is_decomposed_exactly():
