@@ -25,13 +25,14 @@ python -m pytest bench/test_step_time.py --benchmark-only -q -k "10/100 and (pap
 # (the compiled steps after a training batch left out: four more compilations, and the issue's measure is batch 2)
 python -m pytest bench/test_host_overhead.py --benchmark-only -q -k "not (compiled and training)" \
   --benchmark-json "$out/host_overhead.json" 2>&1 | tail -40 | tee "$out/host_overhead.txt"
-# Warm-started eigenbases (issue 35): exact (torch, cuSOLVER) against orthogonal iteration per size group, then the
-# MLP's iteration time at every step and 10/100 with exact and warm bases, interleaved.
-timeout 90 python bench/warm_eigh.py --sizes 256,512,1024,2048,4096 --batch 1,8 --json "$out/warm_eigh.json" 2>&1 \
-  | tail -14 | tee "$out/warm_eigh.txt"
+# Warm-started eigenbases and low-rank sides (issue 35): exact (torch, cuSOLVER) against orthogonal iteration and
+# the rank-16/64 range finder per size group, then the MLP's iteration time at every step and 10/100 with exact,
+# warm and rank-64 sides, interleaved.
+timeout 90 python bench/warm_eigh.py --sizes 256,512,1024,2048,4096 --batch 1,8 --ranks 16,64 \
+  --json "$out/warm_eigh.json" 2>&1 | tail -14 | tee "$out/warm_eigh.txt"
 for cadence in every-step 10/100; do
   timeout 60 python bench/compare_step_time.py --workload mlp --cadence "$cadence" --repeats 3 \
-    --entries kfac-cuda,kfacwarm-cuda,kfacwarm0-cuda,q-cuda,qwarm-cuda --json "$out/warm-mlp-${cadence//\//_}.json" \
+    --entries kfac-cuda,kfacwarm-cuda,kfacwarm0-cuda,kfacrank64-cuda,q-cuda,qwarm-cuda --json "$out/warm-mlp-${cadence//\//_}.json" \
     2>&1 | tail -7 | tee "$out/warm-mlp-${cadence//\//_}.txt"
 done
 # The race (issue 33) on the GPU, sized for its time (about 26 runs of the MLP workload): K-FAC and Q against AdamW
