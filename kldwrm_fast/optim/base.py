@@ -17,6 +17,7 @@ Note [zero learning rate]
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -89,11 +90,11 @@ class CurvatureOptimizer(CompiledStep, Checkpointing, torch.optim.Optimizer):
         # Every option in every param group, so that state_dict() says which Fisher, blocks and backend produced it.
         super().__init__(own, options.defaults())
         self.curvature = curvature
+        weakref.finalize(self, curvature.remove_hooks)  # a dropped optimizer leaves no hooks holding its state
         self._others = RoutedParameters(curvature.other_params, others, others_kwargs) if routed else None
         if self._others is not None:
             self.param_groups.extend(self._others.groups)  # the same dicts: schedulers and zero_grad reach them
-        world_size = self.data_parallel.world_size
-        self.state[GLOBAL] = {"step": 0, "lr_prev": None, "world_size": world_size, "optimizer": owner}
+        self.state[GLOBAL] = dict(step=0, lr_prev=None, world_size=self.data_parallel.world_size, optimizer=owner)
         self.estimator.attach(self.state, self.param_groups[0])
         self.numerics = Numerics(owner, self.data_parallel)
         if self._others is not None:

@@ -7,10 +7,12 @@ loading, in one line, rather than later.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from kldwrm_fast.curvature.blocks import FactoredBlock
 from kldwrm_fast.curvature.state import GLOBAL
+from kldwrm_fast.optim import checkpoint_checks
 from kldwrm_fast.optim.routing import OTHERS_KEY
 
 
@@ -45,8 +47,18 @@ class Checkpointing:
                     )
 
     def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``, with the curvature's own state (the Fisher sampler's generator).
+
+        Under data parallelism every rank holds the same factors, decompositions and buffers, but its own sampler
+        generator (seeded per rank), so this is a collective: every rank must call it; each gets every rank's
+        sampler state under ``curvature["ranks"]``, and :meth:`load_state_dict` takes its own. One rank's copy is
+        then the whole job's state."""
         state = super().state_dict()
         state["curvature"] = self.curvature.state_dict()
+        if self.data_parallel.active:
+            ranks: list = [None] * self.data_parallel.world_size
+            torch.distributed.all_gather_object(ranks, state["curvature"], group=self.data_parallel.group)
+            state["curvature"] = {"ranks": ranks}
         if self._others is not None:
             state[OTHERS_KEY] = self._others.optimizer.state_dict()
         return state
@@ -55,8 +67,24 @@ class Checkpointing:
         """Restore a :meth:`state_dict`; tensors keep their saved dtype and move to the parameters' device.
 
         (``torch.optim.Optimizer`` would cast state to the parameter dtype, which would turn the float32
-        state of half-precision parameters into half precision.)
+        state of half-precision parameters into half precision.) A checkpoint that fails a check
+        (:mod:`kldwrm_fast.optim.checkpoint_checks`, the shapes, the options it must share) raises one
+        ``ValueError`` line, and whatever fails leaves the optimizer as it was before the call.
         """
+        checkpoint_checks.check_structure(state_dict)
+        kept = (self.state, self.param_groups, self.curvature.state_dict())
+        others = None if self._others is None else (self._others.optimizer.state, self._others.optimizer.param_groups)
+        try:
+            self._load(state_dict)
+        except BaseException:
+            self.state, self.param_groups = kept[0], kept[1]
+            self.curvature.load_state_dict(kept[2])
+            if others is not None:
+                self._others.optimizer.state, self._others.optimizer.param_groups = others
+            self.estimator.attach(self.state, self.param_groups[0])
+            raise
+
+    def _load(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         saved_world = state_dict["state"].get(GLOBAL, {}).get("world_size", 1)
         if saved_world != self.data_parallel.world_size:
@@ -87,10 +115,17 @@ class Checkpointing:
             )
         current = {key: self.param_groups[0][key] for key in self.defaults}  # for options a checkpoint lacks
         curvature_state = state_dict.pop("curvature", {})
+        if "ranks" in curvature_state:  # a data-parallel job's: this rank's sampler state
+            curvature_state = curvature_state["ranks"][self.data_parallel.rank]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         saved_rank = state_dict["param_groups"][0].get("rank") if state_dict["param_groups"] else None
-        self._check_saved_shapes(dict(zip((id(p) for p in params), saved_ids)), state_dict["state"], saved_rank)
+        saved_id_of = dict(zip((id(p) for p in params), saved_ids))
+        self._check_saved_shapes(saved_id_of, state_dict["state"], saved_rank)
+        saved_blocks = [(b, state_dict["state"].get(saved_id_of.get(id(b.key)), {})) for b in self.curvature.blocks]
+        for block, saved in saved_blocks:
+            checkpoint_checks.check_block_state(block.name, saved, block.dtype)
+        checkpoint_checks.check_global(state_dict["state"], any(saved for _, saved in saved_blocks))
         super().load_state_dict(state_dict)
         if self._others is not None:
             # torch.optim made new group dicts: the routed optimizer's own take their places again (Note in routing).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -119,9 +120,11 @@ class QEKLDWRM(QKLDWRM):
         self._names_by_id = names
         self._snapshot_names = [names[id(p)] for p in self._snapshot_params]
         self._inputs = None
+        remember = weakref.WeakMethod(self._remember_inputs)  # the hook must not keep a dropped optimizer alive
         self._input_hook = model.register_forward_pre_hook(
-            torch._dynamo.disable(lambda *args: self._remember_inputs(*args)), with_kwargs=True
+            torch._dynamo.disable(lambda *args: remember()(*args)), with_kwargs=True
         )  # a closure, so that copy.deepcopy(model) does not deep-copy the optimizer
+        weakref.finalize(self, self._input_hook.remove)
 
     def compiled_step(self, **compile_options):
         """Refused: QE's step differentiates the model inside it (the inner steps' ``torch.autograd.grad``), which

@@ -221,7 +221,7 @@ def test_cross_attention_with_a_packed_weight_takes_plain_gradient_descent_with_
 
 def test_eval_mode_and_steps_without_statistics_leave_f_linear_alone():
     model = WithAttention(True)
-    KFAC(model, stat_freq=2, inv_freq=2)
+    opt = KFAC(model, stat_freq=2, inv_freq=2)  # noqa: F841 (held: a dropped optimizer removes its hooks)
     original, seen = F.linear, []
     # runs after the optimizer's own pre-hook, inside the attention's forward
     model.attention.register_forward_pre_hook(lambda module, args: seen.append(F.linear is original))

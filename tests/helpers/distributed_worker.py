@@ -114,8 +114,9 @@ def mnist_study(rank, world, port, out):
     finish()
 
 
-def nan_on_one_rank(rank, world, port, out):
-    """Rank 1 sees a non-finite captured statistic: every rank must skip that step together."""
+def nan_on_one_rank(rank, world, port, out, where="statistic"):
+    """At the last step rank 1 sees a non-finite captured statistic, or a non-finite gradient (set after DDP's
+    all-reduce, so that only this rank holds it): every rank must skip that step together."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = DistributedDataParallel(build_model())
@@ -125,12 +126,18 @@ def nan_on_one_rank(rank, world, port, out):
         x, y = x[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH], y[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        if k == 2 and rank == 1:
-            block = opt.curvature.blocks[0]
-            block.inputs[0] = torch.full_like(block.inputs[0], float("nan"))
+        before = [p.detach().clone() for p in model.module.parameters()]
+        if k == 2 and rank == 1:  # a statistics step (stat_freq 2)
+            if where == "statistic":
+                block = opt.curvature.blocks[0]
+                block.inputs[0] = torch.full_like(block.inputs[0], float("nan"))
+            else:
+                next(model.module.parameters()).grad[0].fill_(float("inf"))
         opt.step()
+        if k == 2:
+            break
     params = [p.detach() for p in model.module.parameters()]
-    torch.save({"params": params, "skipped": opt.skipped_steps}, f"{out}.{rank}")
+    torch.save({"params": params, "before": before, "skipped": opt.skipped_steps}, f"{out}.{rank}")
     finish()
 
 

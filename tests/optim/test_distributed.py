@@ -86,14 +86,18 @@ def test_low_rank_sides_keep_the_ranks_together_and_equal_one_process(tmp_path, 
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("extra,compare", [(dict(n_inner=3, kl_scale=0.0), True), (dict(n_inner=3), False)])
-def test_qe_ranks_agree_and_follow_their_documented_semantics(tmp_path, extra, compare):
+@pytest.mark.parametrize(
+    "extra,compare,world",
+    [(dict(n_inner=3, kl_scale=0.0), True, 2), (dict(n_inner=3, kl_scale=0.0), True, 4), (dict(n_inner=3), False, 2)],
+)
+def test_qe_ranks_agree_and_follow_their_documented_semantics(tmp_path, extra, compare, world):
     out = str(tmp_path / "params")
-    spawn(worker.data_parallel, 2, "QEKLDWRM", extra, out)
-    results = [torch.load(f"{out}.{rank}")["params"] for rank in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*results))  # averaged inner gradients: the same step everywhere
+    spawn(worker.data_parallel, world, "QEKLDWRM", extra, out)
+    results = [torch.load(f"{out}.{rank}")["params"] for rank in range(world)]
+    for other in results[1:]:  # averaged inner gradients: the same step everywhere
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
     if compare:  # without the KL term, Φ involves only averaged quantities: the concatenated-batch run
-        for ours, theirs in zip(results[0], worker.single_process("QEKLDWRM", 2, extra)):
+        for ours, theirs in zip(results[0], worker.single_process("QEKLDWRM", world, extra)):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
@@ -134,9 +138,12 @@ def test_the_mnist_study_runs_data_parallel(tmp_path):
     assert "2 process(es)" in (tmp_path / "summary.md").read_text()
 
 
-def test_a_non_finite_statistic_on_one_rank_makes_every_rank_skip(tmp_path):
+@pytest.mark.parametrize("world, where", [(2, "statistic"), (4, "statistic"), (4, "gradient")])
+def test_a_non_finite_statistic_or_gradient_on_one_rank_makes_every_rank_skip(tmp_path, world, where):
     out = str(tmp_path / "nan")
-    spawn(worker.nan_on_one_rank, 2, out)
-    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
-    assert [r["skipped"] for r in results] == [1, 1]
-    assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[1]["params"]))
+    spawn(worker.nan_on_one_rank, world, out, where)
+    results = [torch.load(f"{out}.{rank}") for rank in range(world)]
+    assert [r["skipped"] for r in results] == [1] * world
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], other["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["params"], results[0]["before"]))  # the step moved none

@@ -238,7 +238,7 @@ def test_sampled_fisher_requires_a_tensor_output():
             return self.fc(x), x
 
     model = Pair()
-    KFAC(model)
+    opt = KFAC(model)  # noqa: F841 (held: a dropped optimizer removes its hooks)
     with pytest.raises(TypeError, match="fisher='empirical'"):
         model(torch.randn(4, 3))
 
