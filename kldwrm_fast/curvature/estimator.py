@@ -212,7 +212,7 @@ class CurvatureEstimator:
         requests = [self._eigen_request(*factor) for factor in factors]
         rank = self._group.get("rank")
         low = [i for i, request in enumerate(requests) if lowrank.applies(request[0], rank)]
-        rest = [i for i in range(len(requests)) if i not in set(low)]
+        rest = sorted(set(range(len(requests))) - set(low))
         for i in rest:  # a side low-rank under an earlier ``rank``: its basis is no start nor fallback for a full one
             if requests[i][1] is not None and len(requests[i][1]) == 3:
                 requests[i] = (requests[i][0], None, requests[i][2])

@@ -38,7 +38,7 @@ def tail_key(side: str) -> str:
 
 def present(states: list[dict]) -> bool:
     """Whether any of the block states holds a low-rank side (a tail under :func:`tail_key`)."""
-    return any(key in state for state in states for key in ("tA", "tG"))
+    return any(tail_key(side) in state for state in states for side in (INPUT, OUTPUT))
 
 
 def applies(matrix: Tensor, rank: Optional[int]) -> bool:

@@ -33,12 +33,13 @@ class Checkpointing:
     """Construction arguments (attributes of the optimizer, copied into its param groups) that a checkpoint must
     share: loading one saved with another value raises."""
 
-    def _check_saved_shapes(self, saved_id_of: dict[int, int], saved_state: dict, rank) -> None:
+    @staticmethod
+    def _check_saved_shapes(saved_blocks: list, rank) -> None:
         """Raise one line when a saved block state does not fit this model's layer (a state_dict of another model);
-        ``rank``: the saved group's."""
-        for block in self.curvature.blocks:
+        ``saved_blocks``: ``(block, its saved state)`` pairs; ``rank``: the saved group's."""
+        for block, saved in saved_blocks:
             allowed = _block_shapes(block, rank)
-            for key, value in saved_state.get(saved_id_of.get(id(block.key)), {}).items():
+            for key, value in saved.items():
                 if isinstance(value, Tensor) and value.dim() > 0 and tuple(value.shape) not in allowed:
                     raise ValueError(
                         f"Invalid state_dict: {key!r} of layer {block.name!r} has shape {tuple(value.shape)}, which "
@@ -121,8 +122,8 @@ class Checkpointing:
         params = [p for g in self.param_groups for p in g["params"]]
         saved_rank = state_dict["param_groups"][0].get("rank") if state_dict["param_groups"] else None
         saved_id_of = dict(zip((id(p) for p in params), saved_ids))
-        self._check_saved_shapes(saved_id_of, state_dict["state"], saved_rank)
         saved_blocks = [(b, state_dict["state"].get(saved_id_of.get(id(b.key)), {})) for b in self.curvature.blocks]
+        self._check_saved_shapes(saved_blocks, saved_rank)
         for block, saved in saved_blocks:
             checkpoint_checks.check_block_state(block.name, saved, block.dtype)
         checkpoint_checks.check_global(state_dict["state"], any(saved for _, saved in saved_blocks))

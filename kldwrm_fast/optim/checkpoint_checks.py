@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kldwrm_fast.curvature.state import GLOBAL, INPUT, OUTPUT, eigen_keys
+from kldwrm_fast.curvature.lowrank import tail_key
+from kldwrm_fast.curvature.state import GLOBAL, INPUT, OUTPUT, average_key, eigen_keys
 
 _DECOMPOSED = (INPUT, OUTPUT, f"{INPUT}_hat", f"{OUTPUT}_hat")
 """The names whose decompositions are saved as an eigenbasis and its eigenvalues (``Q…`` and ``d…``)."""
@@ -49,7 +50,7 @@ def check_block_state(name: str, saved: dict, dtype) -> None:
         if present and len(present) < len(keys):
             _missing(name, next(k for k in keys if k not in saved), present[0])
     for side in (INPUT, OUTPUT):  # a low-rank side's tail needs its basis, a decomposition the average it came from
-        for needed, by in ((eigen_keys(side)[0], f"t{side}"), (f"{side}_ea", eigen_keys(side)[0])):
+        for needed, by in ((eigen_keys(side)[0], tail_key(side)), (average_key(side), eigen_keys(side)[0])):
             if by in saved and needed not in saved:
                 _missing(name, needed, by)
 
@@ -59,8 +60,8 @@ def _is_curvature(key: str) -> bool:
     at the decomposition that finds it). Recursion buffers may be: a plain step rejected on the device leaves Q's Ĝ
     as it came out, and the next step's growth guard restarts it (Note [numerics on the device] in
     :mod:`kldwrm_fast.optim.numerics`)."""
-    side = key.removeprefix("Q").removeprefix("d").removeprefix("t")
-    return key in ("A", "G") or key.endswith(("_ea", "_inv")) or side in _DECOMPOSED
+    decomposition = key[:1] in ("Q", "d", "t") and key[1:] in _DECOMPOSED  # a basis, its eigenvalues, a tail
+    return key in (INPUT, OUTPUT) or key.endswith(("_ea", "_inv")) or decomposition
 
 
 def check_global(saved_state: dict, has_blocks: bool) -> None:
